@@ -1,0 +1,104 @@
+"""The built-in demo: a tiny Llama with random weights, a character tokenizer, arithmetic data.
+
+The tiny model is written once to a local Hugging Face directory (config, safetensors,
+tokenizer) and then loaded through the same code path as any real model, so the demo
+exercises the real loading, quantization and adapter-saving code, and plain
+`transformers`/`peft` can load what it produces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+TINY_LLAMA = "builtin:tiny-llama"
+ARITHMETIC = "builtin:arithmetic"
+_TINY_VERSION = "v1"  # bump when the tiny model's config or tokenizer changes
+
+# Characters the demo data uses; one token each.
+_CHARS = list("0123456789+-*=() abcdefghijklmnopqrstuvwxyz.,:?!\n")
+_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+TINY_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+
+
+def cache_dir() -> Path:
+    """Where built-in artefacts live; LAUNCHER_CACHE overrides."""
+    return Path(os.environ.get("LAUNCHER_CACHE", Path.home() / ".cache" / "qlora-launcher"))
+
+
+def build_tokenizer():
+    """A character-level fast tokenizer, built locally (no hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(_SPECIAL + _CHARS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tok.chat_template = _CHAT_TEMPLATE
+    return tok
+
+
+def ensure_tiny_llama(seed: int = 0) -> Path:
+    """Write the tiny model directory once (atomically, so concurrent ranks are safe)."""
+    target = cache_dir() / f"tiny-llama-{_TINY_VERSION}-seed{seed}"
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, **TINY_CONFIG)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def arithmetic_path() -> Path:
+    return Path(str(resources.files("launcher").joinpath("assets/arithmetic.jsonl")))
+
+
+def make_arithmetic(n: int = 4000, seed: int = 0) -> list[dict]:
+    """Two-digit additions as prompt/completion pairs (how assets/arithmetic.jsonl was made)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        rows.append({"prompt": f"{a}+{b}=", "completion": f"{a + b}"})
+    return rows
+
+
+if __name__ == "__main__":  # regenerate the shipped data file
+    with open(arithmetic_path(), "w") as f:
+        for row in make_arithmetic():
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,178 @@
+"""Loading the base model (quantized with bitsandbytes) and wrapping it with a peft adapter."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from launcher import builtin
+from launcher.errors import UserError
+from launcher.recipe import ModelCfg, PeftCfg, QuantCfg
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+
+
+def default_compute_dtype() -> torch.dtype:
+    """bf16 where the GPU supports it; fp32 on CPU (bf16 matmuls there are slow)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16 if torch.cuda.is_available() else torch.float32
+
+
+def compute_dtype(quant: QuantCfg) -> torch.dtype:
+    return default_compute_dtype() if quant.compute_dtype == "auto" else _DTYPES[quant.compute_dtype]
+
+
+def resolve_source(model: ModelCfg) -> str:
+    """A local directory or hub id that `from_pretrained` understands."""
+    if model.name == builtin.TINY_LLAMA:
+        return str(builtin.ensure_tiny_llama())
+    path = Path(model.name).expanduser()
+    looks_local = model.name.startswith((".", "/", "~")) or path.exists()
+    if looks_local:
+        if not path.is_dir():
+            raise UserError(f"model.name: no such model directory: {model.name}")
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name: {model.name} has no config.json (not a Hugging Face model directory)")
+        return str(path.resolve())
+    return model.name
+
+
+def quantization_config(quant: QuantCfg, storage: torch.dtype | None = None):
+    from transformers import BitsAndBytesConfig
+
+    if quant.mode == "none":
+        return None
+    if quant.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if storage is None:
+        storage = torch.uint8 if quant.storage_dtype == "auto" else _DTYPES[quant.storage_dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.mode,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(quant),
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+def _load_error(what: str, source: str, err: Exception) -> UserError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(f"model.name: cannot load {what} from {source!r}: {first}")
+
+
+def load_tokenizer(source: str, model: ModelCfg):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error("the tokenizer", source, e) from None
+    if tok.pad_token is None:  # Llama-style tokenizers ship without one
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(source: str, model: ModelCfg, quant: QuantCfg, device_map=None, storage: torch.dtype | None = None):
+    """from_pretrained with the recipe's quantization; `device_map` comes from the placement resolver."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = compute_dtype(quant) if model.dtype == "auto" else _DTYPES[model.dtype]
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=model.revision,
+            dtype=dtype,
+            quantization_config=quantization_config(quant, storage),
+            device_map=device_map,
+            attn_implementation=model.attn_implementation,
+            trust_remote_code=model.trust_remote_code,
+        )
+    except (OSError, ValueError, ImportError) as e:
+        raise _load_error("the model", source, e) from None
+
+
+def linear_layer_names(model) -> list[str]:
+    """Distinct leaf names of Linear layers (plain or bitsandbytes), lm_head excluded."""
+    import bitsandbytes as bnb
+
+    kinds = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)}
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def check_target_modules(model, target) -> None:
+    """A target that matches nothing is an error listing what exists (peft alone is vaguer)."""
+    if target == "all-linear":
+        return
+    names = [n for n, _ in model.named_modules()]
+    if isinstance(target, str):
+        if not any(re.fullmatch(target, n) for n in names):
+            raise UserError(f"peft.target_modules: regex {target!r} matches no module; linear layers: "
+                            f"{', '.join(linear_layer_names(model))}")
+        return
+    missing = [t for t in target if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise UserError(f"peft.target_modules: {', '.join(missing)} not in the model; linear layers: "
+                        f"{', '.join(linear_layer_names(model))}")
+
+
+def peft_config(cfg: PeftCfg, total_steps: int | None = None):
+    """Build peft's own config class for the method; unknown options are reported by name."""
+    import peft
+
+    explicit_targets = "target_modules" in cfg.model_fields_set
+    common = dict(task_type="CAUSAL_LM")
+    if cfg.method == "lora":
+        cls, kw = peft.LoraConfig, dict(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias=cfg.bias,
+                                        target_modules=cfg.target_modules, use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
+    elif cfg.method == "adalora":
+        cls, kw = peft.AdaLoraConfig, dict(init_r=max(cfg.r * 3 // 2, cfg.r), target_r=cfg.r, lora_alpha=cfg.alpha,
+                                           lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                                           total_step=total_steps)
+    elif cfg.method == "loha":
+        cls, kw = peft.LoHaConfig, dict(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, target_modules=cfg.target_modules)
+    elif cfg.method == "ia3":
+        cls, kw = peft.IA3Config, dict(target_modules=cfg.target_modules if explicit_targets else None)
+    elif cfg.method == "prompt_tuning":
+        cls, kw = peft.PromptTuningConfig, dict(num_virtual_tokens=cfg.num_virtual_tokens)
+    else:
+        cls, kw = peft.PrefixTuningConfig, dict(num_virtual_tokens=cfg.num_virtual_tokens)
+    kw.update(common)
+    kw.update(cfg.options)
+    try:
+        return cls(**kw)
+    except TypeError as e:
+        raise UserError(f"peft.options: {cls.__name__} rejects them: {e}") from None
+    except ValueError as e:
+        raise UserError(f"peft: {cls.__name__}: {e}") from None
+
+
+def apply_peft(model, cfg: PeftCfg, *, quantized: bool, kbit_upcast: bool, gradient_checkpointing: bool,
+               total_steps: int | None = None):
+    """k-bit preparation (skipped when sharding: its fp32 upcast mixes dtypes), checkpointing, adapter."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    gc_kwargs = {"use_reentrant": False}
+    if quantized and kbit_upcast:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    if cfg.method in ("lora", "adalora", "loha"):
+        check_target_modules(model, cfg.target_modules)
+    config = peft_config(cfg, total_steps)
+    try:
+        return get_peft_model(model, config, autocast_adapter_dtype=kbit_upcast)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"peft.method: {cfg.method} cannot wrap this model "
+                        f"(quant.mode={'4/8-bit' if quantized else 'none'}): {first}") from None
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total), counting packed 4-bit weights as the parameters they hold."""
+    return model.get_nb_trainable_parameters()

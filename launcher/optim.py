@@ -1,0 +1,46 @@
+"""Optimizers (bitsandbytes paged / 8-bit, torch AdamW) and warmup + decay schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from launcher.recipe import TrainCfg
+
+# name -> (bitsandbytes class, is paged); paged state lives in CUDA unified memory and
+# only pays off on GPU: on CPU bitsandbytes keeps it as ordinary memory.
+_BNB = {
+    "paged_adamw_8bit": "PagedAdamW8bit",
+    "paged_adamw_32bit": "PagedAdamW32bit",
+    "paged_lion_8bit": "PagedLion8bit",
+    "adamw_8bit": "AdamW8bit",
+}
+
+
+def build_optimizer(params, cfg: TrainCfg) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adamw_torch":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    import bitsandbytes as bnb
+
+    return getattr(bnb.optim, _BNB[cfg.optimizer])(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def warmup_steps(cfg: TrainCfg, total: int) -> int:
+    return min(total, cfg.warmup_steps + math.ceil(cfg.warmup_ratio * total))
+
+
+def build_scheduler(optimizer, cfg: TrainCfg, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then cosine/linear decay to 0 at `total`, or constant."""
+    warm = warmup_steps(cfg, total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.scheduler == "cosine" else 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,291 @@
+"""The recipe: one YAML file, checked by a typed schema before anything heavy happens.
+
+Every field's description feeds `launcher fields` and `--help`. Loading collects every
+problem at once and names each by its dotted path (`train.lr`), with the nearest valid
+key for a typo. Dotted overrides (`train.lr=1e-4`) apply on top of the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, AliasChoices
+
+from launcher.errors import UserError
+
+BUILTIN_RECIPE = "builtin:demo"
+
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class ModelCfg(Section):
+    """The base model."""
+
+    name: str = Field(description="Local Hugging Face model directory, hub id, or builtin:tiny-llama.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: DType = Field("auto", description="dtype of the weights that stay unquantized; auto follows quant.compute_dtype.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom modeling code from the model directory.")
+
+
+class QuantCfg(Section):
+    """How the frozen base model is quantized (bitsandbytes)."""
+
+    mode: Literal["nf4", "fp4", "int8", "none"] = Field("nf4", description="nf4/fp4: 4-bit QLoRA; int8: 8-bit; none: plain LoRA on 16-bit.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (~0.37 bit/param saved).")
+    compute_dtype: DType = Field("auto", description="dtype the 4-bit layers compute in; auto: bfloat16 on GPUs that support it, else float32.")
+    storage_dtype: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Container dtype of packed 4-bit weights; auto: uint8, or the parameter dtype when FSDP shards them."
+    )
+
+
+class PeftCfg(Section):
+    """The parameter-efficient method (peft). Also accepted as section `lora`."""
+
+    method: Literal["lora", "prompt_tuning", "prefix_tuning", "ia3", "loha", "adalora"] = Field(
+        "lora", description="peft method."
+    )
+    r: int = Field(16, gt=0, description="LoRA/LoHa/AdaLoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha/r, or alpha/sqrt(r) with use_rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+    target_modules: Union[list[str], str] = Field(
+        "all-linear", description="Modules to adapt: a list of names, a regex, or all-linear."
+    )
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="Rank-stabilized scaling alpha/sqrt(r).")
+    num_virtual_tokens: int = Field(16, gt=0, description="Virtual tokens for prompt_tuning / prefix_tuning.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for peft's config class of this method.")
+
+
+class DataCfg(Section):
+    """Training data."""
+
+    path: str = Field(description="JSONL/JSON file of samples, or builtin:arithmetic.")
+    format: Literal["auto", "prompt_completion", "alpaca", "chat", "text"] = Field(
+        "auto", description="Sample format; auto detects it from the first sample's fields."
+    )
+    prompt_field: str = Field("prompt", description="Field holding the prompt (prompt_completion).")
+    completion_field: str = Field("completion", description="Field holding the completion (prompt_completion).")
+    text_field: str = Field("text", description="Field holding raw text (text).")
+    messages_field: str = Field("messages", description="Field holding chat messages (chat).")
+    train_on_prompt: bool = Field(False, description="Also train on prompt tokens (by default they are masked out of the loss).")
+    max_seq_len: int = Field(512, ge=8, description="Tokens per sequence.")
+    too_long: Literal["truncate", "drop", "error"] = Field("truncate", description="What to do with samples longer than max_seq_len (counted and reported).")
+    eval_path: str | None = Field(None, description="Separate eval file; otherwise eval_fraction of the data is held out.")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share of samples held out for eval when eval_path is unset.")
+    max_samples: int | None = Field(None, gt=0, description="Use only the first N samples (quick experiments).")
+
+
+class TrainCfg(Section):
+    """The training loop."""
+
+    output_dir: str = Field("runs/run", description="Run directory: adapter, tokenizer, recipe, metrics, checkpoints.")
+    seed: int = Field(42, description="Seed for weights init, data order and dropout.")
+    epochs: float = Field(1, gt=0, description="Passes over the data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
+    micro_batch_size: int = Field(4, gt=0, description="Sequences per forward pass per process.")
+    grad_accum: int = Field(1, gt=0, description="Micro batches accumulated per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (added to warmup_ratio's share).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warmup as a share of the total steps.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit", "adamw_8bit", "adamw_torch"] = Field(
+        "paged_adamw_32bit", description="Optimizer; paged ones fall back to non-paged on CPU."
+    )
+    max_grad_norm: float | None = Field(0.3, gt=0, description="Gradient clipping norm; null disables.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="Autocast; auto: bf16 on GPUs that support it, else no.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (non-reentrant).")
+    log_every: int = Field(10, gt=0, description="Optimizer steps between metric lines.")
+    eval_every: int = Field(100, gt=0, description="Optimizer steps between evals (and one at the end).")
+    eval_batches: int | None = Field(None, gt=0, description="Cap on eval micro batches per eval.")
+    save_every: int = Field(200, gt=0, description="Optimizer steps between checkpoints (and one at the end).")
+    keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept on disk.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(["tensorboard"], description="Trackers besides metrics.jsonl.")
+
+
+class DistCfg(Section):
+    """How processes are placed."""
+
+    strategy: Literal["auto", "single", "ddp", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_offload"] = Field(
+        "auto", description="Parallelism; auto: single for one process, ddp for more."
+    )
+    nproc: int = Field(1, gt=0, description="Processes per node (one per GPU).")
+    nnodes: int = Field(1, gt=0, description="Nodes.")
+
+
+class SlurmCfg(Section):
+    """Slurm resources for `launcher submit`."""
+
+    nodes: int = Field(1, gt=0, description="Nodes to allocate.")
+    gpus_per_node: int = Field(1, ge=0, description="GPUs per node; 0 runs on CPUs with gloo.")
+    cpus_per_task: int | None = Field(None, gt=0, description="CPUs per task.")
+    mem: str | None = Field(None, description="Memory per node, e.g. 200G.")
+    partition: str | None = Field(None, description="Partition.")
+    time: str = Field("01:00:00", description="Time limit (HH:MM:SS or D-HH:MM:SS).")
+    account: str | None = Field(None, description="Account to charge.")
+    qos: str | None = Field(None, description="Quality of service.")
+    constraint: str | None = Field(None, description="Node feature constraint.")
+    setup: list[str] = Field(default_factory=list, description="Shell lines run before the launch (module loads, env).")
+    sbatch_extra: dict[str, Any] = Field(default_factory=dict, description="Extra sbatch options, name to value.")
+    max_timeout_requeues: int = Field(3, ge=0, description="How often a job that hits its time limit is requeued.")
+
+
+class Recipe(Section):
+    """A whole fine-tune."""
+
+    model: ModelCfg
+    quant: QuantCfg = Field(default_factory=QuantCfg)
+    peft: PeftCfg = Field(default_factory=PeftCfg, validation_alias=AliasChoices("peft", "lora"))
+    data: DataCfg
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    dist: DistCfg = Field(default_factory=DistCfg)
+    slurm: SlurmCfg = Field(default_factory=SlurmCfg)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_yaml(path: str | None) -> dict:
+    if path is None or path == BUILTIN_RECIPE:
+        text = resources.files("launcher").joinpath("recipes/demo.yaml").read_text()
+        where = BUILTIN_RECIPE
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"recipe file not found: {path}")
+        text, where = p.read_text(), path
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{where}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: a recipe is a mapping of sections (model, data, train, ...), got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, lists, null)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"override {item!r} is not of the form section.key=value (e.g. train.lr=1e-4)")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = parsed
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class whose fields live at `loc` (a path of field names)."""
+    model: Any = Recipe
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(part) or (model.model_fields["peft"] if part == "lora" and model is Recipe else None)
+        if field is None:
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float"))))
+    path = ".".join(str(p) for p in loc) or "recipe"
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        valid = list(parent.model_fields) if parent else []
+        near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), near[0]])}?" if near else f"; valid keys: {', '.join(valid)}"
+        return f"{path}: unknown key{hint}"
+    msg = err["msg"]
+    if err["type"] == "missing":
+        return f"{path}: required"
+    if "input" in err and err["type"] not in ("model_type", "dict_type"):
+        return f"{path}: {msg} (got {err['input']!r})"
+    return f"{path}: {msg}"
+
+
+def _cross_checks(r: Recipe) -> list[str]:
+    """Checks that involve several fields; each names the field to change."""
+    problems = []
+    if r.data.eval_path and "eval_fraction" in r.data.model_fields_set and r.data.eval_fraction > 0:
+        problems.append("data.eval_fraction: set either data.eval_path or data.eval_fraction, not both")
+    if r.peft.method != "lora" and (r.peft.use_dora or r.peft.use_rslora):
+        problems.append(f"peft.use_dora/use_rslora: only apply to method lora, not {r.peft.method}")
+    if r.quant.mode == "int8" and r.quant.storage_dtype not in ("auto", "uint8"):
+        problems.append("quant.storage_dtype: only applies to 4-bit modes (nf4, fp4)")
+    if r.dist.strategy == "single" and (r.dist.nproc > 1 or r.dist.nnodes > 1):
+        problems.append("dist.strategy: single runs one process; set dist.strategy=ddp (or zero2/zero3/fsdp) or dist.nproc=1")
+    if r.train.max_steps and r.train.warmup_steps >= r.train.max_steps:
+        problems.append(f"train.warmup_steps: {r.train.warmup_steps} is not below train.max_steps={r.train.max_steps}")
+    if "wandb" in r.train.report_to:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            problems.append("train.report_to: wandb is not installed (pip install wandb), or drop it from the list")
+    return problems
+
+
+def load_recipe(path: str | None = None, overrides: list[str] | tuple = ()) -> Recipe:
+    """Read a recipe (the built-in demo when path is None), apply overrides, validate.
+
+    Raises UserError listing every problem, one per line, each with its dotted path.
+    """
+    raw = _read_yaml(path)
+    for item in overrides:
+        apply_override(raw, item)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        problems = [_format_error(err) for err in e.errors()]
+    else:
+        problems = _cross_checks(recipe)
+    if problems:
+        where = path or BUILTIN_RECIPE
+        head = f"{where}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the recipe"
+        raise UserError(head + "\n  " + "\n  ".join(problems))
+    return recipe
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(recipe.to_yaml())
+
+
+def describe_fields() -> str:
+    """Every recipe key with its type, default and description (for --help)."""
+    lines = []
+    for section, field in Recipe.model_fields.items():
+        model = field.annotation
+        lines.append(f"{section}:  {model.__doc__.strip().splitlines()[0]}")
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            typ = "|".join(map(str, get_args(ann))) if get_origin(ann) is Literal else getattr(ann, "__name__", str(ann))
+            default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
+            lines.append(f"  {section}.{name} ({typ}; {default}): {f.description}")
+    return "\n".join(lines)
