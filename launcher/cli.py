@@ -43,9 +43,11 @@ def _spawn_command(recipe_args: list[str], nproc: int, resume: bool) -> list[str
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), "--num_machines", "1",
            "--main_process_port", str(_free_port())]
 
-    cmd += ["--multi_gpu"] if torch.cuda.is_available() else ["--cpu"]
-    cmd += ["-m", "launcher.train", *recipe_args] + (["--resume"] if resume else [])
-    return cmd
+    # --cpu with several processes silently runs one; --multi_gpu plus ACCELERATE_USE_CPU
+    # gives real gloo ranks on a CPU-only machine.
+    cmd += ["--multi_gpu", "-m", "launcher.train", *recipe_args] + (["--resume"] if resume else [])
+    env = dict(os.environ) if torch.cuda.is_available() else dict(os.environ, ACCELERATE_USE_CPU="true")
+    return cmd, env
 
 
 def cmd_train(args) -> int:
@@ -55,9 +57,9 @@ def cmd_train(args) -> int:
         raise UserError("dist.nnodes: multi-node runs go through `launcher submit` (Slurm)")
     in_launch = "LOCAL_RANK" in os.environ
     if recipe.dist.nproc > 1 and not in_launch:
-        cmd = _spawn_command(args.recipe, recipe.dist.nproc, args.resume)
+        cmd, env = _spawn_command(args.recipe, recipe.dist.nproc, args.resume)
         print("launching:", shlex.join(cmd), flush=True)
-        return subprocess.call(cmd)
+        return subprocess.call(cmd, env=env)
     from launcher.train import train
 
     summary = train(recipe, resume=args.resume)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, AliasChoices
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from launcher.errors import UserError
 
@@ -147,7 +147,7 @@ class Recipe(Section):
 
     model: ModelCfg
     quant: QuantCfg = Field(default_factory=QuantCfg)
-    peft: PeftCfg = Field(default_factory=PeftCfg, validation_alias=AliasChoices("peft", "lora"))
+    peft: PeftCfg = Field(default_factory=PeftCfg)
     data: DataCfg
     train: TrainCfg = Field(default_factory=TrainCfg)
     dist: DistCfg = Field(default_factory=DistCfg)
@@ -207,7 +207,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     for part in loc:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None
-        field = model.model_fields.get(part) or (model.model_fields["peft"] if part == "lora" and model is Recipe else None)
+        field = model.model_fields.get(part)
         if field is None:
             return None
         model = field.annotation
@@ -238,6 +238,11 @@ def _cross_checks(r: Recipe) -> list[str]:
         problems.append("data.eval_fraction: set either data.eval_path or data.eval_fraction, not both")
     if r.peft.method != "lora" and (r.peft.use_dora or r.peft.use_rslora):
         problems.append(f"peft.use_dora/use_rslora: only apply to method lora, not {r.peft.method}")
+    if r.peft.method == "loha" and r.quant.mode != "none":
+        problems.append("peft.method: loha cannot adapt bitsandbytes-quantized layers; use lora, or quant.mode=none")
+    if r.peft.method == "prefix_tuning" and r.train.gradient_checkpointing:
+        problems.append("peft.method: prefix_tuning does not work with gradient checkpointing; "
+                        "set train.gradient_checkpointing=false")
     if r.quant.mode == "int8" and r.quant.storage_dtype not in ("auto", "uint8"):
         problems.append("quant.storage_dtype: only applies to 4-bit modes (nf4, fp4)")
     if r.dist.strategy == "single" and (r.dist.nproc > 1 or r.dist.nnodes > 1):
@@ -260,6 +265,8 @@ def load_recipe(path: str | None = None, overrides: list[str] | tuple = ()) -> R
     raw = _read_yaml(path)
     for item in overrides:
         apply_override(raw, item)
+    if isinstance(raw.get("lora"), dict) and isinstance(raw.get("peft", {}), dict):  # `lora` is accepted for `peft`
+        raw["peft"] = {**raw.get("peft", {}), **raw.pop("lora")}
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:

@@ -78,6 +78,9 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         project_dir=str(run_dir),
     )
     rank, world = rank_and_world()
+    if world > 1 and accelerator.distributed_type.value == "NO":
+        raise UserError(f"{world} processes were launched but accelerate sees one, so gradients would not sync; "
+                        "on a CPU machine set ACCELERATE_USE_CPU=true (or use_cpu: true in the accelerate config)")
     say = accelerator.print
     set_seed(cfg.seed)
 

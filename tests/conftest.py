@@ -1,0 +1,33 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def launcher_cache(tmp_path_factory):
+    """Built-in model goes to a per-session cache; subprocesses inherit it."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["LAUNCHER_CACHE"] = str(path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return path
+
+
+def run_cli(*args, cwd=None, timeout=600, module="launcher"):
+    """Run `python -m launcher ARGS` in a fresh process; returns CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+requires_gpu = pytest.mark.skipif(not gpu_available(), reason="GPU test: no CUDA device on this machine")
