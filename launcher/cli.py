@@ -62,7 +62,7 @@ def cmd_train(args) -> int:
         return subprocess.call(cmd, env=env)
     from launcher.train import train
 
-    summary = train(recipe, resume=args.resume)
+    summary, _ = train(recipe, resume=args.resume)
     print(f"done: {summary['steps']} steps, eval_loss {summary['eval_loss']}, first eval_loss {summary.get('first_eval_loss')}")
     return 0
 

@@ -189,7 +189,10 @@ class PadCollator:
 def make_loader(examples: list[dict], batch_size: int, rank: int, world: int, seed: int, pad_id: int,
                 shuffle: bool = True) -> torch.utils.data.DataLoader:
     sampler = ShardSampler(len(examples), rank, world, seed, shuffle)
-    return torch.utils.data.DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=PadCollator(pad_id))
+    # Its own generator: otherwise every new iterator draws a seed from the global RNG, and a
+    # resumed run (which opens one more iterator) would get different dropout masks.
+    return torch.utils.data.DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=PadCollator(pad_id),
+                                       generator=torch.Generator().manual_seed(seed))
 
 
 def batches_per_epoch(n: int, world: int, batch_size: int) -> int:

@@ -62,7 +62,8 @@ def evaluate(model, loader, accelerator, max_batches: int | None) -> float:
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def train(recipe: Recipe, resume: bool = False) -> dict:
+def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
+    """Run the recipe; returns (summary, the trained peft model unwrapped from accelerate)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -109,8 +110,9 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 
     # Our sampler already gives each rank its share; accelerate only tracks the epoch end
     # (so accumulate() syncs on the last short window) and does no further sharding.
-    train_loader = data.make_loader(train_ex, cfg.micro_batch_size, rank, world, cfg.seed, tokenizer.pad_token_id)
-    train_dl = prepare_data_loader(train_loader, num_processes=1, process_index=0)
+    train_dl = prepare_data_loader(
+        data.make_loader(train_ex, cfg.micro_batch_size, rank, world, cfg.seed, tokenizer.pad_token_id),
+        num_processes=1, process_index=0)
     eval_dl = data.make_loader(eval_ex, cfg.micro_batch_size, rank, world, cfg.seed, tokenizer.pad_token_id, shuffle=False)
 
     progress = checkpoint.Progress()
@@ -137,8 +139,10 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     window_micro, window_tokens, window_start = 0, 0, time.perf_counter()
     grad_norm, eval_loss = None, None
     while progress.step < total_steps:
-        train_loader.sampler.set_epoch(progress.epoch)
         epoch_dl = accelerator.skip_first_batches(train_dl, progress.batches_in_epoch) if progress.batches_in_epoch else train_dl
+        # accelerate's loader re-seeds the sampler from its own epoch counter on every
+        # iteration, so tell the loader (not just our sampler) which epoch this is.
+        epoch_dl.set_epoch(progress.epoch)
         for batch in epoch_dl:
             batch.pop("sample_ids")
             window_tokens += int(batch["attention_mask"].sum())  # counted on the host: no device sync
@@ -203,7 +207,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         metrics.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
         say(f"adapter saved to {run_dir} (adapter_config.json, adapter_model.safetensors); loss curve {run_dir / 'loss.png'}")
     accelerator.end_training()
-    return summary
+    return summary, unwrapped
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,104 @@
+"""Exact resume from a checkpoint, 2-process DDP on CPU, and model-loading errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from launcher.errors import UserError
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["train.max_steps=40", "train.save_every=20", "train.keep_checkpoints=5", "train.eval_every=20",
+          "train.grad_accum=2", "train.micro_batch_size=16", "peft.dropout=0.1", "data.max_samples=600"]
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    """Run A goes 0->40. Run B holds only A's step-20 checkpoint (as if killed after it) and resumes.
+
+    grad_accum=2 and dropout>0 make the check strict: batches skipped, RNG and optimizer restored.
+    """
+    a, b = tmp_path / "a", tmp_path / "b"
+    res = run_cli("train", f"train.output_dir={a}", *COMMON)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(a / "checkpoints/step_0000020", b / "checkpoints/step_0000020")
+    res = run_cli("train", f"train.output_dir={b}", *COMMON, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout + res.stderr
+    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and len(wa) > 0
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-5)
+    summary = json.loads((b / "summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["steps"] == 40
+    steps = [json.loads(l)["step"] for l in (b / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(l)]
+    assert steps == [30, 40]  # continues the numbering, no repeated steps
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path):
+    res = run_cli("train", f"train.output_dir={tmp_path / 'r'}", "train.max_steps=3", "train.warmup_steps=0",
+                  "data.max_samples=200", "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((tmp_path / "r/summary.json").read_text())["restarts"] == 0
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    run = tmp_path / "ddp"
+    res = run_cli("train", "dist.nproc=2", f"train.output_dir={run}", "train.max_steps=6", "train.warmup_steps=0",
+                  "train.eval_every=6", "data.max_samples=400")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["strategy"] == "ddp" and summary["steps"] == 6
+    assert load_file(run / "adapter_model.safetensors")
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    res = run_cli("train", f"model.name={tmp_path / 'nope'}", f"train.output_dir={tmp_path / 'o'}")
+    assert res.returncode == 2 and "model.name: no such model directory" in res.stderr
+    (tmp_path / "empty").mkdir()
+    res = run_cli("train", f"model.name={tmp_path / 'empty'}", f"train.output_dir={tmp_path / 'o'}")
+    assert res.returncode == 2 and "no config.json" in res.stderr
+
+
+def test_target_module_that_matches_nothing_lists_linear_layers():
+    from launcher.model import apply_peft, load_base_model, resolve_source
+    from launcher.recipe import load_recipe
+
+    r = load_recipe(None, ["peft.target_modules=[q_proj,qkv_proj]"])
+    model = load_base_model(resolve_source(r.model), r.model, r.quant)
+    with pytest.raises(UserError, match=r"qkv_proj not in the model; linear layers: down_proj, gate_proj, k_proj"):
+        apply_peft(model, r.peft, quantized=True, kbit_upcast=True, gradient_checkpointing=False)
+    r = load_recipe(None, ["peft.target_modules=.*attn_x.*"])
+    with pytest.raises(UserError, match="matches no module"):
+        apply_peft(model, r.peft, quantized=True, kbit_upcast=True, gradient_checkpointing=False)
+
+
+@pytest.mark.parametrize("method, extra", [("prompt_tuning", []), ("ia3", []), ("adalora", []),
+                                           ("prefix_tuning", ["train.gradient_checkpointing=false"]),
+                                           ("loha", ["quant.mode=none"]), ("lora", ["peft.use_dora=true"])])
+def test_peft_methods_train_a_step(method, extra):
+    from launcher.model import apply_peft, count_parameters, load_base_model, resolve_source
+    from launcher.recipe import load_recipe
+
+    r = load_recipe(None, [f"peft.method={method}", *extra])
+    model = load_base_model(resolve_source(r.model), r.model, r.quant)
+    model = apply_peft(model, r.peft, quantized=r.quant.mode != "none", kbit_upcast=True,
+                       gradient_checkpointing=r.train.gradient_checkpointing, total_steps=10)
+    trainable, total = count_parameters(model)
+    assert 0 < trainable < total
+    x = torch.randint(4, 40, (2, 10))
+    model(input_ids=x, labels=x).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_unknown_peft_option_names_the_field():
+    from launcher.model import peft_config
+    from launcher.recipe import load_recipe
+
+    with pytest.raises(UserError, match="peft.options: LoraConfig rejects them"):
+        peft_config(load_recipe(None, ["peft.options={bogus: 1}"]).peft)
