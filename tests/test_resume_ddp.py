@@ -79,7 +79,9 @@ def test_target_module_that_matches_nothing_lists_linear_layers():
 
 @pytest.mark.parametrize("method, extra", [("prompt_tuning", []), ("ia3", []), ("adalora", []),
                                            ("prefix_tuning", ["train.gradient_checkpointing=false"]),
-                                           ("loha", ["quant.mode=none"]), ("lora", ["peft.use_dora=true"])])
+                                           ("loha", ["quant.mode=none"]), ("lora", ["peft.use_dora=true"]),
+                                           ("lora", ["quant.mode=int8"]), ("lora", ["quant.mode=fp4"]),
+                                           ("lora", ["quant.mode=none", "peft.use_rslora=true"])])
 def test_peft_methods_train_a_step(method, extra):
     from launcher.model import apply_peft, count_parameters, load_base_model, resolve_source
     from launcher.recipe import load_recipe
