@@ -7,10 +7,8 @@ from pathlib import Path
 import torch
 
 from launcher.errors import UserError
-from launcher.model import load_base_model, load_tokenizer, resolve_source
+from launcher.model import _DTYPES, load_base_model, load_tokenizer, resolve_source
 from launcher.recipe import load_recipe
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def _open_run(run_dir: str):
