@@ -36,7 +36,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn_command(recipe_args: list[str], nproc: int, resume: bool) -> list[str]:
+def _spawn_command(recipe_args: list[str], nproc: int, resume: bool) -> tuple[list[str], dict]:
     """One node, several processes: exactly what a user would run with accelerate."""
     import torch
 

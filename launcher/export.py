@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from launcher.errors import UserError
-from launcher.model import _DTYPES, load_base_model, load_tokenizer, resolve_source
+from launcher.model import DTYPES, load_base_model, load_tokenizer, resolve_source
 from launcher.recipe import load_recipe
 
 
@@ -55,9 +55,9 @@ def merge(run_dir: str, out_dir: str, dtype: str = "bfloat16") -> Path:
     base = load_base_model(source, recipe.model, recipe.quant)
     if recipe.quant.mode != "none":
         base = base.dequantize()  # bnb layers -> nn.Linear holding the dequantized weights
-    base = base.to(_DTYPES[dtype])
+    base = base.to(DTYPES[dtype])
     merged = PeftModel.from_pretrained(base, str(run)).merge_and_unload()
-    merged.config.dtype = _DTYPES[dtype]
+    merged.config.dtype = DTYPES[dtype]
     merged.save_pretrained(out)
     load_tokenizer(str(run), recipe.model).save_pretrained(out)
     return out

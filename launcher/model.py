@@ -11,7 +11,7 @@ from launcher import builtin
 from launcher.errors import UserError
 from launcher.recipe import ModelCfg, PeftCfg, QuantCfg
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
 
 
 def default_compute_dtype() -> torch.dtype:
@@ -22,7 +22,7 @@ def default_compute_dtype() -> torch.dtype:
 
 
 def compute_dtype(quant: QuantCfg) -> torch.dtype:
-    return default_compute_dtype() if quant.compute_dtype == "auto" else _DTYPES[quant.compute_dtype]
+    return default_compute_dtype() if quant.compute_dtype == "auto" else DTYPES[quant.compute_dtype]
 
 
 def resolve_source(model: ModelCfg) -> str:
@@ -48,7 +48,7 @@ def quantization_config(quant: QuantCfg, storage: torch.dtype | None = None):
     if quant.mode == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     if storage is None:
-        storage = torch.uint8 if quant.storage_dtype == "auto" else _DTYPES[quant.storage_dtype]
+        storage = torch.uint8 if quant.storage_dtype == "auto" else DTYPES[quant.storage_dtype]
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.mode,
@@ -79,7 +79,7 @@ def load_base_model(source: str, model: ModelCfg, quant: QuantCfg, device_map=No
     """from_pretrained with the recipe's quantization; `device_map` comes from the placement resolver."""
     from transformers import AutoModelForCausalLM
 
-    dtype = compute_dtype(quant) if model.dtype == "auto" else _DTYPES[model.dtype]
+    dtype = compute_dtype(quant) if model.dtype == "auto" else DTYPES[model.dtype]
     try:
         return AutoModelForCausalLM.from_pretrained(
             source,
