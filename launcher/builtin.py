@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -61,26 +60,34 @@ def build_tokenizer():
 
 
 def ensure_tiny_llama(seed: int = 0) -> Path:
-    """Write the tiny model directory once (atomically, so concurrent ranks are safe)."""
+    """Write the tiny model directory once; a file lock makes concurrent ranks wait for the first."""
+    from filelock import FileLock
+
     target = cache_dir() / f"tiny-llama-{_TINY_VERSION}-seed{seed}"
     if (target / "config.json").exists():
         return target
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = build_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, **TINY_CONFIG)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process won the race; its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():  # built by another process while we waited
+            return target
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tok = build_tokenizer()
+        config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, **TINY_CONFIG)
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        # Not model.save_pretrained: transformers skips it on ranks other than 0 when a process
+        # group exists, and whichever rank gets the lock first must write the files.
+        from safetensors.torch import save_file
+
+        config.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+        tmp.rename(target)  # atomic: readers never see a half-written directory
     return target
 
 

@@ -57,7 +57,9 @@ def trainable_only_hook(models, weights, output_dir):
 
 def save(accelerator, run_dir: Path, step: int, keep: int, extra: dict) -> Path:
     path = checkpoint_root(run_dir) / f"step_{step:07d}"
-    accelerator.save_state(str(path))
+    # DeepSpeed writes its own model file: leave the frozen base out of it too.
+    kwargs = {"exclude_frozen_parameters": True} if _deepspeed(accelerator) else {}
+    accelerator.save_state(str(path), **kwargs)
     if accelerator.is_main_process:
         (path / "progress.json").write_text(json.dumps(extra, indent=1))
         (path / MARKER).write_text("")
@@ -68,5 +70,10 @@ def save(accelerator, run_dir: Path, step: int, keep: int, extra: dict) -> Path:
 
 
 def load(accelerator, path: Path) -> None:
-    # strict=False: the checkpoint holds only the adapter, the base comes from the model files
-    accelerator.load_state(str(path), strict=False)
+    # not strict: the checkpoint holds only the adapter, the base comes from the model files
+    kwargs = {"load_module_strict": False} if _deepspeed(accelerator) else {"strict": False}
+    accelerator.load_state(str(path), **kwargs)
+
+
+def _deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type.value == "DEEPSPEED"

@@ -1,4 +1,4 @@
-"""`launcher` command line: train, validate, fields, generate, merge.
+"""`launcher` command line: train, configs, validate, fields, generate, merge.
 
 Every command that takes a recipe defaults to the built-in demo, and takes dotted
 overrides after it (`launcher train recipe.yaml train.lr=1e-4 peft.r=32`).
@@ -36,17 +36,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn_command(recipe_args: list[str], nproc: int, resume: bool) -> tuple[list[str], dict]:
-    """One node, several processes: exactly what a user would run with accelerate."""
-    import torch
+def _placement(recipe, device: str | None = None, need_model: bool = True):
+    """(strategy, gpu) for this recipe on this machine (or on a GPU node when device == "gpu")."""
+    from launcher import placement
+    from launcher.model import resolve_source
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), "--num_machines", "1",
-           "--main_process_port", str(_free_port())]
+    machine = placement.Machine.detect()
+    if device == "gpu" and machine.gpus == 0:  # writing configs for a GPU node from a login node
+        machine = placement.Machine(gpus=recipe.dist.nproc, gpu_memory_gb=80.0)
+    elif device == "cpu":
+        machine = placement.Machine(0)
+    try:
+        cfg = placement.model_config(resolve_source(recipe.model), recipe.model.trust_remote_code,
+                                     local_only=not need_model)
+    except UserError:
+        if need_model:
+            raise
+        cfg = {}  # configs can be written for a model this machine cannot see
+    return placement.check(recipe, machine, cfg), machine.gpus > 0
 
-    # --cpu with several processes silently runs one; --multi_gpu plus ACCELERATE_USE_CPU
-    # gives real gloo ranks on a CPU-only machine.
-    cmd += ["--multi_gpu", "-m", "launcher.train", *recipe_args] + (["--resume"] if resume else [])
-    env = dict(os.environ) if torch.cuda.is_available() else dict(os.environ, ACCELERATE_USE_CPU="true")
+
+def _spawn_command(recipe, recipe_args: list[str], strategy: str, gpu: bool, resume: bool) -> tuple[list[str], dict]:
+    """One node, several processes: write the accelerate config and launch exactly what a user would."""
+    from pathlib import Path
+
+    from launcher import configs
+
+    out = Path(recipe.train.output_dir) / "launch"
+    acc = configs.write(recipe, strategy, out, strategy, gpu, "the run's recipe")[0]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc),
+           "--main_process_port", str(_free_port()), "-m", "launcher.train", *recipe_args]
+    cmd += ["--resume"] if resume else []
+    # accelerate's multi-GPU launcher does not pass use_cpu on, so DDP on gloo needs it in the env;
+    # DeepSpeed must not get it (accelerate would quietly run plain DDP instead).
+    env = dict(os.environ)
+    if not gpu and strategy not in configs.ZERO_STAGE:
+        env["ACCELERATE_USE_CPU"] = "true"
     return cmd, env
 
 
@@ -56,14 +81,30 @@ def cmd_train(args) -> int:
     if recipe.dist.nnodes > 1:
         raise UserError("dist.nnodes: multi-node runs go through `launcher submit` (Slurm)")
     in_launch = "LOCAL_RANK" in os.environ
-    if recipe.dist.nproc > 1 and not in_launch:
-        cmd, env = _spawn_command(args.recipe, recipe.dist.nproc, args.resume)
+    needs_launch = recipe.dist.nproc > 1 or recipe.dist.strategy not in ("auto", "single", "ddp")
+    if needs_launch and not in_launch:  # ZeRO/FSDP need accelerate's launcher even for one process
+        strategy, gpu = _placement(recipe)  # refuse before spawning anything
+        cmd, env = _spawn_command(recipe, args.recipe, strategy, gpu, args.resume)
         print("launching:", shlex.join(cmd), flush=True)
         return subprocess.call(cmd, env=env)
     from launcher.train import train
 
     summary, _ = train(recipe, resume=args.resume)
     print(f"done: {summary['steps']} steps, eval_loss {summary['eval_loss']}, first eval_loss {summary.get('first_eval_loss')}")
+    return 0
+
+
+def cmd_configs(args) -> int:
+    from pathlib import Path
+
+    from launcher import configs
+
+    path, overrides = _split_recipe_args(args.recipe)
+    recipe = load_recipe(path, overrides)
+    strategy, gpu = _placement(recipe, args.device, need_model=False)
+    note = f"{path or 'the built-in demo'}" + (f" with {' '.join(overrides)}" if overrides else "")
+    for written in configs.write(recipe, strategy, Path(args.out), args.name or strategy, gpu, note):
+        print(written)
     return 0
 
 
@@ -105,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in train.output_dir")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("configs", help="write the accelerate (and DeepSpeed) config for the recipe's strategy")
+    _add_recipe_args(p)
+    p.add_argument("--out", default=".", help="writes OUT/accelerate_configs/NAME.yaml and OUT/ds_configs/NAME.json")
+    p.add_argument("--name", help="file name without extension (default: the strategy)")
+    p.add_argument("--device", choices=["gpu", "cpu"], help="target machine (default: this one)")
+    p.set_defaults(func=cmd_configs)
 
     p = sub.add_parser("validate", help="check a recipe and print it fully resolved")
     _add_recipe_args(p)

@@ -59,3 +59,23 @@ def plot_loss(metrics_path: Path, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+class SampleIdLog:
+    """Debug log of the sample ids one rank consumes, so coverage can be checked from outside."""
+
+    def __init__(self, run_dir: Path, rank: int, enabled: bool):
+        self.file = None
+        if enabled:
+            (run_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
+            self.file = open(run_dir / "sample_ids" / f"rank{rank}.jsonl", "a")
+
+    def write(self, row: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self, final: dict) -> None:
+        if self.file:
+            self.write(final)
+            self.file.close()

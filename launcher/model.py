@@ -75,11 +75,13 @@ def load_tokenizer(source: str, model: ModelCfg):
     return tok
 
 
-def load_base_model(source: str, model: ModelCfg, quant: QuantCfg, device_map=None, storage: torch.dtype | None = None):
-    """from_pretrained with the recipe's quantization; `device_map` comes from the placement resolver."""
+def load_base_model(source: str, model: ModelCfg, quant: QuantCfg, device_map=None, storage: torch.dtype | None = None,
+                    dtype: torch.dtype | None = None):
+    """from_pretrained with the recipe's quantization; `device_map` and `storage` come from the placement."""
     from transformers import AutoModelForCausalLM
 
-    dtype = compute_dtype(quant) if model.dtype == "auto" else DTYPES[model.dtype]
+    if dtype is None:
+        dtype = compute_dtype(quant) if model.dtype == "auto" else DTYPES[model.dtype]
     try:
         return AutoModelForCausalLM.from_pretrained(
             source,

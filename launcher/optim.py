@@ -18,13 +18,15 @@ _BNB = {
 }
 
 
-def build_optimizer(params, cfg: TrainCfg) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg: TrainCfg, name: str | None = None) -> torch.optim.Optimizer:
+    """`name` overrides cfg.optimizer (the placement may substitute one)."""
+    name = name or cfg.optimizer
     params = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "adamw_torch":
+    if name == "adamw_torch":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     import bitsandbytes as bnb
 
-    return getattr(bnb.optim, _BNB[cfg.optimizer])(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return getattr(bnb.optim, _BNB[name])(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def warmup_steps(cfg: TrainCfg, total: int) -> int:

@@ -1,27 +1,187 @@
-"""Placement: which strategy runs, where each rank loads the model, and who this rank is.
+"""Placement: which strategy runs, where each rank loads the model, and what is refused.
 
-One resolver so `device_map` is right by construction: `auto` for one process on GPUs,
-the rank's own device for DDP, never one under sharded strategies.
+One resolver so `device_map`, quant storage dtype and k-bit upcasting are right by
+construction: `auto` for one process, the rank's own device for DDP and ZeRO-2, none
+under ZeRO-3 and FSDP (they place the weights themselves). Every impossible or
+known-broken combination is refused here, before any weight is loaded.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 from launcher.errors import UserError
-from launcher.recipe import DistCfg
+from launcher.recipe import Recipe
 
-SHARDED = ("zero3", "zero3_offload", "fsdp", "fsdp_offload")
-IMPLEMENTED = ("single", "ddp")
+STRATEGIES = ("single", "ddp", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_offload")
+ZERO_STAGE = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
+FSDP = ("fsdp", "fsdp_offload")
+SHARDED = ("zero3", "zero3_offload", "fsdp", "fsdp_offload")  # parameters are split across ranks
+OFFLOAD = ("zero3_offload", "fsdp_offload")
+BNB_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit", "adamw_8bit")
 
 
-def resolve_strategy(dist: DistCfg) -> str:
-    strategy = dist.strategy
-    if strategy == "auto":
-        strategy = "single" if dist.nproc * dist.nnodes == 1 else "ddp"
-    if strategy not in IMPLEMENTED:
-        raise UserError(f"dist.strategy: {strategy} is not available in this version; use single or ddp")
+@dataclass(frozen=True)
+class Machine:
+    """What the node offers: GPU count and memory (0 GPUs: a CPU machine, gloo)."""
+
+    gpus: int
+    gpu_memory_gb: float = 0.0
+
+    @classmethod
+    def detect(cls) -> "Machine":
+        import torch
+
+        if not torch.cuda.is_available():
+            return cls(0)
+        return cls(torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / 2**30)
+
+
+def model_config(source: str, trust_remote_code: bool = False, local_only: bool = False) -> dict:
+    """config.json as a dict, without loading weights (local directory, hub cache, or hub)."""
+    local = Path(source) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                          local_files_only=local_only).to_dict()
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.name: cannot read the config of {source!r}: {first}") from None
+
+
+def approx_params(cfg: dict) -> float:
+    """Parameter count of a decoder-only transformer from its config (embeddings + blocks)."""
+    h = cfg.get("hidden_size", 0)
+    layers = cfg.get("num_hidden_layers", 0)
+    inter = cfg.get("intermediate_size", 4 * h)
+    heads = cfg.get("num_attention_heads", 1) or 1
+    kv = cfg.get("num_key_value_heads", heads) or heads
+    head_dim = cfg.get("head_dim") or h // heads
+    attn = h * head_dim * (2 * heads + 2 * kv)
+    mlp = 3 * h * inter
+    emb = cfg.get("vocab_size", 0) * h * (1 if cfg.get("tie_word_embeddings") else 2)
+    return layers * (attn + mlp) + emb
+
+
+def resolve_strategy(recipe: Recipe, machine: Machine, cfg: dict | None = None) -> str:
+    """`auto`: one process runs single; several run DDP while a 4-bit replica fits one GPU, else shard."""
+    dist = recipe.dist
+    if dist.strategy != "auto":
+        return dist.strategy
+    if dist.nproc * dist.nnodes == 1:
+        return "single"
+    if machine.gpus == 0:
+        return "ddp"
+    bytes_per_param = {"nf4": 0.52, "fp4": 0.52, "int8": 1.0, "none": 2.0}[recipe.quant.mode]
+    replica_gb = approx_params(cfg or {}) * bytes_per_param / 2**30
+    return "ddp" if replica_gb < 0.6 * machine.gpu_memory_gb else "fsdp"
+
+
+def placement_problems(recipe: Recipe, strategy: str, machine: Machine, cfg: dict) -> list[str]:
+    """Every refused combination, each naming the field to change. Needs no weights."""
+    problems = []
+    m, q, dist = recipe.model, recipe.quant, recipe.dist
+    procs = dist.nproc * dist.nnodes
+    if strategy == "single" and procs > 1:
+        problems.append("dist.strategy: single runs one process; use ddp, zero2, zero3 or fsdp, or set dist.nproc=1")
+    if m.device_map is not None and strategy in SHARDED:
+        problems.append(f"model.device_map: must be unset under dist.strategy={strategy} "
+                        "(ZeRO-3 and FSDP place the weights themselves)")
+    if m.device_map == "auto" and strategy in ("ddp", "zero2") and procs > 1:
+        problems.append(f"model.device_map: auto under {strategy} spreads one replica over the GPUs and silently "
+                        "collapses training to one process; unset it so each rank loads onto its own GPU")
+    if machine.gpus and dist.nproc > machine.gpus:
+        problems.append(f"dist.nproc: {dist.nproc} processes per node but this node has {machine.gpus} GPU(s)")
+    if strategy in FSDP and machine.gpus == 0:
+        problems.append(f"dist.strategy: {strategy} needs GPUs (accelerate refuses FSDP on CPU); "
+                        "on CPU use ddp, zero2 or zero3")
+    if strategy in SHARDED:
+        method = (cfg.get("quantization_config") or {}).get("quant_method")
+        if method in ("gptq", "awq", "aqlm", "hqq", "eetq"):
+            problems.append(f"model.name: pre-quantized {method.upper()} weights cannot be sharded under "
+                            f"{strategy}; use ddp/zero2, or a 16-bit checkpoint with quant.mode=nf4")
+        if q.mode == "int8":
+            problems.append(f"quant.mode: int8 weights cannot be sharded under {strategy}; use nf4, or ddp/zero2")
+        if q.storage_dtype == "uint8" and q.mode in ("nf4", "fp4"):
+            problems.append(f"quant.storage_dtype: uint8 4-bit weights cannot be flattened/sharded under {strategy}; "
+                            "set it to auto (the parameter dtype)")
+        elif q.storage_dtype not in ("auto", "uint8") and m.dtype != "auto" and q.storage_dtype != m.dtype:
+            problems.append(f"quant.storage_dtype: {q.storage_dtype} must equal model.dtype ({m.dtype}) under "
+                            f"{strategy}, or the packed weights are cast and corrupted")
+    if strategy in FSDP and recipe.peft.method not in ("lora", "ia3"):
+        problems.append(f"peft.method: {recipe.peft.method} is not supported under {strategy}; use lora (or ia3)")
+    if dist.nnodes > 1 and strategy == "single":
+        problems.append("dist.nnodes: several nodes need ddp, zero2, zero3 or fsdp")
+    return problems
+
+
+def check(recipe: Recipe, machine: Machine, cfg: dict) -> str:
+    """Resolve the strategy and raise one UserError listing every placement problem."""
+    strategy = resolve_strategy(recipe, machine, cfg)
+    problems = placement_problems(recipe, strategy, machine, cfg)
+    if problems:
+        head = f"{len(problems)} placement problem{'s' if len(problems) > 1 else ''} (strategy {strategy})"
+        raise UserError(head + "\n  " + "\n  ".join(problems))
     return strategy
+
+
+def optimizer_for(strategy: str, optimizer: str, fsdp_version: int = 2) -> str:
+    """Substitute torch AdamW where a bitsandbytes optimizer cannot run (checked on bnb 0.50.2):
+    on CPU-offloaded state, and on FSDP2's DTensor parameters (bnb's update kernels have no
+    sharding rule: "optimizer_update_32bit does not have a sharding strategy registered")."""
+    if optimizer not in BNB_OPTIMIZERS:
+        return optimizer
+    why = None
+    if strategy in OFFLOAD:
+        why = f"its state cannot live on the CPU under {strategy}"
+    elif strategy in FSDP and fsdp_version == 2:
+        why = "its kernels cannot update FSDP2's sharded (DTensor) parameters"
+    if why:
+        warnings.warn(f"train.optimizer: {optimizer} replaced by adamw_torch: {why}", stacklevel=2)
+        return "adamw_torch"
+    return optimizer
+
+
+def launched_strategy(accelerator) -> str | None:
+    """What accelerate was launched with: deepspeed stage, fsdp, ddp, or None for one process."""
+    kind = accelerator.distributed_type.value
+    if kind == "DEEPSPEED":
+        plugin = accelerator.state.deepspeed_plugin
+        offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
+        stage = plugin.zero_stage
+        return "zero2" if stage <= 2 else ("zero3_offload" if offload not in (None, "none") else "zero3")
+    if kind == "FSDP":
+        return "fsdp_offload" if fsdp_offloads(accelerator.state.fsdp_plugin) else "fsdp"
+    if kind.startswith("MULTI_"):
+        return "ddp"
+    return None
+
+
+def fsdp_offloads(plugin) -> bool:
+    """FSDP1 gives CPUOffload(offload_params=...), FSDP2 an OffloadPolicy that is truthy either way."""
+    off = plugin.cpu_offload
+    return bool(getattr(off, "offload_params", False)) or type(off).__name__ == "CPUOffloadPolicy"
+
+
+def check_launch(strategy: str, accelerator, world: int) -> None:
+    """The recipe's strategy must be what accelerate was actually launched with."""
+    launched = launched_strategy(accelerator)
+    if world > 1 and launched is None:
+        raise UserError(f"{world} processes were launched but accelerate sees one, so gradients would not sync; "
+                        "on a CPU machine set ACCELERATE_USE_CPU=true, or launch with `launcher train`")
+    if launched == strategy or (launched is None and strategy in ("single", "ddp") and world == 1):
+        return
+    how = f"--config_file accelerate_configs/{strategy}.yaml" if strategy != "single" else "with no config"
+    raise UserError(f"dist.strategy: the recipe says {strategy} but this process was launched as "
+                    f"{launched or 'a single process'}; use `launcher train`, or `accelerate launch {how}` "
+                    "(`launcher configs` writes it)")
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -33,17 +193,28 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def device_map_for(strategy: str, accelerator):
-    """The `device_map` for from_pretrained under this strategy and launch."""
+def device_map_for(strategy: str, override, device):
+    """The `device_map` for from_pretrained under this strategy on this rank's device."""
     if strategy in SHARDED:
         return None  # ZeRO-3/FSDP place weights themselves; a device_map breaks them
-    if accelerator.device.type == "cpu":
+    if override is not None:
+        return override
+    if device.type == "cpu":
         return None  # CPU is from_pretrained's default placement
     if strategy == "single":
         return "auto"  # may spread a big model over the local GPUs (one busy at a time)
-    return {"": accelerator.device}  # DDP/ZeRO-1/2: a full replica on this rank's own GPU
+    return {"": device}  # DDP/ZeRO-2: a full replica on this rank's own GPU
 
 
 def kbit_upcast(strategy: str) -> bool:
-    """prepare_model_for_kbit_training's fp32 upcast breaks flattening under sharding."""
+    """prepare_model_for_kbit_training's fp32 upcast mixes dtypes, which breaks flattening under sharding."""
     return strategy not in SHARDED
+
+
+def storage_dtype(recipe: Recipe, strategy: str, param_dtype):
+    """Packed 4-bit container dtype: uint8 normally; the parameter dtype when ZeRO-3/FSDP shard it."""
+    from launcher.model import DTYPES
+
+    if recipe.quant.storage_dtype != "auto":
+        return DTYPES[recipe.quant.storage_dtype]
+    return param_dtype if strategy in SHARDED else DTYPES["uint8"]

@@ -36,6 +36,9 @@ class ModelCfg(Section):
         "sdpa", description="Attention kernel passed to transformers."
     )
     trust_remote_code: bool = Field(False, description="Allow custom modeling code from the model directory.")
+    device_map: Union[str, dict[str, Any], None] = Field(
+        None, description="Override the placement's device_map (normally unset: the strategy picks it; refused under ZeRO-3/FSDP)."
+    )
 
 
 class QuantCfg(Section):
@@ -85,6 +88,7 @@ class DataCfg(Section):
     eval_path: str | None = Field(None, description="Separate eval file; otherwise eval_fraction of the data is held out.")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share of samples held out for eval when eval_path is unset.")
     max_samples: int | None = Field(None, gt=0, description="Use only the first N samples (quick experiments).")
+    log_sample_ids: bool = Field(False, description="Debug: each rank logs the sample ids it trains on to RUN/sample_ids/rankN.jsonl.")
 
 
 class TrainCfg(Section):
@@ -119,8 +123,9 @@ class DistCfg(Section):
     """How processes are placed."""
 
     strategy: Literal["auto", "single", "ddp", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_offload"] = Field(
-        "auto", description="Parallelism; auto: single for one process, ddp for more."
+        "auto", description="Parallelism; auto: single for one process, else ddp when a replica fits a GPU, else fsdp (zero3 on CPU)."
     )
+    fsdp_version: Literal[1, 2] = Field(2, description="FSDP2 (fully_shard, per-parameter sharding) or FSDP1 (flat parameters).")
     nproc: int = Field(1, gt=0, description="Processes per node (one per GPU).")
     nnodes: int = Field(1, gt=0, description="Nodes.")
 

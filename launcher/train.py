@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from launcher import checkpoint, data, metrics
+from launcher import checkpoint, data, metrics, placement, sharding
 from launcher.errors import UserError
-from launcher.model import apply_peft, count_parameters, load_base_model, load_tokenizer, resolve_source
+from launcher.model import (DTYPES, apply_peft, compute_dtype, count_parameters, load_base_model, load_tokenizer,
+                            resolve_source)
 from launcher.optim import build_optimizer, build_scheduler
-from launcher.placement import device_map_for, kbit_upcast, rank_and_world, resolve_strategy
 from launcher.recipe import Recipe, load_recipe, save_recipe
 
 
@@ -45,6 +46,63 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _fill_deepspeed_batch(accelerator, cfg, world: int) -> None:
+    """The recipe is the truth for batch values; set them in the DeepSpeed config before prepare.
+
+    train_batch_size uses the torch.distributed world: accelerate reports one process under
+    DeepSpeed on CPU, and DeepSpeed asserts micro x accum x world == train_batch_size."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    want = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.grad_accum,
+            "gradient_clipping": cfg.max_grad_norm or 0.0,
+            "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world}
+    for key, value in want.items():
+        if ds.get(key, "auto") not in ("auto", value) and accelerator.is_main_process:
+            print(f"note: DeepSpeed config {key}={ds[key]} replaced by the recipe's {value}", file=sys.stderr)
+        ds[key] = value
+
+
+def _save_adapter(model, adapter: dict, run_dir: Path) -> None:
+    """peft's save_pretrained with the gathered tensors. Under FSDP1 peft matches none of them
+    (its module names carry FSDP's wrapper prefixes) and writes an empty file, so then apply
+    peft's own key rule (drop the adapter name) and write the tensors ourselves."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(run_dir, state_dict=adapter)
+    path = run_dir / "adapter_model.safetensors"
+    if adapter and not load_file(path):
+        save_file({k.replace(".default", ""): v.contiguous() for k, v in adapter.items()}, path,
+                  metadata={"format": "pt"})
+
+
+def _gather_peak_memory(device, world: int) -> list[float]:
+    """Each rank's peak (CUDA allocation on GPU, RSS on CPU), in GB, in rank order."""
+    mine = round(metrics.peak_memory_gb(device), 3)
+    if world == 1:
+        return [mine]
+    import torch.distributed as dist
+
+    out: list = [None] * world
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def _prepare_fsdp(model, accelerator):
+    """FSDP2: our own fully_shard wrapping (accelerate keeps an already wrapped model);
+    FSDP1: accelerate wraps with peft's policy, so each unit has uniform requires_grad."""
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version == 2:
+        model = sharding.fsdp2_shard(model, offload=placement.fsdp_offloads(plugin))
+        plugin.auto_wrap_policy = None  # already wrapped; accelerate would look for the original class names
+        return model
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+    return accelerator.prepare(model)  # FSDP1 flattens now; the optimizer is built on the flat parameters
+
+
 @torch.no_grad()
 def evaluate(model, loader, accelerator, max_batches: int | None) -> float:
     """Token-weighted mean loss over this rank's eval shard, reduced over ranks."""
@@ -64,29 +122,34 @@ def evaluate(model, loader, accelerator, max_batches: int | None) -> float:
 
 def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     """Run the recipe; returns (summary, the trained peft model unwrapped from accelerate)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     cfg = recipe.train
     run_dir = Path(cfg.output_dir)
     _check_run_dir(run_dir, resume)
-    strategy = resolve_strategy(recipe.dist)
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    handlers = []
+    if deepspeed and not torch.cuda.is_available():
+        # Without a backend accelerate counts one process on every CPU DeepSpeed rank.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
-        mixed_precision=_mixed_precision(cfg.mixed_precision),
+        mixed_precision=None if deepspeed else _mixed_precision(cfg.mixed_precision),  # the DeepSpeed JSON says it
         log_with=cfg.report_to or None,
         project_dir=str(run_dir),
+        kwargs_handlers=handlers,
     )
-    rank, world = rank_and_world()
-    if world > 1 and accelerator.distributed_type.value == "NO":
-        raise UserError(f"{world} processes were launched but accelerate sees one, so gradients would not sync; "
-                        "on a CPU machine set ACCELERATE_USE_CPU=true (or use_cpu: true in the accelerate config)")
+    rank, world = placement.rank_and_world()
     say = accelerator.print
     set_seed(cfg.seed)
 
     with accelerator.main_process_first():  # rank 0 builds the tiny model once; others read it
         source = resolve_source(recipe.model)
+    strategy = placement.check(recipe, placement.Machine.detect(), placement.model_config(source))
+    placement.check_launch(strategy, accelerator, world)
+    _fill_deepspeed_batch(accelerator, cfg, world)
     tokenizer = load_tokenizer(source, recipe.model)
     train_ex, eval_ex, stats = data.load_data(recipe.data, tokenizer, cfg.seed)
     batches = data.batches_per_epoch(len(train_ex), world, cfg.micro_batch_size)
@@ -95,17 +158,30 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     steps_per_epoch = math.ceil(batches / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    model = load_base_model(source, recipe.model, recipe.quant, device_map=device_map_for(strategy, accelerator))
-    model = apply_peft(model, recipe.peft, quantized=recipe.quant.mode != "none", kbit_upcast=kbit_upcast(strategy),
+    load_start = time.perf_counter()
+    param_dtype = compute_dtype(recipe.quant) if recipe.model.dtype == "auto" else DTYPES[recipe.model.dtype]
+    model = load_base_model(source, recipe.model, recipe.quant, dtype=param_dtype,
+                            device_map=placement.device_map_for(strategy, recipe.model.device_map, accelerator.device),
+                            storage=placement.storage_dtype(recipe, strategy, param_dtype))
+    model = apply_peft(model, recipe.peft, quantized=recipe.quant.mode != "none",
+                       kbit_upcast=placement.kbit_upcast(strategy),
                        gradient_checkpointing=cfg.gradient_checkpointing, total_steps=total_steps)
+    load_s = time.perf_counter() - load_start
     trainable, total_params = count_parameters(model)
     say(f"model {recipe.model.name}: trainable {trainable:,} / total {total_params:,} parameters "
         f"({100 * trainable / total_params:.3f}%), strategy {strategy}, {world} process(es)")
     say(f"data: {json.dumps(stats)}")
 
-    optimizer = build_optimizer(model.parameters(), cfg)
+    fsdp1 = accelerator.distributed_type.value == "FSDP" and not accelerator.is_fsdp2
+    if accelerator.distributed_type.value == "FSDP":
+        model = _prepare_fsdp(model, accelerator)  # before the optimizer: it must see the sharded parameters
+    optimizer_name = placement.optimizer_for(strategy, cfg.optimizer, recipe.dist.fsdp_version)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, optimizer_name)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp1:
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     from accelerate.data_loader import prepare_data_loader
 
     # Our sampler already gives each rank its share; accelerate only tracks the epoch end
@@ -130,6 +206,7 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
         tokenizer.save_pretrained(run_dir)
     accelerator.init_trackers("tensorboard", config=_flat(recipe.model_dump(mode="json")))
     log = metrics.MetricsLog(run_dir / "metrics.jsonl", accelerator)
+    ids_log = metrics.SampleIdLog(run_dir, rank, recipe.data.log_sample_ids)
 
     if eval_ex and progress.step == 0:  # the baseline the run improves on
         log.write({"step": 0, "eval_loss": evaluate(model, eval_dl, accelerator, cfg.eval_batches)})
@@ -144,7 +221,8 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
         # iteration, so tell the loader (not just our sampler) which epoch this is.
         epoch_dl.set_epoch(progress.epoch)
         for batch in epoch_dl:
-            batch.pop("sample_ids")
+            ids = batch.pop("sample_ids")
+            ids_log.write({"step": progress.step, "epoch": progress.epoch, "ids": ids.tolist()})
             window_tokens += int(batch["attention_mask"].sum())  # counted on the host: no device sync
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             with accelerator.accumulate(model):
@@ -196,10 +274,15 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(run_dir, is_main_process=accelerator.is_main_process,
-                              save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+    adapter = sharding.trainable_state(model, accelerator)  # gathered from every rank's shard
+    ids_log.close({"done": progress.step, "adapter_sha256": sharding.digest(adapter)})
+    if accelerator.is_main_process:
+        _save_adapter(unwrapped, adapter, run_dir)
+    accelerator.wait_for_everyone()
     summary = {"steps": progress.step, "eval_loss": eval_loss, "trainable_params": trainable,
-               "total_params": total_params, "processes": world, "strategy": strategy, "restarts": progress.restarts}
+               "total_params": total_params, "processes": world, "strategy": strategy, "optimizer": optimizer_name,
+               "restarts": progress.restarts, "peak_mem_gb_per_rank": _gather_peak_memory(accelerator.device, world),
+               "load_s": round(load_s, 2)}
     if accelerator.is_main_process:
         first_eval = next((r["eval_loss"] for r in metrics.read(run_dir / "metrics.jsonl") if "eval_loss" in r), None)
         summary["first_eval_loss"] = first_eval
@@ -212,6 +295,11 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
 
 def main(argv: list[str] | None = None) -> int:
     """Per-process entry for `accelerate launch -m launcher.train [RECIPE] [key=value ...] [--resume]`."""
+    if (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1
+            and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"):
+        # accelerate's multi-GPU launcher does not pass use_cpu on; without it DDP ranks see no
+        # distribution. (Not for DeepSpeed: use_cpu would silently turn it into plain DDP.)
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     argv = list(sys.argv[1:] if argv is None else argv)
     resume = "--resume" in argv
     argv = [a for a in argv if a != "--resume"]

@@ -1,0 +1,82 @@
+"""Sharded models: FSDP2 wrapping of a 4-bit LoRA model, and gathering the full adapter to save.
+
+Used by the training loop under FSDP (accelerate then finds the model already wrapped and
+keeps it) and directly by tests that run torch's `fully_shard` over gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from launcher.errors import UserError
+
+ADAPTER_MARKERS = ("lora_", "ia3_")  # the peft methods allowed under FSDP
+
+
+def decoder_layer_names(model) -> set[str]:
+    """Class names transformers marks as unsplittable: one FSDP unit each."""
+    for module in model.modules():  # the transformers model inside the peft wrappers
+        names = getattr(module, "_no_split_modules", None)
+        if names:
+            return set(names)
+    return set()
+
+
+def fsdp2_shard(model, *, offload: bool = False, param_dtype: torch.dtype | None = None, mesh=None):
+    """fully_shard each decoder layer, then the root. Packed 4-bit weights must be stored in a
+    floating dtype (quant.storage_dtype), or FSDP would shard raw bytes and corrupt them."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    bad = [n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit" and not p.is_floating_point()]
+    if bad:
+        raise UserError(f"quant.storage_dtype: {len(bad)} 4-bit weights are stored as {model.get_parameter(bad[0]).dtype}; "
+                        "FSDP needs them in the parameter dtype (set quant.storage_dtype=auto)")
+    kwargs = {"mesh": mesh}
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    if param_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype)
+    names = decoder_layer_names(model)
+    units = [m for m in model.modules() if type(m).__name__ in names]
+    if not units:
+        raise UserError("model.name: found no decoder layers to shard (the model declares no _no_split_modules)")
+    for unit in units:
+        fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def trainable_state(model, accelerator=None) -> dict[str, torch.Tensor]:
+    """Full (unsharded) trainable tensors on CPU, on every rank; collective under ZeRO-3/FSDP.
+
+    Only the adapter is gathered, never the frozen base, so saving a 70B run moves megabytes.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if accelerator is not None and accelerator.distributed_type.value == "FSDP" and not accelerator.is_fsdp2:
+        # FSDP1 flat parameters hide the per-tensor names: gather a full state dict on rank 0
+        # (offloaded to CPU; other ranks get nothing) and keep the adapter's tensors.
+        full = accelerator.get_state_dict(model)
+        return {k: v.detach().cpu() for k, v in full.items() if any(m in k for m in ADAPTER_MARKERS)}
+    if accelerator is not None:
+        model = accelerator.unwrap_model(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    zero3 = accelerator is not None and getattr(accelerator.state, "deepspeed_plugin", None) is not None \
+        and accelerator.state.deepspeed_plugin.zero_stage == 3
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            return {n: p.detach().cpu().clone() for n, p in named}
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone() for n, p in named}
+
+
+def digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names and exact bytes: equal on every rank iff the replicas are identical."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,78 @@
+"""Run by torchrun (2 ranks, gloo): the launcher's FSDP2 wrapping of a 4-bit LoRA model, a few steps.
+
+Every rank trains on its own shard of the data through `sharding.fsdp2_shard`. Rank 0 also
+trains an unsharded copy on both ranks' batches (the DDP-equivalent reference). Each rank
+writes OUT/rank{r}.json: sample ids, the gathered adapter digest, and the largest difference
+from the reference (rank 0).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from launcher import data, placement, sharding
+from launcher.model import apply_peft, load_base_model, load_tokenizer, resolve_source
+from launcher.optim import build_optimizer
+from launcher.recipe import load_recipe
+
+STEPS = 3
+
+
+def build(recipe, source, storage):
+    torch.manual_seed(recipe.train.seed)
+    model = load_base_model(source, recipe.model, recipe.quant, storage=storage)
+    return apply_peft(model, recipe.peft, quantized=True, kbit_upcast=placement.kbit_upcast("fsdp"),
+                      gradient_checkpointing=True)
+
+
+def main(out: Path, optimizer: str):
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    recipe = load_recipe(None, ["data.max_samples=200", "train.micro_batch_size=8", "peft.dropout=0.0",
+                                f"train.optimizer={optimizer}", "train.lr=1e-2"])
+    source = resolve_source(recipe.model)
+    storage = placement.storage_dtype(recipe, "fsdp", torch.float32)
+    tok = load_tokenizer(source, recipe.model)
+    train_ex, _, _ = data.load_data(recipe.data, tok, recipe.train.seed)
+
+    model = sharding.fsdp2_shard(build(recipe, source, storage))
+    opt = build_optimizer(model.parameters(), recipe.train)
+    loaders = [data.make_loader(train_ex, 8, r, world, recipe.train.seed, tok.pad_token_id) for r in range(world)]
+    batches = [list(loader)[:STEPS] for loader in loaders]  # every rank's batches (for the reference)
+    ids, losses = [], []
+    for step in range(STEPS):
+        batch = dict(batches[rank][step])
+        ids += batch.pop("sample_ids").tolist()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    adapter = sharding.trainable_state(model)
+    result = {"rank": rank, "ids": ids, "losses": losses, "digest": sharding.digest(adapter),
+              "sharded": sum(type(p).__name__ == "DTensor" or hasattr(p, "placements") for p in model.parameters())}
+
+    if rank == 0:  # the unsharded reference: mean of the ranks' losses, one optimizer step per step
+        ref = build(recipe, source, storage)
+        init = {n: p.detach().clone() for n, p in ref.named_parameters() if p.requires_grad}
+        ref_opt = build_optimizer(ref.parameters(), recipe.train)
+        for step in range(STEPS):
+            for r in range(world):
+                batch = dict(batches[r][step])
+                batch.pop("sample_ids")
+                (ref(**batch).loss / world).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+        ref_state = {n: p.detach() for n, p in ref.named_parameters() if p.requires_grad}
+        result["max_diff"] = max((adapter[n] - ref_state[n]).abs().max().item() for n in ref_state)
+        result["moved"] = min((ref_state[n] - init[n]).abs().max().item() for n in ref_state)  # every tensor trained
+        result["n_trainable"] = len(ref_state)
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "adamw_torch")
