@@ -2,7 +2,7 @@
 
 Builds a Llama-architecture model with random weights (default ~0.4B parameters, bf16
 safetensors on disk), then runs `launcher train` for one step under each strategy and
-reports each rank's peak RSS next to the model's 16-bit size. Usage:
+reports the host memory each rank's load added at its peak, next to the model's 16-bit size. Usage:
     python bench/load_rss.py [--layers 16 --hidden 1024] [--strategies ddp,zero3]
 """
 
@@ -51,9 +51,10 @@ def main() -> None:
                 print(f"{strategy}: failed\n{res.stderr[-2000:]}")
                 continue
             s = json.loads((run / "summary.json").read_text())
-            peaks = s["peak_mem_gb_per_rank"]
-            print(json.dumps({"strategy": strategy, "peak_rss_gb_per_rank": peaks, "node_sum_gb": round(sum(peaks), 2),
-                              "model_16bit_gb": round(size_gb, 2), "load_s": s["load_s"]}))
+            load = s["load_host_gb_per_rank"]
+            print(json.dumps({"strategy": strategy, "load_added_rss_gb_per_rank": load, "node_sum_gb": round(sum(load), 2),
+                              "peak_rss_gb_per_rank": s["peak_mem_gb_per_rank"], "model_16bit_gb": round(size_gb, 2),
+                              "load_s": s["load_s"]}))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,14 @@ from pathlib import Path
 import torch
 
 
+def host_rss_gb(peak: bool = False) -> float:
+    """This process's resident set now (Linux /proc), or its peak so far."""
+    if peak:
+        return peak_memory_gb(torch.device("cpu"))
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak CUDA allocation on GPU; peak resident set size of this process on CPU."""
     if device.type == "cuda":

@@ -77,15 +77,14 @@ def _save_adapter(model, adapter: dict, run_dir: Path) -> None:
                   metadata={"format": "pt"})
 
 
-def _gather_peak_memory(device, world: int) -> list[float]:
-    """Each rank's peak (CUDA allocation on GPU, RSS on CPU), in GB, in rank order."""
-    mine = round(metrics.peak_memory_gb(device), 3)
+def _gather(value: float, world: int) -> list[float]:
+    """One number from every rank, in rank order (all_gather_object; a no-op for one process)."""
     if world == 1:
-        return [mine]
+        return [value]
     import torch.distributed as dist
 
     out: list = [None] * world
-    dist.all_gather_object(out, mine)
+    dist.all_gather_object(out, value)
     return out
 
 
@@ -158,7 +157,7 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     steps_per_epoch = math.ceil(batches / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    load_start = time.perf_counter()
+    load_start, rss_before = time.perf_counter(), metrics.host_rss_gb()
     param_dtype = compute_dtype(recipe.quant) if recipe.model.dtype == "auto" else DTYPES[recipe.model.dtype]
     model = load_base_model(source, recipe.model, recipe.quant, dtype=param_dtype,
                             device_map=placement.device_map_for(strategy, recipe.model.device_map, accelerator.device),
@@ -167,6 +166,7 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
                        kbit_upcast=placement.kbit_upcast(strategy),
                        gradient_checkpointing=cfg.gradient_checkpointing, total_steps=total_steps)
     load_s = time.perf_counter() - load_start
+    load_rss_gb = metrics.host_rss_gb(peak=True) - rss_before  # host memory the load added at its peak
     trainable, total_params = count_parameters(model)
     say(f"model {recipe.model.name}: trainable {trainable:,} / total {total_params:,} parameters "
         f"({100 * trainable / total_params:.3f}%), strategy {strategy}, {world} process(es)")
@@ -281,7 +281,8 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     accelerator.wait_for_everyone()
     summary = {"steps": progress.step, "eval_loss": eval_loss, "trainable_params": trainable,
                "total_params": total_params, "processes": world, "strategy": strategy, "optimizer": optimizer_name,
-               "restarts": progress.restarts, "peak_mem_gb_per_rank": _gather_peak_memory(accelerator.device, world),
+               "restarts": progress.restarts, "peak_mem_gb_per_rank": _gather(round(metrics.peak_memory_gb(accelerator.device), 3), world),
+               "load_host_gb_per_rank": _gather(round(load_rss_gb, 3), world),
                "load_s": round(load_s, 2)}
     if accelerator.is_main_process:
         first_eval = next((r["eval_loss"] for r in metrics.read(run_dir / "metrics.jsonl") if "eval_loss" in r), None)
