@@ -1,4 +1,4 @@
-"""`launcher` command line: train, configs, validate, fields, generate, merge.
+"""`launcher` command line: train, preprocess, configs, validate, fields, generate, merge.
 
 Every command that takes a recipe defaults to the built-in demo, and takes dotted
 overrides after it (`launcher train recipe.yaml train.lr=1e-4 peft.r=32`).
@@ -7,6 +7,7 @@ overrides after it (`launcher train recipe.yaml train.lr=1e-4 peft.r=32`).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import socket
@@ -94,6 +95,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_preprocess(args) -> int:
+    """Tokenize and cache ahead of time (a login node or CPU job); `launcher train` then reads the cache."""
+    from launcher import data
+    from launcher.model import load_tokenizer, resolve_source
+
+    path, overrides = _split_recipe_args(args.recipe)
+    recipe = load_recipe(path, overrides)
+    tokenizer = load_tokenizer(resolve_source(recipe.model), recipe.model)
+    result, hit = data.tokenized(recipe.data, tokenizer, recipe.train.seed)
+    where = data.cache_path(recipe.data, tokenizer, recipe.train.seed)
+    print(f"{'already cached' if hit else 'tokenized and cached'}: {where}")
+    print(json.dumps(result["stats"]))
+    return 0
+
+
 def cmd_configs(args) -> int:
     from pathlib import Path
 
@@ -146,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in train.output_dir")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("preprocess", help="tokenize the recipe's data into the cache ahead of training")
+    _add_recipe_args(p)
+    p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("configs", help="write the accelerate (and DeepSpeed) config for the recipe's strategy")
     _add_recipe_args(p)

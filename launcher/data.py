@@ -6,8 +6,11 @@ sharding, which pads with duplicates and, under DeepSpeed on CPU, sees one proce
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,25 +25,51 @@ IGNORE = -100
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
-def read_samples(path: str) -> list[dict]:
-    """Rows of a JSONL or JSON-list file (or the built-in arithmetic set)."""
-    p = builtin.arithmetic_path() if path == builtin.ARITHMETIC else Path(path)
-    if not p.is_file():
+def read_samples(path: str, split: str = "train") -> list[dict]:
+    """Rows from a JSONL/JSON file (read directly), CSV/Parquet or a save_to_disk directory
+    (through `datasets`), a hub dataset name, or the built-in arithmetic set."""
+    p = builtin.arithmetic_path() if path == builtin.ARITHMETIC else Path(path).expanduser()
+    if p.is_dir():
+        rows = _from_datasets(path, lambda ds: ds.load_from_disk(str(p)), split)
+    elif p.suffix in (".csv", ".parquet"):
+        rows = _from_datasets(path, lambda ds: ds.load_dataset(p.suffix[1:], data_files=str(p), split="train"), split)
+    elif p.is_file():
+        rows = _read_json(p, path)
+    elif path.startswith((".", "/", "~")) or p.suffix in (".json", ".jsonl"):
         raise UserError(f"data.path: file not found: {path}")
-    text = p.read_text()
-    try:
-        if p.suffix == ".json":
-            rows = json.loads(text)
-            rows = rows.get("data", rows) if isinstance(rows, dict) else rows
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise UserError(f"data.path: {path} is not valid JSON/JSONL (line {e.lineno}: {e.msg})") from None
+    else:  # a hub dataset name
+        rows = _from_datasets(path, lambda ds: ds.load_dataset(path, split=split), split)
     if not rows:
         raise UserError(f"data.path: {path} holds no samples")
     if not all(isinstance(r, dict) for r in rows):
         raise UserError(f"data.path: {path}: every sample must be a JSON object")
     return rows
+
+
+def _read_json(p: Path, path: str) -> list:
+    text = p.read_text()
+    try:
+        if p.suffix == ".json":
+            rows = json.loads(text)
+            return rows.get("data", rows) if isinstance(rows, dict) else rows
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise UserError(f"data.path: {path} is not valid JSON/JSONL (line {e.lineno}: {e.msg})") from None
+
+
+def _from_datasets(path: str, load, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        ds = load(datasets)
+    except Exception as e:  # datasets raises many types for a missing name, bad file or no network
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"data.path: cannot read {path!r} with datasets: {first}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"data.split: {path} has splits {sorted(ds)}, not {split!r}")
+        ds = ds[split]
+    return ds.to_list()
 
 
 def detect_format(row: dict, cfg: DataCfg) -> str:
@@ -93,31 +122,37 @@ class Tokenized:
     stats: dict = field(default_factory=dict)
 
 
+def tokenize_one(row: dict, i: int, fmt: str, cfg: DataCfg, tokenizer, counts: Tokenized) -> dict | None:
+    """One sample's input_ids/labels (-100 on prompt tokens unless train_on_prompt); None when dropped (counted)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt, completion = render(row, fmt, cfg, tokenizer, i)
+    if not completion.strip():
+        counts.dropped_empty += 1
+        return None
+    p_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = p_ids + c_ids
+    labels = (p_ids if cfg.train_on_prompt else [IGNORE] * len(p_ids)) + c_ids
+    if len(ids) > cfg.max_seq_len:
+        if cfg.too_long == "error":
+            raise UserError(f"data: sample {i} has {len(ids)} tokens > data.max_seq_len={cfg.max_seq_len} "
+                            "(raise it, or set data.too_long=truncate/drop)")
+        if cfg.too_long == "drop" or len(p_ids) >= cfg.max_seq_len:
+            counts.dropped_long += 1
+            return None
+        ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
+        counts.truncated += 1
+    return {"id": i, "input_ids": ids, "labels": labels}
+
+
 def tokenize(rows: list[dict], cfg: DataCfg, tokenizer) -> Tokenized:
-    """input_ids/labels per sample; labels are -100 on prompt tokens (unless train_on_prompt)."""
+    """Every row tokenized; empty and too-long samples are dropped or truncated and counted."""
     fmt = detect_format(rows[0], cfg)
     out = Tokenized(examples=[])
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id]
     for i, row in enumerate(rows):
-        prompt, completion = render(row, fmt, cfg, tokenizer, i)
-        if not completion.strip():
-            out.dropped_empty += 1
-            continue
-        p_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
-        ids = p_ids + c_ids
-        labels = (p_ids if cfg.train_on_prompt else [IGNORE] * len(p_ids)) + c_ids
-        if len(ids) > cfg.max_seq_len:
-            if cfg.too_long == "error":
-                raise UserError(f"data: sample {i} has {len(ids)} tokens > data.max_seq_len={cfg.max_seq_len} "
-                                "(raise it, or set data.too_long=truncate/drop)")
-            if cfg.too_long == "drop" or len(p_ids) >= cfg.max_seq_len:
-                out.dropped_long += 1
-                continue
-            ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
-            out.truncated += 1
-        out.examples.append({"id": i, "input_ids": ids, "labels": labels})
+        ex = tokenize_one(row, i, fmt, cfg, tokenizer, out)
+        if ex is not None:
+            out.examples.append(ex)
     if not out.examples:
         raise UserError(f"data: no usable samples in {cfg.path} (empty: {out.dropped_empty}, too long: {out.dropped_long})")
     out.stats = {"format": fmt, "samples": len(out.examples), "dropped_empty": out.dropped_empty,
@@ -139,22 +174,24 @@ def split_eval(examples: list[dict], fraction: float, seed: int) -> tuple[list[d
 
 
 class ShardSampler(Sampler):
-    """This rank's disjoint share of a seeded per-epoch permutation.
+    """This rank's disjoint share of a seeded per-epoch permutation; every rank gets the same count.
 
-    Every rank gets exactly len // world samples so all ranks run the same number of steps;
-    the len % world remainder of each epoch's permutation is skipped (different samples
-    each epoch). With shuffle off the order is the file order.
+    remainder="drop": each rank gets len // world samples and the len % world left over are
+    skipped this epoch (different ones each epoch). remainder="pad": each rank gets
+    ceil(len / world); the missing places are index -1, a filler that carries no loss, so every
+    sample trains exactly once per epoch. With shuffle off the order is the file order.
     """
 
-    def __init__(self, n: int, rank: int, world: int, seed: int, shuffle: bool = True):
+    def __init__(self, n: int, rank: int, world: int, seed: int, shuffle: bool = True, remainder: str = "drop"):
         self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
+        self.remainder = remainder
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n // self.world
+        return -(-self.n // self.world) if self.remainder == "pad" else self.n // self.world
 
     def __iter__(self):
         if self.shuffle:
@@ -163,49 +200,220 @@ class ShardSampler(Sampler):
         else:
             order = list(range(self.n))
         per_rank = len(self)
+        order += [-1] * (per_rank * self.world - len(order))  # fillers (pad mode only)
         return iter(order[self.rank * per_rank:(self.rank + 1) * per_rank])
 
 
+class Examples(torch.utils.data.Dataset):
+    """The examples, where index -1 is a loss-free filler (all labels ignored, id -1)."""
+
+    def __init__(self, examples: list[dict]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        if i >= 0:
+            return self.examples[i]
+        ex = self.examples[0]
+        return dict(ex, id=[-1] if isinstance(ex["id"], list) else -1, labels=[IGNORE] * len(ex["labels"]))
+
+
 class PadCollator:
-    """Right-pads a batch to its longest sample; pads are masked from attention and loss."""
+    """Right-pads a batch to its longest row. Plain rows get an attention mask; packed rows get
+    position ids that restart at every sample (the padding is one more segment) and no mask, so
+    transformers builds block-diagonal causal attention: no sample attends to another."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
     def __call__(self, batch: list[dict]) -> dict:
         width = max(len(b["input_ids"]) for b in batch)
+        packed = "position_ids" in batch[0]
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        extra = torch.zeros((len(batch), width), dtype=torch.long)  # attention mask, or position ids
+        sample_ids, real = [], 0
         for row, b in enumerate(batch):
             n = len(b["input_ids"])
             ids[row, :n] = torch.tensor(b["input_ids"])
             labels[row, :n] = torch.tensor(b["labels"])
-            mask[row, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-                "sample_ids": torch.tensor([b["id"] for b in batch])}
+            if packed:
+                extra[row, :n] = torch.tensor(b["position_ids"])
+                extra[row, n:] = torch.arange(width - n)
+            else:
+                extra[row, :n] = 1
+            sample_ids += [i for i in (b["id"] if isinstance(b["id"], list) else [b["id"]]) if i >= 0]
+            real += n
+        out = {"input_ids": ids, "labels": labels, "position_ids" if packed else "attention_mask": extra}
+        out["sample_ids"] = torch.tensor(sample_ids, dtype=torch.long)
+        out["real_tokens"] = torch.tensor(real)
+        return out
+
+
+def pack(examples: list[dict], max_len: int, seed: int) -> list[dict]:
+    """Greedy packing in a seeded order: consecutive samples share a row while they fit.
+
+    Each sample's positions restart at 0 and its first label is ignored (it would otherwise be
+    predicted from the previous sample's last token)."""
+    g = torch.Generator().manual_seed(seed)
+    packs: list[dict] = []
+    for i in torch.randperm(len(examples), generator=g).tolist():
+        ex = examples[i]
+        if not packs or len(packs[-1]["input_ids"]) + len(ex["input_ids"]) > max_len:
+            packs.append({"id": [], "input_ids": [], "labels": [], "position_ids": []})
+        cur = packs[-1]
+        cur["id"].append(ex["id"])
+        cur["input_ids"] += ex["input_ids"]
+        cur["labels"] += [IGNORE] + ex["labels"][1:]
+        cur["position_ids"] += list(range(len(ex["input_ids"])))
+    return packs
+
+
+def padding_efficiency(examples: list[dict], batch_size: int, seed: int) -> float:
+    """Real tokens / tokens computed, for one epoch's batches (rows padded to the longest)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [len(examples[i]["input_ids"]) for i in torch.randperm(len(examples), generator=g).tolist()]
+    computed = sum(max(chunk) * len(chunk) for chunk in (lengths[i:i + batch_size]
+                                                        for i in range(0, len(lengths), batch_size)))
+    return sum(lengths) / max(computed, 1)
 
 
 def make_loader(examples: list[dict], batch_size: int, rank: int, world: int, seed: int, pad_id: int,
-                shuffle: bool = True) -> torch.utils.data.DataLoader:
-    sampler = ShardSampler(len(examples), rank, world, seed, shuffle)
+                shuffle: bool = True, remainder: str = "drop") -> torch.utils.data.DataLoader:
+    sampler = ShardSampler(len(examples), rank, world, seed, shuffle, remainder)
     # Its own generator: otherwise every new iterator draws a seed from the global RNG, and a
     # resumed run (which opens one more iterator) would get different dropout masks.
-    return torch.utils.data.DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=PadCollator(pad_id),
-                                       generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(Examples(examples), batch_size=batch_size, sampler=sampler,
+                                       collate_fn=PadCollator(pad_id), generator=torch.Generator().manual_seed(seed))
 
 
-def batches_per_epoch(n: int, world: int, batch_size: int) -> int:
-    return math.ceil((n // world) / batch_size)
+def batches_per_epoch(n: int, world: int, batch_size: int, remainder: str = "drop") -> int:
+    per_rank = -(-n // world) if remainder == "pad" else n // world
+    return math.ceil(per_rank / batch_size)
 
 
-def load_data(cfg: DataCfg, tokenizer, seed: int) -> tuple[list[dict], list[dict], dict]:
-    """Train and eval examples plus counts to report."""
-    train = tokenize(read_samples(cfg.path)[: cfg.max_samples], cfg, tokenizer)
+def _fingerprint(path: str) -> str:
+    """What identifies the source: size and mtime of local files, the name for hub datasets."""
+    p = builtin.arithmetic_path() if path == builtin.ARITHMETIC else Path(path).expanduser()
+    if not p.exists():
+        return path
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
+def cache_path(cfg: DataCfg, tokenizer, seed: int) -> Path:
+    """Keyed by the data, the tokenizer and every setting that changes the tokenized result."""
+    settings = cfg.model_dump(exclude={"packing", "remainder", "log_sample_ids", "cache_dir", "streaming"})
+    tok = getattr(tokenizer, "backend_tokenizer", None)
+    tok_id = tok.to_str() if tok is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    key = json.dumps([settings, seed, _fingerprint(cfg.path), _fingerprint(cfg.eval_path or ""),
+                      tok_id, tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)],
+                     sort_keys=True, default=str)
+    root = Path(cfg.cache_dir) if cfg.cache_dir else builtin.cache_dir() / "tokenized"
+    return root / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pkl"
+
+
+def _tokenize_all(cfg: DataCfg, tokenizer, seed: int) -> dict:
+    train = tokenize(read_samples(cfg.path, cfg.split)[: cfg.max_samples], cfg, tokenizer)
     if cfg.eval_path:
-        evals = tokenize(read_samples(cfg.eval_path), cfg, tokenizer).examples
+        evals = tokenize(read_samples(cfg.eval_path, cfg.split), cfg, tokenizer).examples
         train_ex = train.examples
     else:
         train_ex, evals = split_eval(train.examples, cfg.eval_fraction, seed)
-    stats = dict(train.stats, train_samples=len(train_ex), eval_samples=len(evals))
-    return train_ex, evals, stats
+    return {"train": train_ex, "eval": evals, "stats": dict(train.stats, train_samples=len(train_ex),
+                                                            eval_samples=len(evals))}
+
+
+def tokenized(cfg: DataCfg, tokenizer, seed: int) -> tuple[dict, bool]:
+    """(tokenized data, whether it came from the cache). The first process to take the file lock
+    tokenizes and writes the cache; the others wait on the lock, not on a process-group
+    barrier, so a long tokenization never trips the collective timeout."""
+    from filelock import FileLock
+
+    path = cache_path(cfg, tokenizer, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            with open(path, "rb") as f:
+                return pickle.load(f), True
+        result = _tokenize_all(cfg, tokenizer, seed)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.replace(path)
+    return result, False
+
+
+def load_data(cfg: DataCfg, tokenizer, seed: int, micro_batch_size: int = 1) -> tuple[list[dict], list[dict], dict]:
+    """Train and eval examples (packed when asked) plus counts and efficiency to report."""
+    result, hit = tokenized(cfg, tokenizer, seed)
+    train_ex, eval_ex = result["train"], result["eval"]
+    stats = dict(result["stats"], cache="hit" if hit else "written")
+    if cfg.packing:
+        train_ex, eval_ex = pack(train_ex, cfg.max_seq_len, seed), pack(eval_ex, cfg.max_seq_len, seed + 1) if eval_ex else []
+        stats["packed_rows"] = len(train_ex)
+    stats["padding_efficiency"] = round(padding_efficiency(train_ex, micro_batch_size, seed), 4)
+    return train_ex, eval_ex, stats
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def open_stream(path: str, split: str = "train"):
+    """A datasets IterableDataset over the source: rows are read as they are consumed."""
+    import datasets
+
+    p = builtin.arithmetic_path() if path == builtin.ARITHMETIC else Path(path).expanduser()
+    try:
+        if p.is_dir():
+            ds = datasets.load_from_disk(str(p))
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+            return ds.to_iterable_dataset()
+        if p.is_file():
+            kind = {".csv": "csv", ".parquet": "parquet"}.get(p.suffix, "json")
+            return datasets.load_dataset(kind, data_files=str(p), split="train", streaming=True)
+        return datasets.load_dataset(path, split=split, streaming=True)
+    except Exception as e:  # a missing name, a bad file, no network
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"data.path: cannot stream {path!r}: {first}") from None
+
+
+class StreamShard(torch.utils.data.IterableDataset):
+    """This rank's share of a stream: of every `world` consecutive samples, rank r takes the r-th.
+
+    Every rank yields the same count: a sample dropped by tokenization becomes a loss-free
+    filler, and a last incomplete group is skipped (remainder=drop) or filled (remainder=pad).
+    """
+
+    def __init__(self, cfg: DataCfg, tokenizer, rank: int, world: int):
+        self.cfg, self.tokenizer, self.rank, self.world = cfg, tokenizer, rank, world
+        self.counts = Tokenized(examples=[])
+
+    def set_epoch(self, epoch: int) -> None:  # a stream is read in file order every epoch
+        self.epoch = epoch
+
+    def _filler(self) -> dict:
+        return {"id": -1, "input_ids": [self.tokenizer.eos_token_id], "labels": [IGNORE]}
+
+    def __iter__(self):
+        stream, fmt, group = open_stream(self.cfg.path, self.cfg.split), None, []
+        for i, row in enumerate(stream):
+            fmt = fmt or detect_format(row, self.cfg)
+            group.append((i, row))
+            if len(group) == self.world:
+                yield self._mine(group, fmt)
+                group = []
+        if group and self.cfg.remainder == "pad":
+            yield self._mine(group, fmt) if self.rank < len(group) else self._filler()
+
+    def _mine(self, group, fmt) -> dict:
+        i, row = group[self.rank]
+        ex = tokenize_one(row, i, fmt, self.cfg, self.tokenizer, self.counts)
+        return ex if ex is not None else self._filler()
+
+
+def make_stream_loader(cfg: DataCfg, tokenizer, batch_size: int, rank: int, world: int):
+    return torch.utils.data.DataLoader(StreamShard(cfg, tokenizer, rank, world), batch_size=batch_size,
+                                       collate_fn=PadCollator(tokenizer.pad_token_id))

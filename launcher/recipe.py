@@ -74,7 +74,7 @@ class PeftCfg(Section):
 class DataCfg(Section):
     """Training data."""
 
-    path: str = Field(description="JSONL/JSON file of samples, or builtin:arithmetic.")
+    path: str = Field(description="JSONL/JSON/CSV/Parquet file, a datasets.save_to_disk directory, a hub dataset name, or builtin:arithmetic.")
     format: Literal["auto", "prompt_completion", "alpaca", "chat", "text"] = Field(
         "auto", description="Sample format; auto detects it from the first sample's fields."
     )
@@ -88,6 +88,14 @@ class DataCfg(Section):
     eval_path: str | None = Field(None, description="Separate eval file; otherwise eval_fraction of the data is held out.")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share of samples held out for eval when eval_path is unset.")
     max_samples: int | None = Field(None, gt=0, description="Use only the first N samples (quick experiments).")
+    packing: bool = Field(False, description="Pack several samples into each max_seq_len sequence (no attention across samples).")
+    remainder: Literal["drop", "pad"] = Field(
+        "drop", description="Samples left when the epoch does not split evenly over ranks: drop (skipped this epoch, "
+        "different ones each epoch) or pad (every sample trains once; short ranks get loss-free filler)."
+    )
+    streaming: bool = Field(False, description="Stream the data (datasets IterableDataset) instead of loading it; needs train.max_steps.")
+    split: str = Field("train", description="Split to read from a hub dataset or a save_to_disk DatasetDict.")
+    cache_dir: str | None = Field(None, description="Where tokenized data is cached (default: LAUNCHER_CACHE/tokenized).")
     log_sample_ids: bool = Field(False, description="Debug: each rank logs the sample ids it trains on to RUN/sample_ids/rankN.jsonl.")
 
 
@@ -252,6 +260,11 @@ def _cross_checks(r: Recipe) -> list[str]:
         problems.append("quant.storage_dtype: only applies to 4-bit modes (nf4, fp4)")
     if r.dist.strategy == "single" and (r.dist.nproc > 1 or r.dist.nnodes > 1):
         problems.append("dist.strategy: single runs one process; set dist.strategy=ddp (or zero2/zero3/fsdp) or dist.nproc=1")
+    if r.data.streaming and not r.train.max_steps:
+        problems.append("data.streaming: a stream has no known length; set train.max_steps")
+    if r.data.streaming and (r.data.packing or not r.data.eval_path and r.data.eval_fraction > 0):
+        problems.append("data.streaming: works with data.packing=false and an eval set from data.eval_path "
+                        "(or data.eval_fraction=0)")
     if r.train.max_steps and r.train.warmup_steps >= r.train.max_steps:
         problems.append(f"train.warmup_steps: {r.train.warmup_steps} is not below train.max_steps={r.train.max_steps}")
     if "wandb" in r.train.report_to:

@@ -102,6 +102,15 @@ def _prepare_fsdp(model, accelerator):
     return accelerator.prepare(model)  # FSDP1 flattens now; the optimizer is built on the flat parameters
 
 
+def forward_loss(model, batch: dict, device) -> torch.Tensor:
+    """Mean loss over the batch's label tokens. The count is passed in (computed on the host), so
+    a batch of loss-free fillers gives 0 with zero gradients instead of 0/0. use_cache=False keeps
+    packed rows block-diagonal: transformers only reads packing from position ids without a cache."""
+    n = int((batch["labels"][:, 1:] != data.IGNORE).sum())
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return model(**batch, use_cache=False, num_items_in_batch=max(n, 1)).loss
+
+
 @torch.no_grad()
 def evaluate(model, loader, accelerator, max_batches: int | None) -> float:
     """Token-weighted mean loss over this rank's eval shard, reduced over ranks."""
@@ -110,10 +119,10 @@ def evaluate(model, loader, accelerator, max_batches: int | None) -> float:
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        batch.pop("sample_ids")
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        n = (batch["labels"][:, 1:] != data.IGNORE).sum()
-        total += torch.stack([model(**batch).loss.float() * n, n.float()])
+        batch.pop("sample_ids"), batch.pop("real_tokens")
+        n = int((batch["labels"][:, 1:] != data.IGNORE).sum())
+        total += torch.stack([forward_loss(model, batch, accelerator.device).float() * n,
+                              torch.tensor(float(n), device=accelerator.device)])
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     return (total[0] / total[1].clamp(min=1)).item()
@@ -150,12 +159,18 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     placement.check_launch(strategy, accelerator, world)
     _fill_deepspeed_batch(accelerator, cfg, world)
     tokenizer = load_tokenizer(source, recipe.model)
-    train_ex, eval_ex, stats = data.load_data(recipe.data, tokenizer, cfg.seed)
-    batches = data.batches_per_epoch(len(train_ex), world, cfg.micro_batch_size)
-    if batches == 0:
-        raise UserError(f"data: {len(train_ex)} training samples cannot feed {world} processes")
-    steps_per_epoch = math.ceil(batches / cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    if recipe.data.streaming:  # read as consumed; the run length is train.max_steps
+        train_ex, stats = None, {"streaming": True}
+        eval_ex = data.tokenize(data.read_samples(recipe.data.eval_path), recipe.data, tokenizer).examples \
+            if recipe.data.eval_path else []
+        total_steps = cfg.max_steps
+    else:
+        train_ex, eval_ex, stats = data.load_data(recipe.data, tokenizer, cfg.seed, cfg.micro_batch_size)
+        batches = data.batches_per_epoch(len(train_ex), world, cfg.micro_batch_size, recipe.data.remainder)
+        if batches == 0:
+            raise UserError(f"data: {len(train_ex)} training samples cannot feed {world} processes")
+        steps_per_epoch = math.ceil(batches / cfg.grad_accum)
+        total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
     load_start, rss_before = time.perf_counter(), metrics.host_rss_gb()
     param_dtype = compute_dtype(recipe.quant) if recipe.model.dtype == "auto" else DTYPES[recipe.model.dtype]
@@ -186,10 +201,14 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
 
     # Our sampler already gives each rank its share; accelerate only tracks the epoch end
     # (so accumulate() syncs on the last short window) and does no further sharding.
-    train_dl = prepare_data_loader(
-        data.make_loader(train_ex, cfg.micro_batch_size, rank, world, cfg.seed, tokenizer.pad_token_id),
-        num_processes=1, process_index=0)
-    eval_dl = data.make_loader(eval_ex, cfg.micro_batch_size, rank, world, cfg.seed, tokenizer.pad_token_id, shuffle=False)
+    if recipe.data.streaming:
+        base_dl = data.make_stream_loader(recipe.data, tokenizer, cfg.micro_batch_size, rank, world)
+    else:
+        base_dl = data.make_loader(train_ex, cfg.micro_batch_size, rank, world, cfg.seed, tokenizer.pad_token_id,
+                                   remainder=recipe.data.remainder)
+    train_dl = prepare_data_loader(base_dl, num_processes=1, process_index=0)
+    eval_dl = data.make_loader(eval_ex, cfg.micro_batch_size, rank, world, cfg.seed, tokenizer.pad_token_id,
+                               shuffle=False, remainder="pad")  # every eval sample counts once
 
     progress = checkpoint.Progress()
     accelerator.register_for_checkpointing(scheduler, progress)
@@ -223,10 +242,9 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
         for batch in epoch_dl:
             ids = batch.pop("sample_ids")
             ids_log.write({"step": progress.step, "epoch": progress.epoch, "ids": ids.tolist()})
-            window_tokens += int(batch["attention_mask"].sum())  # counted on the host: no device sync
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+            window_tokens += int(batch.pop("real_tokens"))  # counted on the host: no device sync
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = forward_loss(model, batch, accelerator.device)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -311,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # a clean exit: gloo threads left running can abort the process
     return 0
 
 

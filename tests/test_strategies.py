@@ -104,3 +104,18 @@ def test_launcher_train_spawns_the_generated_config(tmp_path):
     assert "--config_file" in launched and str(run / "launch/accelerate_configs/zero2.yaml") in launched
     assert (run / "launch/ds_configs/zero2.json").exists()
     assert json.loads((run / "summary.json").read_text())["strategy"] == "zero2"
+
+
+def test_packed_ddp_epoch_sees_every_sample_once(tmp_path):
+    """2 ranks, packing, remainder=pad, one epoch: the union of what the ranks trained on is the
+    whole dataset, each sample once, and both ranks ran the same number of steps."""
+    run = tmp_path / "packed"
+    res = run_cli("train", "dist.nproc=2", f"train.output_dir={run}", "data.max_samples=203", "data.eval_fraction=0",
+                  "data.packing=true", "data.remainder=pad", "train.epochs=1", "train.max_steps=null", "train.micro_batch_size=8",
+                  "train.warmup_steps=0", "data.log_sample_ids=true", "train.save_every=1000")
+    assert res.returncode == 0, res.stderr[-3000:]
+    logs = _rank_logs(run)
+    ids = [i for r in (0, 1) for row in logs[r][:-1] for i in row["ids"]]
+    assert sorted(ids) == list(range(203))
+    assert len(logs[0]) == len(logs[1])  # same number of micro batches on both ranks
+    assert logs[0][-1]["adapter_sha256"] == logs[1][-1]["adapter_sha256"]
