@@ -77,7 +77,7 @@ def detect_format(row: dict, cfg: DataCfg) -> str:
         return cfg.format
     if cfg.messages_field in row:
         return "chat"
-    if "instruction" in row and "output" in row:
+    if cfg.instruction_field in row and cfg.output_field in row:
         return "alpaca"
     if cfg.prompt_field in row and cfg.completion_field in row:
         return "prompt_completion"
@@ -98,10 +98,10 @@ def render(row: dict, fmt: str, cfg: DataCfg, tokenizer, i: int) -> tuple[str, s
         return (str(_field(row, cfg.prompt_field, i, "data.prompt_field")),
                 str(_field(row, cfg.completion_field, i, "data.completion_field")))
     if fmt == "alpaca":
-        inp = row.get("input") or ""
-        prompt = ALPACA_PROMPT.format(instruction=_field(row, "instruction", i, "data.format"),
+        inp = row.get(cfg.input_field) or ""
+        prompt = ALPACA_PROMPT.format(instruction=_field(row, cfg.instruction_field, i, "data.instruction_field"),
                                       input_block=f"### Input:\n{inp}\n\n" if inp else "")
-        return prompt, str(_field(row, "output", i, "data.format"))
+        return prompt, str(_field(row, cfg.output_field, i, "data.output_field"))
     if fmt == "text":
         return "", str(_field(row, cfg.text_field, i, "data.text_field"))
     messages = _field(row, cfg.messages_field, i, "data.messages_field")
@@ -182,9 +182,11 @@ class ShardSampler(Sampler):
     sample trains exactly once per epoch. With shuffle off the order is the file order.
     """
 
-    def __init__(self, n: int, rank: int, world: int, seed: int, shuffle: bool = True, remainder: str = "drop"):
+    def __init__(self, n: int, rank: int, world: int, seed: int, shuffle: bool = True, remainder: str = "drop",
+                 lengths: list[int] | None = None, batch_size: int = 1):
         self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
         self.remainder = remainder
+        self.lengths, self.batch_size = lengths, batch_size  # lengths set: group by length
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -201,7 +203,23 @@ class ShardSampler(Sampler):
             order = list(range(self.n))
         per_rank = len(self)
         order += [-1] * (per_rank * self.world - len(order))  # fillers (pad mode only)
-        return iter(order[self.rank * per_rank:(self.rank + 1) * per_rank])
+        if self.lengths is None:
+            return iter(order[self.rank * per_rank:(self.rank + 1) * per_rank])
+        return iter(self._by_length(order[:per_rank * self.world])[self.rank::self.world])
+
+    def _by_length(self, order: list[int]) -> list[int]:
+        """Sort by length within windows of 64 global batches, then shuffle the batches: similar
+        lengths share a batch while the order stays seeded. Ranks take every world-th sample."""
+        window = 64 * self.batch_size * self.world
+        lengths = [self.lengths[i] if i >= 0 else 0 for i in order]
+        ranked = []
+        for start in range(0, len(order), window):
+            chunk = sorted(range(start, min(start + window, len(order))), key=lambda j: -lengths[j])
+            ranked += [order[j] for j in chunk]
+        step = self.batch_size * self.world  # one global batch
+        batches = [ranked[i:i + step] for i in range(0, len(ranked), step)]
+        g = torch.Generator().manual_seed(self.seed + self.epoch + 1)
+        return [i for b in (batches[k] for k in torch.randperm(len(batches), generator=g).tolist()) for i in b]
 
 
 class Examples(torch.utils.data.Dataset):
@@ -271,18 +289,19 @@ def pack(examples: list[dict], max_len: int, seed: int) -> list[dict]:
     return packs
 
 
-def padding_efficiency(examples: list[dict], batch_size: int, seed: int) -> float:
-    """Real tokens / tokens computed, for one epoch's batches (rows padded to the longest)."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = [len(examples[i]["input_ids"]) for i in torch.randperm(len(examples), generator=g).tolist()]
-    computed = sum(max(chunk) * len(chunk) for chunk in (lengths[i:i + batch_size]
-                                                        for i in range(0, len(lengths), batch_size)))
-    return sum(lengths) / max(computed, 1)
+def padding_efficiency(examples: list[dict], batch_size: int, seed: int, group_by_length: bool = False) -> float:
+    """Real tokens / tokens computed over one epoch's batches (rows padded to the batch's longest)."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    order = list(ShardSampler(len(examples), 0, 1, seed, lengths=lengths if group_by_length else None,
+                              batch_size=batch_size))
+    chunks = [[lengths[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+    return sum(lengths) / max(sum(max(c) * len(c) for c in chunks), 1)
 
 
 def make_loader(examples: list[dict], batch_size: int, rank: int, world: int, seed: int, pad_id: int,
-                shuffle: bool = True, remainder: str = "drop") -> torch.utils.data.DataLoader:
-    sampler = ShardSampler(len(examples), rank, world, seed, shuffle, remainder)
+                shuffle: bool = True, remainder: str = "drop", group_by_length: bool = False) -> torch.utils.data.DataLoader:
+    lengths = [len(e["input_ids"]) for e in examples] if group_by_length else None
+    sampler = ShardSampler(len(examples), rank, world, seed, shuffle, remainder, lengths, batch_size)
     # Its own generator: otherwise every new iterator draws a seed from the global RNG, and a
     # resumed run (which opens one more iterator) would get different dropout masks.
     return torch.utils.data.DataLoader(Examples(examples), batch_size=batch_size, sampler=sampler,
@@ -305,7 +324,7 @@ def _fingerprint(path: str) -> str:
 
 def cache_path(cfg: DataCfg, tokenizer, seed: int) -> Path:
     """Keyed by the data, the tokenizer and every setting that changes the tokenized result."""
-    settings = cfg.model_dump(exclude={"packing", "remainder", "log_sample_ids", "cache_dir", "streaming"})
+    settings = cfg.model_dump(exclude={"packing", "remainder", "log_sample_ids", "cache_dir", "streaming", "group_by_length"})
     tok = getattr(tokenizer, "backend_tokenizer", None)
     tok_id = tok.to_str() if tok is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     key = json.dumps([settings, seed, _fingerprint(cfg.path), _fingerprint(cfg.eval_path or ""),
@@ -354,7 +373,7 @@ def load_data(cfg: DataCfg, tokenizer, seed: int, micro_batch_size: int = 1) -> 
     if cfg.packing:
         train_ex, eval_ex = pack(train_ex, cfg.max_seq_len, seed), pack(eval_ex, cfg.max_seq_len, seed + 1) if eval_ex else []
         stats["packed_rows"] = len(train_ex)
-    stats["padding_efficiency"] = round(padding_efficiency(train_ex, micro_batch_size, seed), 4)
+    stats["padding_efficiency"] = round(padding_efficiency(train_ex, micro_batch_size, seed, cfg.group_by_length), 4)
     return train_ex, eval_ex, stats
 
 

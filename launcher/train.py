@@ -205,7 +205,7 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
         base_dl = data.make_stream_loader(recipe.data, tokenizer, cfg.micro_batch_size, rank, world)
     else:
         base_dl = data.make_loader(train_ex, cfg.micro_batch_size, rank, world, cfg.seed, tokenizer.pad_token_id,
-                                   remainder=recipe.data.remainder)
+                                   remainder=recipe.data.remainder, group_by_length=recipe.data.group_by_length)
     train_dl = prepare_data_loader(base_dl, num_processes=1, process_index=0)
     eval_dl = data.make_loader(eval_ex, cfg.micro_batch_size, rank, world, cfg.seed, tokenizer.pad_token_id,
                                shuffle=False, remainder="pad")  # every eval sample counts once

@@ -221,3 +221,58 @@ def test_streaming_run_trains(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run/sample_ids/rank0.jsonl").read_text().splitlines()]
     seen = [i for r in rows[:-1] for i in r["ids"]]
     assert len(seen) == 12 * 16 and seen == list(range(12 * 16))  # file order, each once (within one pass)
+
+
+# ---------------------------------------------------------------- length grouping and masking
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("remainder", ["drop", "pad"])
+def test_length_grouping_keeps_exact_coverage(world, remainder):
+    n = 301
+    examples = _examples(n)
+    ids = {}
+    for r in range(world):
+        loader = data.make_loader(examples, 4, r, world, seed=5, pad_id=0, remainder=remainder, group_by_length=True)
+        ids[r] = [i for b in loader for i in b["sample_ids"].tolist()]
+    flat = [i for v in ids.values() for i in v]
+    assert len(flat) == len(set(flat)) == (n if remainder == "pad" else n - n % world)
+    lens = {len(data.make_loader(examples, 4, r, world, 5, 0, remainder=remainder, group_by_length=True))
+            for r in range(world)}
+    assert len(lens) == 1
+
+
+def test_length_grouping_pads_less(tok):
+    cfg = load_recipe(None, ["data.eval_fraction=0"]).data
+    examples = data.tokenize(data.read_samples(cfg.path)[:2000], cfg, tok).examples
+    plain = data.padding_efficiency(examples, 32, 0)
+    grouped = data.padding_efficiency(examples, 32, 0, group_by_length=True)
+    assert grouped > plain
+
+
+@pytest.mark.parametrize("fmt,row", [
+    ("prompt_completion", {"prompt": "12+3=", "completion": "15"}),
+    ("alpaca", {"instruction": "add", "input": "1+1", "output": "2"}),
+    ("alpaca", {"instruction": "say hi", "output": "hi"}),
+    ("chat", {"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}),
+])
+def test_labels_are_ignored_exactly_on_prompt_tokens(fmt, row, tok):
+    cfg = load_recipe(None, [f"data.format={fmt}", "data.max_seq_len=256"]).data
+    ex = data.tokenize([row], cfg, tok).examples[0]
+    prompt, completion = data.render(row, fmt, cfg, tok, 0)
+    n_prompt = 1 + len(tok(prompt, add_special_tokens=False)["input_ids"])  # BOS + prompt
+    assert ex["labels"][:n_prompt] == [data.IGNORE] * n_prompt
+    assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:] and len(ex["labels"]) > n_prompt
+    assert ex["input_ids"][-1] == tok.eos_token_id
+
+
+def test_text_format_trains_on_everything_but_bos(tok):
+    ex = data.tokenize([{"text": "abc"}], load_recipe(None, ["data.format=text"]).data, tok).examples[0]
+    assert ex["labels"][0] == data.IGNORE and ex["labels"][1:] == ex["input_ids"][1:]
+
+
+def test_alpaca_field_names_are_configurable(tok):
+    cfg = load_recipe(None, ["data.format=auto", "data.max_seq_len=256", "data.instruction_field=q", "data.output_field=a",
+                             "data.input_field=ctx"]).data
+    ex = data.tokenize([{"q": "add", "ctx": "1+1", "a": "2"}], cfg, tok)
+    assert ex.stats["format"] == "alpaca"
