@@ -337,7 +337,7 @@ def cache_path(cfg: DataCfg, tokenizer, seed: int) -> Path:
 def _tokenize_all(cfg: DataCfg, tokenizer, seed: int) -> dict:
     train = tokenize(read_samples(cfg.path, cfg.split)[: cfg.max_samples], cfg, tokenizer)
     if cfg.eval_path:
-        evals = tokenize(read_samples(cfg.eval_path, cfg.split), cfg, tokenizer).examples
+        evals = tokenize(read_samples(cfg.eval_path, cfg.eval_split or cfg.split), cfg, tokenizer).examples
         train_ex = train.examples
     else:
         train_ex, evals = split_eval(train.examples, cfg.eval_fraction, seed)

@@ -276,3 +276,16 @@ def test_alpaca_field_names_are_configurable(tok):
                              "data.input_field=ctx"]).data
     ex = data.tokenize([{"q": "add", "ctx": "1+1", "a": "2"}], cfg, tok)
     assert ex.stats["format"] == "alpaca"
+
+
+def test_eval_split_from_the_same_dataset_dict(tmp_path, tok):
+    import datasets
+
+    rows = _rows()
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:15]),
+                          "test": datasets.Dataset.from_list(rows[15:])}).save_to_disk(str(tmp_path / "dd"))
+    cfg = load_recipe(None, [f"data.path={tmp_path / 'dd'}", f"data.eval_path={tmp_path / 'dd'}",
+                             "data.eval_split=test", "data.eval_fraction=0", f"data.cache_dir={tmp_path / 'c'}",
+                             "data.max_seq_len=64"]).data
+    train_ex, eval_ex, stats = data.load_data(cfg, tok, seed=0)
+    assert stats["train_samples"] == 15 and stats["eval_samples"] == 5
