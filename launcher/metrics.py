@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 import resource
+import time
 import sys
 from pathlib import Path
 
 import torch
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (imports included)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 def host_rss_gb(peak: bool = False) -> float:

@@ -80,3 +80,89 @@ def digest(state: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------- RAM-efficient FSDP2 loading
+
+
+def quant_layout(model) -> dict:
+    """Per 4-bit layer: the packed weight's shape and dtype and its quantization state (rank 0 sends this)."""
+    out = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ == "Params4bit":
+            out[name] = (tuple(weight.shape), weight.dtype, weight.quant_state)
+    return out
+
+
+def apply_quant_layout(skeleton, layout: dict) -> None:
+    """Give a meta-device skeleton rank 0's packed 4-bit shapes and quantization states."""
+    from bitsandbytes.nn import Params4bit
+
+    for name, (shape, dtype, state) in layout.items():
+        module = skeleton.get_submodule(name)
+        module.weight = Params4bit(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False,
+                                   quant_state=state, quant_storage=dtype, bnb_quantized=True)
+        module.quant_state = state  # bitsandbytes restores it onto the weight FSDP rebuilds each forward
+
+
+def broadcast_from_rank0(model, full: dict | None, device) -> None:
+    """Fill every rank's FSDP2 shards (and replicated buffers) from rank 0's full tensors.
+
+    Non-zero ranks pass full=None: their scatter input is an untouched torch.empty, so it costs
+    no resident memory; only their own shard is written."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    with torch.no_grad():
+        _fill(model, full, device, rank)
+
+
+def _fill(model, full, device, rank) -> None:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, param in model.named_parameters():
+        src = full[name] if rank == 0 else torch.empty(param.shape, dtype=param.dtype, device=device)
+        if isinstance(param, DTensor):
+            shard = distribute_tensor(src.to(device), param.device_mesh, param.placements, src_data_rank=0)
+            param.to_local().copy_(shard.to_local())
+        else:
+            tensor = src.to(device).contiguous()
+            dist.broadcast(tensor, 0)
+            param.data.copy_(tensor)
+    for name, buf in model.named_buffers():
+        tensor = (full[name] if rank == 0 else torch.empty(buf.shape, dtype=buf.dtype)).to(device).contiguous()
+        dist.broadcast(tensor, 0)
+        buf.copy_(tensor)
+
+
+def load_fsdp2(load, wrap, *, offload: bool, device) -> torch.nn.Module:
+    """RAM-efficient FSDP2 model: only rank 0 reads and quantizes the weights.
+
+    `load(device_map)` returns the quantized base (device_map "meta" for the skeleton) and
+    `wrap(model)` adds the adapter. Rank 0 builds the real model; every other rank builds the same
+    structure on the meta device, takes rank 0's 4-bit layout, shards, allocates only its own
+    shards, and receives them from rank 0. Peak host memory: one full copy on rank 0, a shard elsewhere.
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    if rank == 0:
+        base = load(None)
+        layout = [quant_layout(base)]  # names of the unwrapped model, as the skeleton has them
+        model = wrap(base)
+        full = {n: p.detach() for n, p in model.named_parameters()}
+        full.update({n: b.detach() for n, b in model.named_buffers()})
+    else:
+        model, full, layout = load("meta"), None, [None]
+    dist.broadcast_object_list(layout, src=0)
+    if rank != 0:
+        apply_quant_layout(model, layout[0])
+        model = wrap(model)
+    fsdp2_shard(model, offload=offload)
+    if rank != 0:
+        model.to_empty(device="cpu" if offload else device)
+    broadcast_from_rank0(model, full, "cpu" if offload else device)
+    del full
+    return model

@@ -175,12 +175,24 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
 
     load_start, rss_before = time.perf_counter(), metrics.host_rss_gb()
     param_dtype = compute_dtype(recipe.quant) if recipe.model.dtype == "auto" else DTYPES[recipe.model.dtype]
-    model = load_base_model(source, recipe.model, recipe.quant, dtype=param_dtype,
-                            device_map=placement.device_map_for(strategy, recipe.model.device_map, accelerator.device),
-                            storage=placement.storage_dtype(recipe, strategy, param_dtype))
-    model = apply_peft(model, recipe.peft, quantized=recipe.quant.mode != "none",
-                       kbit_upcast=placement.kbit_upcast(strategy),
-                       gradient_checkpointing=cfg.gradient_checkpointing, total_steps=total_steps)
+
+    def load(device_map):
+        return load_base_model(source, recipe.model, recipe.quant, dtype=param_dtype, device_map=device_map,
+                               storage=placement.storage_dtype(recipe, strategy, param_dtype))
+
+    def wrap(base):
+        return apply_peft(base, recipe.peft, quantized=recipe.quant.mode != "none",
+                          kbit_upcast=placement.kbit_upcast(strategy),
+                          gradient_checkpointing=cfg.gradient_checkpointing, total_steps=total_steps)
+
+    fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    low_mem = (accelerator.distributed_type.value == "FSDP" and accelerator.is_fsdp2 and world > 1
+               and fsdp_plugin.cpu_ram_efficient_loading)
+    if low_mem:  # only rank 0 reads the weights; the others receive their shards
+        model = sharding.load_fsdp2(load, wrap, offload=placement.fsdp_offloads(fsdp_plugin), device=accelerator.device)
+        fsdp_plugin.auto_wrap_policy = None  # already wrapped
+    else:
+        model = wrap(load(placement.device_map_for(strategy, recipe.model.device_map, accelerator.device)))
     load_s = time.perf_counter() - load_start
     load_rss_gb = metrics.host_rss_gb(peak=True) - rss_before  # host memory the load added at its peak
     trainable, total_params = count_parameters(model)
@@ -189,7 +201,7 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     say(f"data: {json.dumps(stats)}")
 
     fsdp1 = accelerator.distributed_type.value == "FSDP" and not accelerator.is_fsdp2
-    if accelerator.distributed_type.value == "FSDP":
+    if accelerator.distributed_type.value == "FSDP" and not low_mem:
         model = _prepare_fsdp(model, accelerator)  # before the optimizer: it must see the sharded parameters
     optimizer_name = placement.optimizer_for(strategy, cfg.optimizer, recipe.dist.fsdp_version)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, optimizer_name)
@@ -232,6 +244,7 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
         log.write({"step": 0, "eval_loss": evaluate(model, eval_dl, accelerator, cfg.eval_batches)})
     model.train()
     bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train")
+    loop_start, first_step_s, run_tokens = time.perf_counter(), None, 0
     window_loss = torch.zeros((), device=accelerator.device)
     window_micro, window_tokens, window_start = 0, 0, time.perf_counter()
     grad_norm, eval_loss = None, None
@@ -243,7 +256,9 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
         for batch in epoch_dl:
             ids = batch.pop("sample_ids")
             ids_log.write({"step": progress.step, "epoch": progress.epoch, "ids": ids.tolist()})
-            window_tokens += int(batch.pop("real_tokens"))  # counted on the host: no device sync
+            real = int(batch.pop("real_tokens"))  # counted on the host: no device sync
+            window_tokens += real
+            run_tokens += real
             with accelerator.accumulate(model):
                 loss = forward_loss(model, batch, accelerator.device)
                 accelerator.backward(loss)
@@ -261,6 +276,8 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
             if not accelerator.sync_gradients:
                 continue
             progress.step += 1
+            if first_step_s is None:
+                first_step_s = metrics.process_age_s()  # process start to the end of the first step
             bar.update(1)
             step = progress.step
             if step % cfg.log_every == 0 or step == total_steps:
@@ -290,6 +307,7 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
             progress.epoch += 1
             progress.batches_in_epoch = 0
     bar.close()
+    loop_s = time.perf_counter() - loop_start
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
@@ -302,7 +320,8 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
                "total_params": total_params, "processes": world, "strategy": strategy, "optimizer": optimizer_name,
                "restarts": progress.restarts, "peak_mem_gb_per_rank": _gather(round(metrics.peak_memory_gb(accelerator.device), 3), world),
                "load_host_gb_per_rank": _gather(round(load_rss_gb, 3), world),
-               "load_s": round(load_s, 2)}
+               "load_s": round(load_s, 2), "first_step_s": first_step_s and round(first_step_s, 2),
+               "train_loop_s": round(loop_s, 2), "tokens_per_s_rank0": round(run_tokens / max(loop_s, 1e-9), 1)}
     if accelerator.is_main_process:
         first_eval = next((r["eval_loss"] for r in metrics.read(run_dir / "metrics.jsonl") if "eval_loss" in r), None)
         summary["first_eval_loss"] = first_eval
