@@ -184,6 +184,14 @@ def check_launch(strategy: str, accelerator, world: int) -> None:
                     "(`launcher configs` writes it)")
 
 
+def check_checkpointing(fsdp_activation_checkpointing: bool, gradient_checkpointing: bool) -> None:
+    """Both FSDP's activation checkpointing and transformers' gradient checkpointing would wrap the
+    same layers twice, which fails in backward; the generated configs leave FSDP's off."""
+    if fsdp_activation_checkpointing and gradient_checkpointing:
+        raise UserError("train.gradient_checkpointing: the accelerate config also sets fsdp_activation_checkpointing; "
+                        "use one: set train.gradient_checkpointing=false or fsdp_activation_checkpointing: false")
+
+
 def rank_and_world() -> tuple[int, int]:
     """Global rank and world size from torch.distributed (accelerate under DeepSpeed on CPU misreports them)."""
     import torch.distributed as dist

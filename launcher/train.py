@@ -102,13 +102,14 @@ def _prepare_fsdp(model, accelerator):
     return accelerator.prepare(model)  # FSDP1 flattens now; the optimizer is built on the flat parameters
 
 
-def forward_loss(model, batch: dict, device) -> torch.Tensor:
-    """Mean loss over the batch's label tokens. The count is passed in (computed on the host), so
-    a batch of loss-free fillers gives 0 with zero gradients instead of 0/0. use_cache=False keeps
-    packed rows block-diagonal: transformers only reads packing from position ids without a cache."""
+def forward_loss(model, batch: dict, device) -> tuple[torch.Tensor, int]:
+    """(mean loss over the batch's label tokens, their count). The count is computed on the host
+    and passed in, so a batch of loss-free fillers gives 0 with zero gradients instead of 0/0.
+    use_cache=False keeps packed rows block-diagonal: transformers only reads packing from
+    position ids when there is no cache."""
     n = int((batch["labels"][:, 1:] != data.IGNORE).sum())
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    return model(**batch, use_cache=False, num_items_in_batch=max(n, 1)).loss
+    return model(**batch, use_cache=False, num_items_in_batch=max(n, 1)).loss, n
 
 
 @torch.no_grad()
@@ -120,9 +121,8 @@ def evaluate(model, loader, accelerator, max_batches: int | None) -> float:
         if max_batches is not None and i >= max_batches:
             break
         batch.pop("sample_ids"), batch.pop("real_tokens")
-        n = int((batch["labels"][:, 1:] != data.IGNORE).sum())
-        total += torch.stack([forward_loss(model, batch, accelerator.device).float() * n,
-                              torch.tensor(float(n), device=accelerator.device)])
+        loss, n = forward_loss(model, batch, accelerator.device)
+        total += torch.stack([loss.float() * n, torch.tensor(float(n), device=accelerator.device)])
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     return (total[0] / total[1].clamp(min=1)).item()
@@ -186,6 +186,8 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
                           gradient_checkpointing=cfg.gradient_checkpointing, total_steps=total_steps)
 
     fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if fsdp_plugin is not None:
+        placement.check_checkpointing(bool(fsdp_plugin.activation_checkpointing), cfg.gradient_checkpointing)
     low_mem = (accelerator.distributed_type.value == "FSDP" and accelerator.is_fsdp2 and world > 1
                and fsdp_plugin.cpu_ram_efficient_loading)
     if low_mem:  # only rank 0 reads the weights; the others receive their shards
@@ -260,7 +262,7 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
             window_tokens += real
             run_tokens += real
             with accelerator.accumulate(model):
-                loss = forward_loss(model, batch, accelerator.device)
+                loss, _ = forward_loss(model, batch, accelerator.device)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

@@ -85,9 +85,9 @@ def test_filler_batches_carry_no_loss():
     batches = list(loader)
     assert batches[-1]["sample_ids"].numel() == 0  # rank 1's second batch is a filler
     batch = {k: v for k, v in batches[-1].items() if k not in ("sample_ids", "real_tokens")}
-    loss = forward_loss(fake, batch, "cpu")
+    loss, n = forward_loss(fake, batch, "cpu")
     loss.backward()
-    assert loss.item() == 0 and model.w.grad.abs().sum() == 0
+    assert n == 0 and loss.item() == 0 and model.w.grad.abs().sum() == 0
 
 
 # ---------------------------------------------------------------- sources
@@ -289,3 +289,16 @@ def test_eval_split_from_the_same_dataset_dict(tmp_path, tok):
                              "data.max_seq_len=64"]).data
     train_ex, eval_ex, stats = data.load_data(cfg, tok, seed=0)
     assert stats["train_samples"] == 15 and stats["eval_samples"] == 5
+
+
+def test_stream_resume_skips_exactly_the_consumed_batches(tmp_path, tok):
+    from accelerate import skip_first_batches
+
+    path = tmp_path / "s.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"{i}+0=", "completion": str(i)}) for i in range(40)))
+    cfg = load_recipe(None, [f"data.path={path}", "data.streaming=true", "train.max_steps=10", "data.eval_fraction=0",
+                             "train.warmup_steps=0"]).data
+    for rank in (0, 1):
+        full = [b["sample_ids"].tolist() for b in data.make_stream_loader(cfg, tok, 3, rank, 2)]
+        rest = [b["sample_ids"].tolist() for b in skip_first_batches(data.make_stream_loader(cfg, tok, 3, rank, 2), 2)]
+        assert rest == full[2:]

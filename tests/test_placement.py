@@ -92,6 +92,15 @@ def test_optimizer_substitution():
     assert placement.optimizer_for("ddp", "paged_adamw_8bit") == "paged_adamw_8bit"
 
 
+def test_double_checkpointing_is_refused():
+    from launcher.errors import UserError
+
+    with pytest.raises(UserError, match="train.gradient_checkpointing: .*fsdp_activation_checkpointing"):
+        placement.check_checkpointing(True, True)
+    placement.check_checkpointing(True, False)
+    placement.check_checkpointing(False, True)
+
+
 # ---------------------------------------------------------------- refusals through the CLI
 
 
