@@ -57,8 +57,9 @@ def _placement(recipe, device: str | None = None, need_model: bool = True):
     return placement.check(recipe, machine, cfg), machine.gpus > 0
 
 
-def _spawn_command(recipe, recipe_args: list[str], strategy: str, gpu: bool, resume: bool) -> tuple[list[str], dict]:
-    """One node, several processes: write the accelerate config and launch exactly what a user would."""
+def _spawn_command(recipe, recipe_args: list[str], strategy: str, gpu: bool, resume: bool) -> list[str]:
+    """One node, several processes: write the accelerate config and launch exactly what a user would.
+    (On CPU, `launcher.train.main` sets ACCELERATE_USE_CPU for DDP ranks itself, as for a hand launch.)"""
     from pathlib import Path
 
     from launcher import configs
@@ -67,13 +68,7 @@ def _spawn_command(recipe, recipe_args: list[str], strategy: str, gpu: bool, res
     acc = configs.write(recipe, strategy, out, strategy, gpu, "the run's recipe")[0]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc),
            "--main_process_port", str(_free_port()), "-m", "launcher.train", *recipe_args]
-    cmd += ["--resume"] if resume else []
-    # accelerate's multi-GPU launcher does not pass use_cpu on, so DDP on gloo needs it in the env;
-    # DeepSpeed must not get it (accelerate would quietly run plain DDP instead).
-    env = dict(os.environ)
-    if not gpu and strategy not in configs.ZERO_STAGE:
-        env["ACCELERATE_USE_CPU"] = "true"
-    return cmd, env
+    return cmd + (["--resume"] if resume else [])
 
 
 def cmd_train(args) -> int:
@@ -85,9 +80,9 @@ def cmd_train(args) -> int:
     needs_launch = recipe.dist.nproc > 1 or recipe.dist.strategy not in ("auto", "single", "ddp")
     if needs_launch and not in_launch:  # ZeRO/FSDP need accelerate's launcher even for one process
         strategy, gpu = _placement(recipe)  # refuse before spawning anything
-        cmd, env = _spawn_command(recipe, args.recipe, strategy, gpu, args.resume)
+        cmd = _spawn_command(recipe, args.recipe, strategy, gpu, args.resume)
         print("launching:", shlex.join(cmd), flush=True)
-        return subprocess.call(cmd, env=env)
+        return subprocess.call(cmd)
     from launcher.train import train
 
     summary, _ = train(recipe, resume=args.resume)
@@ -103,8 +98,7 @@ def cmd_preprocess(args) -> int:
     path, overrides = _split_recipe_args(args.recipe)
     recipe = load_recipe(path, overrides)
     tokenizer = load_tokenizer(resolve_source(recipe.model), recipe.model)
-    result, hit = data.tokenized(recipe.data, tokenizer, recipe.train.seed)
-    where = data.cache_path(recipe.data, tokenizer, recipe.train.seed)
+    result, hit, where = data.tokenized(recipe.data, tokenizer, recipe.train.seed)
     print(f"{'already cached' if hit else 'tokenized and cached'}: {where}")
     print(json.dumps(result["stats"]))
     return 0

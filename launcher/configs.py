@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from launcher.placement import FSDP, OFFLOAD, ZERO_STAGE  # noqa: F401 (ZERO_STAGE re-exported)
+from launcher.placement import FSDP, OFFLOAD, ZERO_STAGE
 from launcher.recipe import Recipe
 
 Item = tuple  # (key, value or list[Item], comment)
@@ -89,7 +89,7 @@ def accelerate_config(recipe: Recipe, strategy: str, gpu: bool, ds_file: str | N
         items += [("distributed_type", "FSDP", "4-bit weights are stored in the parameter dtype "
                    "(quant.storage_dtype auto) so FSDP can shard them"), ("fsdp_config", fs, None)]
     elif procs > 1:
-        items.append(("distributed_type", "MULTI_GPU", "DDP; on a CPU machine the launcher sets ACCELERATE_USE_CPU "
+        items.append(("distributed_type", "MULTI_GPU", "DDP; on a CPU machine launcher.train sets ACCELERATE_USE_CPU "
                       "so ranks use gloo" if not gpu else "DDP: one full 4-bit replica per GPU"))
     else:
         items.append(("distributed_type", "NO", None))

@@ -345,8 +345,8 @@ def _tokenize_all(cfg: DataCfg, tokenizer, seed: int) -> dict:
                                                             eval_samples=len(evals))}
 
 
-def tokenized(cfg: DataCfg, tokenizer, seed: int) -> tuple[dict, bool]:
-    """(tokenized data, whether it came from the cache). The first process to take the file lock
+def tokenized(cfg: DataCfg, tokenizer, seed: int) -> tuple[dict, bool, Path]:
+    """(tokenized data, whether it came from the cache, the cache file). The first process to take the file lock
     tokenizes and writes the cache; the others wait on the lock, not on a process-group
     barrier, so a long tokenization never trips the collective timeout."""
     from filelock import FileLock
@@ -356,18 +356,18 @@ def tokenized(cfg: DataCfg, tokenizer, seed: int) -> tuple[dict, bool]:
     with FileLock(str(path) + ".lock"):
         if path.exists():
             with open(path, "rb") as f:
-                return pickle.load(f), True
+                return pickle.load(f), True, path
         result = _tokenize_all(cfg, tokenizer, seed)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         with open(tmp, "wb") as f:
             pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
         tmp.replace(path)
-    return result, False
+    return result, False, path
 
 
 def load_data(cfg: DataCfg, tokenizer, seed: int, micro_batch_size: int = 1) -> tuple[list[dict], list[dict], dict]:
     """Train and eval examples (packed when asked) plus counts and efficiency to report."""
-    result, hit = tokenized(cfg, tokenizer, seed)
+    result, hit, _ = tokenized(cfg, tokenizer, seed)
     train_ex, eval_ex = result["train"], result["eval"]
     stats = dict(result["stats"], cache="hit" if hit else "written")
     if cfg.packing:
