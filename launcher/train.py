@@ -324,6 +324,11 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
                "load_host_gb_per_rank": _gather(round(load_rss_gb, 3), world),
                "load_s": round(load_s, 2), "first_step_s": first_step_s and round(first_step_s, 2),
                "train_loop_s": round(loop_s, 2), "tokens_per_s_rank0": round(run_tokens / max(loop_s, 1e-9), 1)}
+    if recipe.data.streaming:  # drops are only known as the stream is read: report them at the end
+        c = base_dl.dataset.counts
+        summary["stream_rank0"] = {"dropped_empty": c.dropped_empty, "dropped_too_long": c.dropped_long,
+                                   "truncated": c.truncated}
+        say(f"stream (rank 0): {json.dumps(summary['stream_rank0'])} (dropped samples trained as loss-free fillers)")
     if accelerator.is_main_process:
         first_eval = next((r["eval_loss"] for r in metrics.read(run_dir / "metrics.jsonl") if "eval_loss" in r), None)
         summary["first_eval_loss"] = first_eval

@@ -212,15 +212,17 @@ def test_stream_shards_cover_the_stream(world, n, remainder, tmp_path, tok):
 
 def test_streaming_run_trains(tmp_path):
     src = tmp_path / "s.jsonl"
-    src.write_text("\n".join(json.dumps({"prompt": f"{i % 50}+{i % 7}=", "completion": str(i % 50 + i % 7)})
-                             for i in range(300)))
+    rows = [{"prompt": f"{i % 50}+{i % 7}=", "completion": str(i % 50 + i % 7)} for i in range(300)]
+    rows[4]["completion"] = " "  # an empty sample: dropped, counted, and its place filled
+    src.write_text("\n".join(json.dumps(r) for r in rows))
     res = run_cli("train", f"data.path={src}", "data.streaming=true", "data.eval_fraction=0", "train.max_steps=12",
                   "train.warmup_steps=0", "train.micro_batch_size=16", f"train.output_dir={tmp_path / 'run'}",
                   "data.log_sample_ids=true")
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run/sample_ids/rank0.jsonl").read_text().splitlines()]
     seen = [i for r in rows[:-1] for i in r["ids"]]
-    assert len(seen) == 12 * 16 and seen == list(range(12 * 16))  # file order, each once (within one pass)
+    assert seen == [i for i in range(12 * 16) if i != 4]  # file order, each once; the empty one is a filler
+    assert json.loads((tmp_path / "run/summary.json").read_text())["stream_rank0"]["dropped_empty"] == 1
 
 
 # ---------------------------------------------------------------- length grouping and masking
