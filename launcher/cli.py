@@ -1,4 +1,4 @@
-"""`launcher` command line: train, preprocess, configs, validate, fields, generate, merge.
+"""`launcher` command line: train, preprocess, configs, submit, sweep, report, validate, fields, generate, merge.
 
 Every command that takes a recipe defaults to the built-in demo, and takes dotted
 overrides after it (`launcher train recipe.yaml train.lr=1e-4 peft.r=32`).
@@ -71,6 +71,20 @@ def _spawn_command(recipe, recipe_args: list[str], strategy: str, gpu: bool, res
     return cmd + (["--resume"] if resume else [])
 
 
+def _interrupted_code(recipe) -> int:
+    """Exit 3 when the run stopped early on a signal (its checkpoint is saved), else 0."""
+    from pathlib import Path
+
+    from launcher import preempt
+
+    stopped = preempt.interrupted(Path(recipe.train.output_dir))
+    if stopped:
+        print(f"interrupted by {stopped['signal']} at step {stopped['step']}; checkpoint saved. "
+              "Continue with: launcher train ... --resume", file=sys.stderr)
+        return 3
+    return 0
+
+
 def cmd_train(args) -> int:
     path, overrides = _split_recipe_args(args.recipe)
     recipe = load_recipe(path, overrides)  # validate before anything heavy, in this process
@@ -82,10 +96,13 @@ def cmd_train(args) -> int:
         strategy, gpu = _placement(recipe)  # refuse before spawning anything
         cmd = _spawn_command(recipe, args.recipe, strategy, gpu, args.resume)
         print("launching:", shlex.join(cmd), flush=True)
-        return subprocess.call(cmd)
+        code = subprocess.call(cmd)
+        return _interrupted_code(recipe) if code == 0 else code
     from launcher.train import train
 
     summary, _ = train(recipe, resume=args.resume)
+    if summary.get("interrupted"):
+        return _interrupted_code(recipe)
     print(f"done: {summary['steps']} steps, eval_loss {summary['eval_loss']}, first eval_loss {summary.get('first_eval_loss')}")
     return 0
 
@@ -116,6 +133,96 @@ def cmd_configs(args) -> int:
     for written in configs.write(recipe, strategy, Path(args.out), args.name or strategy, gpu, note):
         print(written)
     return 0
+
+
+SLURM_FLAGS = ("nodes", "gpus_per_node", "partition", "time", "account", "qos", "constraint", "cpus_per_task", "mem",
+               "launch", "max_timeout_requeues")
+
+
+def _slurm_recipe(args, extra: list[str] = ()):
+    """The recipe with the Slurm flags applied as overrides (so errors name slurm.* fields)."""
+    path, overrides = _split_recipe_args(args.recipe)
+    flags = [f"slurm.{k}={getattr(args, k)}" for k in SLURM_FLAGS if getattr(args, k) is not None]
+    for item in args.sbatch or []:
+        key, sep, value = item.partition("=")
+        if not sep and not key:
+            raise UserError(f"--sbatch {item!r}: expected NAME=VALUE (e.g. --sbatch exclusive=true)")
+        flags.append(f"slurm.sbatch_extra.{key}={value if sep else 'true'}")
+    recipe = load_recipe(path, [*overrides, *flags, *extra])
+    if args.setup:
+        recipe.slurm.setup = [*recipe.slurm.setup, *args.setup]
+    return path, overrides + flags, recipe
+
+
+def _finish(job_ids: list[str], wait: bool) -> int:
+    if not wait:
+        return 0
+    from launcher import slurm
+
+    states = slurm.wait(job_ids)
+    failed = {j: st for j, st in states.items() if st != "COMPLETED"}
+    for j, st in failed.items():
+        print(f"error: job {j} ended {st}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_submit(args) -> int:
+    from launcher import slurm
+
+    _, _, recipe = _slurm_recipe(args)
+    p = slurm.prepare(recipe, resume=args.resume)
+    log_dir = p.run_dir / "slurm"
+    (log_dir / "submit.sbatch").write_text(slurm.sbatch_text(p))
+    if args.dry_run:
+        print(f"# sbatch script (saved as {log_dir / 'submit.sbatch'}):")
+        print(slurm.sbatch_text(p))
+        print(f"# launch per {'node' if p.shape.launch == 'node' else 'task'} (machine rank, then the command):")
+        for rank, cmd in enumerate(slurm.node_commands(p)):
+            print(f"{rank}: {cmd}")
+        print(f"# the same job as a plain sbatch script: {log_dir / 'plain.sbatch'}")
+        print(f"# run directory: {p.run_dir} (recipe.yaml, launch/); nothing submitted")
+        return 0
+    job = slurm.submit(p)
+    print(f"submitted job {job.job_id}: {p.shape.nodes} node(s) x {p.shape.per_node} process(es), "
+          f"strategy {p.recipe.dist.strategy}")
+    print(f"run directory: {p.run_dir}")
+    print(f"logs: {log_dir}/{job.job_id}_<task>_log.out and .err (appended across requeues)")
+    return _finish([job.job_id], args.wait)
+
+
+def cmd_sweep(args) -> int:
+    from launcher.sweep import submit_sweep
+
+    path, overrides, _ = _slurm_recipe(args)
+    sweep_dir, job_ids = submit_sweep(path, overrides, args.grid, args.out, args.max_parallel, args.dry_run)
+    print(f"sweep directory: {sweep_dir}; when done: launcher report {sweep_dir}")
+    return _finish(job_ids, args.wait)
+
+
+def cmd_report(args) -> int:
+    from launcher.sweep import report
+
+    md, written = report(args.sweep_dir, args.out)
+    print(md, end="")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_slurm_args(p: argparse.ArgumentParser) -> None:
+    _add_recipe_args(p)
+    g = p.add_argument_group("Slurm (each flag overrides the recipe's slurm.* field)")
+    g.add_argument("--nodes", type=int)
+    g.add_argument("--gpus-per-node", type=int, help="0 runs on CPUs with gloo")
+    g.add_argument("--launch", choices=["node", "task"], help="one accelerate launch per node, or one task per GPU")
+    for flag in ("partition", "time", "account", "qos", "constraint", "mem"):
+        g.add_argument(f"--{flag}")
+    g.add_argument("--cpus-per-task", type=int)
+    g.add_argument("--max-timeout-requeues", type=int)
+    g.add_argument("--sbatch", action="append", metavar="NAME=VALUE", help="extra sbatch option (repeatable)")
+    g.add_argument("--setup", action="append", metavar="LINE", help="shell line run before the launch, e.g. a module load (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and each node's launch; submit nothing")
+    p.add_argument("--wait", action="store_true", help="block until the job(s) end; exit non-zero unless all completed")
 
 
 def cmd_validate(args) -> int:
@@ -167,6 +274,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="file name without extension (default: the strategy)")
     p.add_argument("--device", choices=["gpu", "cpu"], help="target machine (default: this one)")
     p.set_defaults(func=cmd_configs)
+
+    p = sub.add_parser("submit", help="submit the recipe to Slurm (multi-node, requeue on time limit/preemption)")
+    _add_slurm_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in train.output_dir")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("sweep", help="submit a grid of recipe variants as Slurm job arrays")
+    _add_slurm_args(p)
+    p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                   help="a recipe key (or model, nodes, gpus_per_node, strategy, micro_batch, seq_len, launch) and its values")
+    p.add_argument("--out", help="sweep directory (default: the recipe's train.output_dir)")
+    p.add_argument("--max-parallel", type=int, default=8, help="at most this many jobs of an array run at once")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="table (Markdown, CSV) and plots of a sweep's results")
+    p.add_argument("sweep_dir")
+    p.add_argument("--out", help="where to write report.md/csv and the PNGs (default: the sweep directory)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("validate", help="check a recipe and print it fully resolved")
     _add_recipe_args(p)

@@ -97,8 +97,11 @@ def placement_problems(recipe: Recipe, strategy: str, machine: Machine, cfg: dic
     if m.device_map == "auto" and strategy in ("ddp", "zero2") and procs > 1:
         problems.append(f"model.device_map: auto under {strategy} spreads one replica over the GPUs and silently "
                         "collapses training to one process; unset it so each rank loads onto its own GPU")
-    if machine.gpus and dist.nproc > machine.gpus:
-        problems.append(f"dist.nproc: {dist.nproc} processes per node but this node has {machine.gpus} GPU(s)")
+    # Processes sharing this machine's GPUs: LOCAL_WORLD_SIZE inside a launch (1 when Slurm binds
+    # one GPU per task), else the recipe's per-node count.
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", dist.nproc))
+    if machine.gpus and local_procs > machine.gpus:
+        problems.append(f"dist.nproc: {local_procs} processes per node but this node has {machine.gpus} GPU(s)")
     if strategy in FSDP and machine.gpus == 0:
         problems.append(f"dist.strategy: {strategy} needs GPUs (accelerate refuses FSDP on CPU); "
                         "on CPU use ddp, zero2 or zero3")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from launcher.errors import UserError
 
@@ -158,6 +158,41 @@ class SlurmCfg(Section):
     setup: list[str] = Field(default_factory=list, description="Shell lines run before the launch (module loads, env).")
     sbatch_extra: dict[str, Any] = Field(default_factory=dict, description="Extra sbatch options, name to value.")
     max_timeout_requeues: int = Field(3, ge=0, description="How often a job that hits its time limit is requeued.")
+    launch: Literal["node", "task"] = Field(
+        "node", description="node: one `accelerate launch` per node starting dist.nproc processes; "
+                            "task: one Slurm task per GPU (or per CPU process), each bound to its own GPU.")
+    signal_delay_s: int = Field(120, ge=10, description="Seconds before the time limit that Slurm sends USR2 "
+                                                        "(time to finish a step and save a checkpoint).")
+    job_name: str | None = Field(None, description="Slurm job name (default: the run directory's name).")
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time_format(cls, v) -> str:
+        v = str(v) if isinstance(v, int) else v  # `--time 30` parses as a number: minutes, as for sbatch
+        if isinstance(v, str):
+            time_minutes(v)  # raises ValueError with the accepted forms
+        return v
+
+
+def time_minutes(text: str) -> int:
+    """Slurm time strings (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in whole minutes, rounded up."""
+    import re
+
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(text).strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS)")
+    days, a, b, c = (int(x) if x else None for x in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    elif c is not None:  # HH:MM:SS
+        seconds = a * 3600 + b * 60 + c
+    elif b is not None:  # MM:SS
+        seconds = a * 60 + b
+    else:  # MM
+        seconds = a * 60
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is not a positive time")
+    return -(-seconds // 60)
 
 
 class Recipe(Section):

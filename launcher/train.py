@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from launcher import checkpoint, data, metrics, placement, sharding
+from launcher import checkpoint, data, metrics, placement, preempt, sharding
 from launcher.errors import UserError
 from launcher.model import (DTYPES, apply_peft, compute_dtype, count_parameters, load_base_model, load_tokenizer,
                             resolve_source)
@@ -27,13 +27,6 @@ def _mixed_precision(choice: str) -> str:
     if choice != "auto":
         return choice
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Never silently train over an earlier run's checkpoints or metrics."""
-    if not resume and ((run_dir / "metrics.jsonl").exists() or checkpoint.list_complete(run_dir)):
-        raise UserError(f"train.output_dir: {run_dir} already holds a run; add --resume to continue it, "
-                        "or choose another train.output_dir")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -136,7 +129,7 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
 
     cfg = recipe.train
     run_dir = Path(cfg.output_dir)
-    _check_run_dir(run_dir, resume)
+    checkpoint.check_run_dir(run_dir, resume)
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     handlers = []
     if deepspeed and not torch.cuda.is_available():
@@ -151,6 +144,7 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     )
     rank, world = placement.rank_and_world()
     say = accelerator.print
+    stop = preempt.StopRequest()  # USR2 (time limit) / TERM (preemption): checkpoint at the next step, exit
     set_seed(cfg.seed)
 
     with accelerator.main_process_first():  # rank 0 builds the tiny model once; others read it
@@ -233,9 +227,11 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
         checkpoint.load(accelerator, last)
         progress.restarts += 1
         say(f"resumed from {last} at step {progress.step} (restart {progress.restarts})")
+    start_step = progress.step
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        preempt.clear(run_dir)
         save_recipe(recipe, run_dir / "recipe.yaml")
         tokenizer.save_pretrained(run_dir)
     accelerator.init_trackers("tensorboard", config=_flat(recipe.model_dump(mode="json")))
@@ -249,8 +245,8 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     loop_start, first_step_s, run_tokens = time.perf_counter(), None, 0
     window_loss = torch.zeros((), device=accelerator.device)
     window_micro, window_tokens, window_start = 0, 0, time.perf_counter()
-    grad_norm, eval_loss = None, None
-    while progress.step < total_steps:
+    grad_norm, eval_loss, interrupted, last_loss = None, None, False, None
+    while progress.step < total_steps and not interrupted:
         epoch_dl = accelerator.skip_first_batches(train_dl, progress.batches_in_epoch) if progress.batches_in_epoch else train_dl
         # accelerate's loader re-seeds the sampler from its own epoch counter on every
         # iteration, so tell the loader (not just our sampler) which epoch this is.
@@ -293,6 +289,7 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
                        "tokens_per_s": stats_t[1].item() / max(elapsed, 1e-9),
                        "peak_mem_gb": metrics.peak_memory_gb(accelerator.device)}
                 log.write(row)
+                last_loss = row["loss"]
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
                 window_loss.zero_()
                 window_micro, window_tokens, window_start = 0, 0, time.perf_counter()
@@ -300,16 +297,29 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
                 eval_loss = evaluate(model, eval_dl, accelerator, cfg.eval_batches)
                 log.write({"step": step, "eval_loss": eval_loss})
                 say(f"step {step}: eval_loss {eval_loss:.4f}")
-            if step % cfg.save_every == 0 or step == total_steps:
+            saved = step % cfg.save_every == 0 or step == total_steps
+            if saved:
                 checkpoint.save(accelerator, run_dir, step, cfg.keep_checkpoints,
                                 {"step": step, "epoch": progress.epoch, "eval_loss": eval_loss})
             if step >= total_steps:
+                break
+            if stop.agreed(accelerator, world):
+                if not saved:
+                    checkpoint.save(accelerator, run_dir, step, cfg.keep_checkpoints,
+                                    {"step": step, "epoch": progress.epoch, "eval_loss": eval_loss})
+                interrupted = True
                 break
         else:  # epoch finished
             progress.epoch += 1
             progress.batches_in_epoch = 0
     bar.close()
     loop_s = time.perf_counter() - loop_start
+    if interrupted:  # the checkpoint holds everything; the adapter is written when the run ends
+        if accelerator.is_main_process:
+            preempt.mark(run_dir, progress.step, stop.signum)
+        say(f"stopped at step {progress.step} on a stop signal; checkpoint saved, resume continues from it")
+        accelerator.end_training()
+        return {"steps": progress.step, "interrupted": True, "restarts": progress.restarts}, accelerator.unwrap_model(model)
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
@@ -323,7 +333,9 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
                "restarts": progress.restarts, "peak_mem_gb_per_rank": _gather(round(metrics.peak_memory_gb(accelerator.device), 3), world),
                "load_host_gb_per_rank": _gather(round(load_rss_gb, 3), world),
                "load_s": round(load_s, 2), "first_step_s": first_step_s and round(first_step_s, 2),
-               "train_loop_s": round(loop_s, 2), "tokens_per_s_rank0": round(run_tokens / max(loop_s, 1e-9), 1)}
+               "train_loop_s": round(loop_s, 2), "tokens_per_s_rank0": round(run_tokens / max(loop_s, 1e-9), 1),
+               "tokens_per_s": round(sum(_gather(run_tokens, world)) / max(loop_s, 1e-9), 1),
+               "step_s": round(loop_s / max(progress.step - start_step, 1), 4), "final_loss": last_loss}
     if recipe.data.streaming:  # drops are only known as the stream is read: report them at the end
         c = base_dl.dataset.counts
         summary["stream_rank0"] = {"dropped_empty": c.dropped_empty, "dropped_too_long": c.dropped_long,

@@ -1,0 +1,289 @@
+"""Slurm through submitit: from a recipe to a running (multi-node) job, and back after requeues.
+
+`launcher submit` resolves the recipe for the allocation (nodes, processes per node, strategy),
+writes the run directory (recipe.yaml, the accelerate/DeepSpeed config, the sbatch script that
+submitit will run and an equivalent plain one) and submits `NodeJob` with submitit.
+
+On the cluster each Slurm task runs `NodeJob.__call__`, which starts one `accelerate launch`:
+- launch=node: one task per node; its machine rank is the node id, it starts dist.nproc processes.
+- launch=task: one task per GPU (Slurm binds the GPU); each task is its own "machine" of one process.
+The rendezvous is the allocation's first node, on a port derived from the job id, so two jobs
+sharing a node never collide. Everything per node is computed on that node in Python: nothing
+depends on how a batch shell expands variables.
+
+Stopping: training checkpoints on USR2/TERM and leaves `interrupted.json` (see preempt.py). The
+task then hands over to submitit's own requeue logic (bounded by slurm.max_timeout_requeues);
+the requeued job runs with --resume and continues from the newest complete checkpoint on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher import checkpoint, preempt
+from launcher.errors import UserError
+from launcher.recipe import Recipe, save_recipe, time_minutes
+
+PORT_BASE, PORT_SPAN = 20000, 20000
+# sbatch options the launcher sets itself; a recipe may not override them through sbatch_extra.
+OWNED = {"nodes", "ntasks", "ntasks-per-node", "gpus-per-node", "gpus-per-task", "gpus", "gres", "signal",
+         "output", "error", "open-mode", "array", "time", "partition", "account", "qos", "constraint",
+         "cpus-per-task", "mem", "job-name"}
+
+
+def port_for(job_id: str | int) -> int:
+    """The rendezvous port of a job: fixed for the job (requeues included), different between jobs."""
+    return PORT_BASE + int(str(job_id).split("_")[0]) % PORT_SPAN
+
+
+@dataclass
+class Shape:
+    """How a recipe maps onto the allocation."""
+
+    nodes: int
+    per_node: int  # training processes per node
+    launch: str  # node | task
+    gpus_per_node: int
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.per_node
+
+    @property
+    def machines(self) -> int:  # accelerate "machines": nodes, or every task in task mode
+        return self.nodes if self.launch == "node" else self.world
+
+    @property
+    def tasks_per_node(self) -> int:
+        return 1 if self.launch == "node" else self.per_node
+
+
+def resolve(recipe: Recipe) -> tuple[Recipe, Shape]:
+    """Make dist.* agree with slurm.* (one process per GPU), or refuse naming the field."""
+    s, d = recipe.slurm, recipe.dist
+    problems = []
+    per_node = s.gpus_per_node or d.nproc
+    if s.gpus_per_node and "nproc" in d.model_fields_set and d.nproc != s.gpus_per_node:
+        problems.append(f"dist.nproc: {d.nproc} processes per node but slurm.gpus_per_node={s.gpus_per_node}; "
+                        "one process per GPU: set them equal (or leave dist.nproc unset)")
+    if "nnodes" in d.model_fields_set and d.nnodes != s.nodes:
+        problems.append(f"dist.nnodes: {d.nnodes} but slurm.nodes={s.nodes}; set one (slurm.nodes is used)")
+    for key in s.sbatch_extra:
+        if key.replace("_", "-") in OWNED:
+            problems.append(f"slurm.sbatch_extra.{key}: set by the launcher (from slurm.nodes, slurm.gpus_per_node, "
+                            "slurm.launch, slurm.time, ...); use those fields instead")
+    if problems:
+        raise UserError("the recipe does not fit the Slurm allocation:\n  " + "\n  ".join(problems))
+    recipe = recipe.model_copy(deep=True)
+    recipe.dist.nproc, recipe.dist.nnodes = per_node, s.nodes
+    recipe.train.output_dir = str(Path(recipe.train.output_dir).resolve())
+    return recipe, Shape(s.nodes, per_node, s.launch, s.gpus_per_node)
+
+
+def executor_parameters(recipe: Recipe, shape: Shape) -> dict:
+    """submitit SlurmExecutor parameters for the recipe."""
+    s = recipe.slurm
+    params = {"job_name": s.job_name or Path(recipe.train.output_dir).name, "nodes": shape.nodes,
+              "ntasks_per_node": shape.tasks_per_node, "time": time_minutes(s.time),
+              "signal_delay_s": s.signal_delay_s, "setup": list(s.setup),
+              "additional_parameters": {"requeue": True, **s.sbatch_extra}}
+    if shape.gpus_per_node:
+        params["gpus_per_node" if shape.launch == "node" else "gpus_per_task"] = \
+            shape.gpus_per_node if shape.launch == "node" else 1
+    for key in ("cpus_per_task", "mem", "partition", "account", "qos", "constraint"):
+        if getattr(s, key) is not None:
+            params[key] = getattr(s, key)
+    return params
+
+
+def launch_argv(run_dir: Path, config: Path, shape: Shape, machine_rank: str, addr: str, port: str) -> list[str]:
+    """One `accelerate launch` of the run (the same on every node but for the machine rank)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+            "--num_machines", str(shape.machines), "--num_processes", str(shape.world),
+            "--machine_rank", machine_rank, "--main_process_ip", addr, "--main_process_port", port,
+            "-m", "launcher.train", str(run_dir / "recipe.yaml"), "--resume"]
+
+
+def _ignore_usr2() -> None:
+    # accelerate's launcher (torchrun) would die of USR2; the training ranks set their own handler.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+class NodeJob:
+    """What every Slurm task runs (pickled by submitit). Holds only paths: a requeued job
+    reads its state from the run directory, never from what was pickled at submit time."""
+
+    def __init__(self, run_dir: str, config: str, shape: Shape):
+        self.run_dir, self.config, self.shape = run_dir, config, shape
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit calls this before requeueing: the same job again (training saved its own checkpoint)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+    def __call__(self) -> dict:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        run = Path(self.run_dir)
+        job_id = os.environ.get("SLURM_JOB_ID", env.job_id)
+        rank = env.node if self.shape.launch == "node" else env.global_rank
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        print(f"[launcher] job {env.job_id} task {env.global_rank} node {env.node} ({env.hostname}) machine rank "
+              f"{rank} restart {restarts}", flush=True)
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
+        signalled = []
+        signal.signal(signal.SIGUSR2, lambda signum, frame: signalled.append(signum))  # act once training saved
+        if env.global_rank == 0:
+            preempt.clear(run)
+            with open(run / "slurm" / "restarts.jsonl", "a") as f:
+                f.write(json.dumps({"job": env.job_id, "restart": restarts, "time": time.time()}) + "\n")
+        argv = launch_argv(run, Path(self.config), self.shape, str(rank), env.hostnames[0], str(port_for(job_id)))
+        print("[launcher] " + shlex.join(argv), flush=True)
+        proc = subprocess.Popen(argv, preexec_fn=_ignore_usr2)
+        while proc.poll() is None:  # poll, not wait(): a signal handler may run in between
+            time.sleep(0.5)
+        stopped = preempt.interrupted(run)
+        if stopped:
+            print(f"[launcher] training stopped at step {stopped['step']} ({stopped['signal']})", flush=True)
+            if env.global_rank == 0 and callable(requeue):
+                requeue(signal.SIGUSR2, None)  # dumps checkpoint(), `scontrol requeue`, exits
+            return {"interrupted": stopped}
+        if proc.returncode:
+            raise RuntimeError(f"training exited with status {proc.returncode} on {env.hostname}; "
+                               f"see {run / 'slurm'} for the logs")
+        if env.global_rank == 0:
+            from launcher.sweep import write_result
+
+            return write_result(run, {"job_id": env.job_id, "nodes": self.shape.nodes,
+                                      "gpus_per_node": self.shape.gpus_per_node, "launch": self.shape.launch})
+        return {}
+
+
+@dataclass
+class Prepared:
+    recipe: Recipe
+    shape: Shape
+    run_dir: Path
+    config: Path
+    params: dict  # submitit executor parameters
+
+
+def make_executor(folder: Path, params: dict, max_timeout_requeues: int):
+    """submitit's SlurmExecutor; it needs srun/sbatch, so this is only called to submit."""
+    import submitit
+
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        raise UserError("sbatch not found: submitting runs on a Slurm login node "
+                        "(add --dry-run to see the script without Slurm)")
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_timeout_requeues)
+    executor.update_parameters(**params)
+    return executor
+
+
+def prepare(recipe: Recipe, resume: bool = False) -> Prepared:
+    """Check and write the run directory (recipe, accelerate config, plain sbatch); submits nothing."""
+    from launcher import configs
+    from launcher.cli import _placement
+
+    recipe, shape = resolve(recipe)
+    run_dir = Path(recipe.train.output_dir)
+    checkpoint.check_run_dir(run_dir, resume)
+    strategy, gpu = _placement(recipe, "gpu" if shape.gpus_per_node else "cpu", need_model=False)
+    recipe.dist.strategy = strategy  # every node runs what was checked here
+    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, run_dir / "recipe.yaml")
+    config = configs.write(recipe, strategy, run_dir / "launch", strategy, gpu, f"{run_dir}/recipe.yaml")[0]
+    (run_dir / "slurm" / "plain.sbatch").write_text(plain_sbatch(recipe, shape, run_dir, config))
+    return Prepared(recipe, shape, run_dir, config, executor_parameters(recipe, shape))
+
+
+def sbatch_text(p: Prepared) -> str:
+    """The script submitit submits for this run, from submitit's own renderer (works without Slurm)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    folder = p.run_dir / "slurm"
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    return _make_sbatch_string(command=command, folder=folder, **p.params)
+
+
+def node_commands(p: Prepared) -> list[str]:
+    """Each machine's launch as it will run; address and port are known once Slurm allocates."""
+    return [shlex.join(launch_argv(p.run_dir, p.config, p.shape, str(r), "<first node>", "<port>"))
+            .replace("'<first node>'", "<first node>").replace("'<port>'", f"<{PORT_BASE}+job_id%{PORT_SPAN}>")
+            for r in range(p.shape.machines)]
+
+
+def plain_sbatch(recipe: Recipe, shape: Shape, run_dir: Path, config: Path) -> str:
+    """The same job as a plain sbatch script (slurm/qlora.sbatch is this for the demo recipe)."""
+    from importlib import resources
+
+    s = recipe.slurm
+    opts = [f"--job-name={s.job_name or run_dir.name}", f"--nodes={shape.nodes}",
+            f"--ntasks-per-node={shape.tasks_per_node}"]
+    if shape.gpus_per_node:
+        opts.append(f"--gpus-per-node={shape.gpus_per_node}" if shape.launch == "node" else "--gpus-per-task=1")
+    opts += [f"--{k.replace('_', '-')}={getattr(s, k)}" for k in ("cpus_per_task", "mem", "partition", "account",
+                                                                    "qos", "constraint") if getattr(s, k) is not None]
+    opts += [f"--time={s.time}", f"--output={run_dir}/slurm/%j_plain.out", "--open-mode=append",
+             f"--signal=USR2@{s.signal_delay_s}", "--requeue"]
+    opts += [f"--{k}={v}" if v is not True else f"--{k}" for k, v in s.sbatch_extra.items()]
+    rank_var = "$SLURM_NODEID" if shape.launch == "node" else "$SLURM_PROCID"
+    launch = shlex.join(launch_argv(run_dir, config, shape, "RANK", "ADDR", "PORT"))
+    launch = launch.replace(" RANK ", f" {rank_var} ").replace(" ADDR ", " $MAIN_ADDR ").replace(" PORT ", " $MAIN_PORT ")
+    template = resources.files("launcher").joinpath("assets/plain.sbatch").read_text()
+    return template.format(
+        header=f"{shape.nodes} node(s) x {shape.per_node} process(es), launch={shape.launch}, "
+               f"strategy {recipe.dist.strategy}",
+        sbatch="\n".join(f"#SBATCH {o}" for o in opts), setup="\n".join(s.setup) or "# (no setup lines)",
+        port_base=PORT_BASE, port_span=PORT_SPAN, srun_launch=shlex.quote("trap '' USR2; exec " + launch),  # the launcher ignores USR2, ranks handle it
+        marker=shlex.quote(str(run_dir / preempt.MARKER)), max_requeues=s.max_timeout_requeues)
+
+
+def submit(p: Prepared):
+    executor = make_executor(p.run_dir / "slurm", p.params, p.recipe.slurm.max_timeout_requeues)
+    job = executor.submit(NodeJob(str(p.run_dir), str(p.config), p.shape))
+    with open(p.run_dir / "slurm" / "jobs.jsonl", "a") as f:
+        f.write(json.dumps({"job": job.job_id, "submitted": time.time()}) + "\n")
+    return job
+
+
+def job_state(job_id: str) -> dict:
+    """JobState, ExitCode, Restarts from `scontrol show job` (works without accounting)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"JobState": "UNKNOWN"}
+    fields = {}
+    for line in out.stdout.splitlines()[:1]:
+        for item in line.split():
+            key, _, value = item.partition("=")
+            fields[key] = value
+    return fields
+
+
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE", "UNKNOWN"}
+
+
+def wait(job_ids: list[str], poll_s: float = 2.0, say=print) -> dict[str, str]:
+    """Block until every job has ended (requeues included); returns the final state of each."""
+    last: dict[str, str] = {}
+    while True:
+        states = {j: job_state(j).get("JobState", "UNKNOWN") for j in job_ids}
+        for j, st in states.items():
+            if last.get(j) != st:
+                say(f"job {j}: {st}")
+        last = states
+        if all(st in FINISHED for st in states.values()):
+            return states
+        time.sleep(poll_s)

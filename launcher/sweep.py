@@ -1,0 +1,191 @@
+"""Scaling experiments: a grid of recipe variants submitted as Slurm job arrays, and a report.
+
+`launcher sweep RECIPE --grid nodes=1,2 --grid micro_batch=4,8` writes one run directory per
+grid point under the sweep directory and submits them as arrays (one array per distinct
+allocation shape: Slurm gives every element of an array the same resources). Each finished
+job writes `result.json`; `launcher report SWEEP_DIR` turns them into a table and plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import re
+from pathlib import Path
+
+from launcher.errors import UserError
+from launcher.recipe import load_recipe
+
+# Short grid keys for what scaling experiments vary; any dotted recipe key works too.
+ALIASES = {"model": "model.name", "nodes": "slurm.nodes", "gpus_per_node": "slurm.gpus_per_node",
+           "strategy": "dist.strategy", "micro_batch": "train.micro_batch_size", "seq_len": "data.max_seq_len",
+           "launch": "slurm.launch"}
+COLUMNS = ["run", "model", "params", "strategy", "nodes", "gpus_per_node", "world", "micro_batch_size", "seq_len",
+           "tokens_per_s", "tokens_per_s_per_gpu", "scaling_efficiency", "peak_mem_gb", "step_s", "final_loss",
+           "eval_loss", "steps", "restarts"]
+
+
+def write_result(run_dir: Path, extra: dict) -> dict:
+    """result.json for a finished run: throughput, memory, loss and the configuration."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    recipe = load_recipe(str(run_dir / "recipe.yaml"))
+    world = summary["processes"]
+    result = {"run": run_dir.name, "model": recipe.model.name, "params": summary["total_params"],
+              "strategy": summary["strategy"], "world": world, "micro_batch_size": recipe.train.micro_batch_size,
+              "grad_accum": recipe.train.grad_accum, "seq_len": recipe.data.max_seq_len,
+              "tokens_per_s": summary["tokens_per_s"], "tokens_per_s_per_gpu": round(summary["tokens_per_s"] / world, 1),
+              "peak_mem_gb": max(summary["peak_mem_gb_per_rank"]), "step_s": summary["step_s"],
+              "final_loss": summary["final_loss"], "eval_loss": summary["eval_loss"], "steps": summary["steps"],
+              "restarts": summary["restarts"], **extra}
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise UserError(f"--grid {item!r}: expected KEY=V1,V2 (e.g. --grid micro_batch=4,8)")
+        grid[ALIASES.get(key, key)] = values.split(",")
+    return grid
+
+
+def points(grid: dict[str, list[str]]) -> list[list[str]]:
+    """Every combination, as override lists (key=value)."""
+    keys = list(grid)
+    return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def _label(overrides: list[str]) -> str:
+    short = {v: k for k, v in ALIASES.items()}
+    parts = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        parts.append(f"{short.get(key, key.split('.')[-1])}{Path(value).name or value}")
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join(parts))[:80]
+
+
+def submit_sweep(recipe_path: str | None, overrides: list[str], grid_items: list[str], out: str | None,
+                 max_parallel: int, dry_run: bool, say=print) -> tuple[Path, list[str]]:
+    """Validate every point first, then write run dirs and submit; returns (sweep dir, job ids)."""
+    from launcher import slurm
+
+    grid = parse_grid(grid_items)
+    combos = points(grid)
+    recipes, problems = [], []
+    for combo in combos:
+        try:
+            recipes.append(load_recipe(recipe_path, [*overrides, *combo]))
+        except UserError as e:
+            problems.append(f"{' '.join(combo)}: {e}")
+    if problems:
+        raise UserError("sweep points that are not valid recipes:\n" + "\n".join(problems))
+    sweep_dir = Path(out or recipes[0].train.output_dir).resolve()
+    if (sweep_dir / "sweep.json").exists() and not dry_run:
+        raise UserError(f"--out: {sweep_dir} already holds a sweep; choose another directory")
+    prepared = []
+    for i, (combo, recipe) in enumerate(zip(combos, recipes)):
+        recipe.train.output_dir = str(sweep_dir / f"p{i:03d}-{_label(combo)}")
+        prepared.append(slurm.prepare(recipe))
+    (sweep_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep.json").write_text(json.dumps({"grid": grid, "points": [
+        {"run": p.run_dir.name, "overrides": c} for p, c in zip(prepared, combos)]}, indent=1))
+    groups: dict[str, list] = {}
+    for p in prepared:
+        params = {**p.params, "job_name": sweep_dir.name}  # one name for the sweep's arrays
+        groups.setdefault(json.dumps(params, sort_keys=True), []).append(p)
+    say(f"sweep {sweep_dir}: {len(prepared)} runs in {len(groups)} array(s), at most {max_parallel} running per array")
+    job_ids = []
+    for key, members in groups.items():
+        if dry_run:
+            say(f"array of {len(members)}: {', '.join(m.run_dir.name for m in members)}")
+            continue
+        ex = slurm.make_executor(sweep_dir / "slurm", {**json.loads(key), "array_parallelism": max_parallel},
+                                 members[0].recipe.slurm.max_timeout_requeues)
+        with ex.batch():
+            jobs = [ex.submit(slurm.NodeJob(str(m.run_dir), str(m.config), m.shape)) for m in members]
+        for m, job in zip(members, jobs):
+            say(f"{job.job_id}: {m.run_dir}")
+            job_ids.append(job.job_id)
+    return sweep_dir, job_ids
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    rows = [json.loads(p.read_text()) for p in sorted(Path(sweep_dir).rglob("result.json"))]
+    if not rows:
+        raise UserError(f"{sweep_dir}: no result.json found (have the sweep's jobs finished? `squeue --me`)")
+    base: dict[tuple, dict] = {}  # scaling efficiency against the smallest run of the same configuration
+    for r in sorted(rows, key=lambda r: r["world"]):
+        key = (r["model"], r["strategy"], r["micro_batch_size"], r["seq_len"])
+        b = base.setdefault(key, r)
+        r["scaling_efficiency"] = round(r["tokens_per_s_per_gpu"] / b["tokens_per_s_per_gpu"], 3) \
+            if b["tokens_per_s_per_gpu"] else None
+    return sorted(rows, key=lambda r: (r["model"], r["strategy"], r["world"], r["micro_batch_size"], r["seq_len"]))
+
+
+def tables(rows: list[dict]) -> tuple[str, str]:
+    """(Markdown, CSV) of the results."""
+    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return "\n".join(md) + "\n", buf.getvalue()
+
+
+def plots(rows: list[dict], out: Path) -> list[Path]:
+    """Throughput and scaling efficiency against GPU count; peak memory against model size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        series.setdefault(f"{Path(r['model']).name} {r['strategy']} mb{r['micro_batch_size']} s{r['seq_len']}", []).append(r)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rs in series.items():
+        rs = sorted(rs, key=lambda r: r["world"])
+        ax1.plot([r["world"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
+        ax2.plot([r["world"] for r in rs], [r["scaling_efficiency"] for r in rs], "o-", label=name)
+    ax1.set(xlabel="GPUs (processes)", ylabel="tokens/s (all ranks)", title="throughput")
+    ax2.set(xlabel="GPUs (processes)", ylabel="tokens/s per GPU vs smallest run", title="scaling efficiency")
+    ax2.axhline(1.0, color="grey", lw=0.8, ls="--")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    throughput = out / "throughput.png"
+    fig.savefig(throughput, dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_strategy: dict[str, list[dict]] = {}
+    for r in rows:
+        by_strategy.setdefault(f"{r['strategy']} x{r['world']}", []).append(r)
+    for name, rs in by_strategy.items():
+        rs = sorted(rs, key=lambda r: r["params"])
+        ax.plot([r["params"] / 1e9 for r in rs], [r["peak_mem_gb"] for r in rs], "o-", label=name)
+    ax.set(xlabel="model parameters (billions)", ylabel="peak memory per GPU (GB)", title="memory")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    memory = out / "memory.png"
+    fig.savefig(memory, dpi=100)
+    plt.close(fig)
+    return [throughput, memory]
+
+
+def report(sweep_dir: str, out: str | None = None) -> tuple[str, list[Path]]:
+    rows = collect(Path(sweep_dir))
+    dest = Path(out or sweep_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    md, csv_text = tables(rows)
+    (dest / "report.md").write_text(md)
+    (dest / "report.csv").write_text(csv_text)
+    return md, [dest / "report.md", dest / "report.csv", *plots(rows, dest)]

@@ -1,0 +1,114 @@
+"""`launcher submit/sweep --dry-run` and the up-front refusals: no cluster needed."""
+
+import shlex
+import subprocess
+
+import pytest
+
+from conftest import run_cli
+from launcher import slurm
+from launcher.errors import UserError
+from launcher.recipe import load_recipe, time_minutes
+
+
+def _dry(tmp_path, *args):
+    res = run_cli("submit", f"train.output_dir={tmp_path / 'run'}", *args, "--dry-run")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def _launch_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if "accelerate.commands.launch" in line and not line.startswith("srun")]
+
+
+def test_dry_run_four_nodes_eight_gpus(tmp_path):
+    out = _dry(tmp_path, "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--time", "1-00:00:00",
+               "--account", "proj", "--setup", "module load cuda/12.4", "--sbatch", "exclusive=true")
+    for flag in ("--nodes=4", "--gpus-per-node=8", "--ntasks-per-node=1", "--partition=gpu", "--account=proj",
+                 "--time=1440", "--open-mode=append", "--signal=USR2@120", "--requeue", "--exclusive"):
+        assert f"#SBATCH {flag}\n" in out, flag
+    assert "module load cuda/12.4" in out
+    launches = _launch_lines(out)
+    assert len(launches) == 4  # one per node
+    for rank, line in enumerate(launches):
+        args = line.split(": ", 1)[1].split()
+        assert args[args.index("--machine_rank") + 1] == str(rank)
+        assert args[args.index("--num_machines") + 1] == "4" and args[args.index("--num_processes") + 1] == "32"
+        assert "--resume" in args and args[args.index("--main_process_port") + 1] == "<20000+job_id%20000>"
+    recipe = load_recipe(str(tmp_path / "run/recipe.yaml"))  # the saved, resolved recipe
+    assert (recipe.dist.nnodes, recipe.dist.nproc, recipe.dist.strategy) == (4, 8, "ddp")
+    assert (tmp_path / "run/slurm/submit.sbatch").read_text() in out
+
+
+def test_plain_sbatch_escapes_per_node_variables(tmp_path):
+    _dry(tmp_path, "--nodes", "4", "--gpus-per-node", "8")
+    script = (tmp_path / "run/slurm/plain.sbatch").read_text()
+    assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    inner = shlex.split(srun)[-1]  # what each task's own bash runs
+    assert "$SLURM_NODEID" in inner and "$SLURM_NODEID" not in srun.split("bash -c")[0]
+    assert srun.split("bash -c ", 1)[1].startswith("'")  # single quotes: not expanded by the batch shell
+    assert "--num_machines 4 --num_processes 32" in inner and "trap '' USR2" in inner
+    assert "MAIN_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))" in script
+    assert "#SBATCH --nodes=4" in script and "#SBATCH --gpus-per-node=8" in script
+
+
+def test_dry_run_one_task_per_gpu(tmp_path):
+    out = _dry(tmp_path, "--nodes", "2", "--gpus-per-node", "4", "--launch", "task")
+    assert "#SBATCH --ntasks-per-node=4\n" in out and "#SBATCH --gpus-per-task=1\n" in out
+    assert "--gpus-per-node" not in out
+    launches = _launch_lines(out)
+    assert len(launches) == 8 and "--num_machines 8 --num_processes 8 --machine_rank 7" in launches[-1]
+    assert "$SLURM_PROCID" in (tmp_path / "run/slurm/plain.sbatch").read_text()
+
+
+@pytest.mark.parametrize("args, field", [
+    (["dist.nproc=4", "--gpus-per-node", "8"], "dist.nproc"),
+    (["dist.nnodes=3", "--nodes", "2"], "dist.nnodes"),
+    (["--sbatch", "ntasks-per-node=4"], "slurm.sbatch_extra.ntasks-per-node"),
+    (["--time", "soon"], "slurm.time"),
+    (["--launch", "node", "--nodes", "0"], "slurm.nodes"),
+])
+def test_mismatches_refused_before_submitting(tmp_path, args, field):
+    res = run_cli("submit", f"train.output_dir={tmp_path / 'run'}", *args, "--dry-run")
+    assert res.returncode == 2 and field in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "run/slurm/submit.sbatch").exists()
+
+
+def test_submit_without_slurm_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: None)
+    p = slurm.prepare(load_recipe(None, [f"train.output_dir={tmp_path / 'run'}", "slurm.gpus_per_node=0"]))
+    with pytest.raises(UserError, match="sbatch not found"):
+        slurm.submit(p)
+
+
+def test_refuses_to_submit_over_an_existing_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    res = run_cli("submit", f"train.output_dir={run}", "--dry-run")
+    assert res.returncode == 2 and "--resume" in res.stderr
+
+
+def test_ports_and_times():
+    assert slurm.port_for("1234") == slurm.port_for(1234) == 21234
+    assert slurm.port_for("20001") != slurm.port_for("20002")
+    assert 20000 <= slurm.port_for("987654321") < 40000
+    assert [time_minutes(t) for t in ("30", "1:30", "02:00:00", "1-00", "1-01:00:00")] == [30, 2, 120, 1440, 1500]
+
+
+def test_sweep_dry_run_groups_arrays_by_allocation(tmp_path):
+    res = run_cli("sweep", "--gpus-per-node", "8", "--grid", "nodes=1,2", "--grid", "micro_batch=4,8",
+                  "--out", tmp_path / "sw", "--dry-run")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "4 runs in 2 array(s)" in res.stdout
+    runs = sorted(p.name for p in (tmp_path / "sw").iterdir() if p.name.startswith("p"))
+    assert runs == ["p000-nodes1-micro_batch4", "p001-nodes1-micro_batch8", "p002-nodes2-micro_batch4",
+                    "p003-nodes2-micro_batch8"]
+    assert load_recipe(str(tmp_path / "sw" / runs[3] / "recipe.yaml")).train.micro_batch_size == 8
+
+
+def test_sweep_refuses_invalid_points_before_submitting(tmp_path):
+    res = run_cli("sweep", "--grid", "micro_batch=4,-1", "--out", tmp_path / "sw", "--dry-run")
+    assert res.returncode == 2 and "train.micro_batch_size" in res.stderr
+    assert not (tmp_path / "sw").exists()
