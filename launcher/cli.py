@@ -315,7 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `launcher submit recipe.yaml --nodes 2 train.lr=1e-4`: overrides may follow the flags
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "recipe")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.recipe = [*args.recipe, *extra]
     try:
         return args.func(args)
     except UserError as e:

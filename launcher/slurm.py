@@ -142,21 +142,22 @@ class NodeJob:
         print(f"[launcher] job {env.job_id} task {env.global_rank} node {env.node} ({env.hostname}) machine rank "
               f"{rank} restart {restarts}", flush=True)
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
-        signalled = []
-        signal.signal(signal.SIGUSR2, lambda signum, frame: signalled.append(signum))  # act once training saved
+        # Requeue only once training has saved; meanwhile make sure the ranks hear of the signal.
+        signal.signal(signal.SIGUSR2, lambda signum, frame: preempt.request(run))
         if env.global_rank == 0:
-            preempt.clear(run)
+            preempt.clear(run)  # before the launch: a request that arrives during startup must stay
             with open(run / "slurm" / "restarts.jsonl", "a") as f:
                 f.write(json.dumps({"job": env.job_id, "restart": restarts, "time": time.time()}) + "\n")
         argv = launch_argv(run, Path(self.config), self.shape, str(rank), env.hostnames[0], str(port_for(job_id)))
         print("[launcher] " + shlex.join(argv), flush=True)
-        proc = subprocess.Popen(argv, preexec_fn=_ignore_usr2)
+        proc = subprocess.Popen(argv, preexec_fn=_ignore_usr2, env={**os.environ, preempt.UNDER_JOB: "1"})
         while proc.poll() is None:  # poll, not wait(): a signal handler may run in between
             time.sleep(0.5)
         stopped = preempt.interrupted(run)
         if stopped:
             print(f"[launcher] training stopped at step {stopped['step']} ({stopped['signal']})", flush=True)
             if env.global_rank == 0 and callable(requeue):
+                (run / preempt.REQUEST).unlink(missing_ok=True)  # the requeued attempt starts afresh
                 requeue(signal.SIGUSR2, None)  # dumps checkpoint(), `scontrol requeue`, exits
             return {"interrupted": stopped}
         if proc.returncode:
@@ -243,10 +244,10 @@ def plain_sbatch(recipe: Recipe, shape: Shape, run_dir: Path, config: Path) -> s
     launch = launch.replace(" RANK ", f" {rank_var} ").replace(" ADDR ", " $MAIN_ADDR ").replace(" PORT ", " $MAIN_PORT ")
     template = resources.files("launcher").joinpath("assets/plain.sbatch").read_text()
     return template.format(
-        header=f"{shape.nodes} node(s) x {shape.per_node} process(es), launch={shape.launch}, "
+        run_dir=run_dir, header=f"{shape.nodes} node(s) x {shape.per_node} process(es), launch={shape.launch}, "
                f"strategy {recipe.dist.strategy}",
         sbatch="\n".join(f"#SBATCH {o}" for o in opts), setup="\n".join(s.setup) or "# (no setup lines)",
-        port_base=PORT_BASE, port_span=PORT_SPAN, srun_launch=shlex.quote("trap '' USR2; exec " + launch),  # the launcher ignores USR2, ranks handle it
+        port_base=PORT_BASE, port_span=PORT_SPAN, srun_launch=shlex.quote('trap "" USR2; exec ' + launch),  # the launcher ignores USR2, ranks handle it
         marker=shlex.quote(str(run_dir / preempt.MARKER)), max_requeues=s.max_timeout_requeues)
 
 

@@ -144,7 +144,7 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     )
     rank, world = placement.rank_and_world()
     say = accelerator.print
-    stop = preempt.StopRequest()  # USR2 (time limit) / TERM (preemption): checkpoint at the next step, exit
+    stop = preempt.StopRequest(run_dir)  # USR2 (time limit) / TERM (preemption): checkpoint at the next step, exit
     set_seed(cfg.seed)
 
     with accelerator.main_process_first():  # rank 0 builds the tiny model once; others read it
@@ -231,7 +231,10 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        preempt.clear(run_dir)
+        if os.environ.get(preempt.UNDER_JOB):
+            (run_dir / preempt.MARKER).unlink(missing_ok=True)  # a stop request from the Slurm task stays
+        else:
+            preempt.clear(run_dir)
         save_recipe(recipe, run_dir / "recipe.yaml")
         tokenizer.save_pretrained(run_dir)
     accelerator.init_trackers("tensorboard", config=_flat(recipe.model_dump(mode="json")))

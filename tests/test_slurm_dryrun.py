@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from launcher import slurm
 from launcher.errors import UserError
 from launcher.recipe import load_recipe, time_minutes
@@ -48,7 +48,7 @@ def test_plain_sbatch_escapes_per_node_variables(tmp_path):
     inner = shlex.split(srun)[-1]  # what each task's own bash runs
     assert "$SLURM_NODEID" in inner and "$SLURM_NODEID" not in srun.split("bash -c")[0]
     assert srun.split("bash -c ", 1)[1].startswith("'")  # single quotes: not expanded by the batch shell
-    assert "--num_machines 4 --num_processes 32" in inner and "trap '' USR2" in inner
+    assert "--num_machines 4 --num_processes 32" in inner and 'trap "" USR2' in inner
     assert "MAIN_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))" in script
     assert "#SBATCH --nodes=4" in script and "#SBATCH --gpus-per-node=8" in script
 
@@ -112,3 +112,12 @@ def test_sweep_refuses_invalid_points_before_submitting(tmp_path):
     res = run_cli("sweep", "--grid", "micro_batch=4,-1", "--out", tmp_path / "sw", "--dry-run")
     assert res.returncode == 2 and "train.micro_batch_size" in res.stderr
     assert not (tmp_path / "sw").exists()
+
+
+def test_committed_plain_sbatch_is_regenerated_exactly(tmp_path):
+    res = subprocess.run(["bash", "slurm/regenerate.sh", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "qlora.sbatch").read_text() == (ROOT / "slurm/qlora.sbatch").read_text(), \
+        "slurm/qlora.sbatch is stale: run bash slurm/regenerate.sh"
+    recipe = load_recipe(str(ROOT / "slurm/example-cluster.yaml"))
+    assert recipe.slurm.nodes == 2 and recipe.slurm.sbatch_extra["exclusive"] is True
