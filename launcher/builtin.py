@@ -68,26 +68,33 @@ def ensure_tiny_llama(seed: int = 0) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / "config.json").exists():  # built by another process while we waited
-            return target
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
+        if not (target / "config.json").exists():  # else built by another process while we waited
+            write_random_llama(target, seed, **TINY_CONFIG)
+    return target
 
-        tok = build_tokenizer()
-        config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, **TINY_CONFIG)
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        # Not model.save_pretrained: transformers skips it on ranks other than 0 when a process
-        # group exists, and whichever rank gets the lock first must write the files.
-        from safetensors.torch import save_file
 
-        config.save_pretrained(tmp)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors",
-                  metadata={"format": "pt"})
-        tok.save_pretrained(tmp)
-        tmp.rename(target)  # atomic: readers never see a half-written directory
+def write_random_llama(target: Path, seed: int = 0, dtype: str = "float32", **config) -> Path:
+    """A Llama-architecture model with random weights and the character tokenizer, written as a
+    local Hugging Face directory (atomically: readers never see a half-written one)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer()
+    cfg = LlamaConfig(**{"vocab_size": len(tok), **config}, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    # Not model.save_pretrained: transformers skips it on ranks other than 0 when a process
+    # group exists, and whichever rank gets the lock first must write the files.
+    cfg.save_pretrained(tmp)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors",
+              metadata={"format": "pt"})
+    tok.save_pretrained(tmp)
+    tmp.rename(target)
     return target
 
 

@@ -225,6 +225,39 @@ def _add_slurm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="block until the job(s) end; exit non-zero unless all completed")
 
 
+def _gb(text: str | None, flag: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(str(text).upper().removesuffix("B").removesuffix("G").removesuffix("GI"))
+    except ValueError:
+        raise UserError(f"{flag}: expected a size in GB such as 80GB or 80, got {text!r}") from None
+
+
+def cmd_plan(args) -> int:
+    from launcher import planner
+    from launcher.placement import Machine
+
+    path, overrides = _split_recipe_args(args.recipe)
+    recipe = load_recipe(path, overrides)
+    arch = planner.arch_for_recipe(recipe, args.model)
+    here = Machine.detect()
+    gpu = not args.cpu
+    per_node = args.gpus_per_node or (recipe.dist.nproc if args.cpu or not here.gpus else here.gpus)
+    gpu_gb = _gb(args.gpu_memory, "--gpu-memory") or (here.gpu_memory_gb if gpu and here.gpus else 80.0)
+    if args.cpu and args.gpu_memory is None:
+        import psutil
+
+        gpu_gb = psutil.virtual_memory().total / 2**30 / per_node
+    cpu_gb = _gb(args.cpu_memory, "--cpu-memory") or 512.0
+    setup = planner.setup_for_recipe(recipe, per_node, args.nodes or recipe.dist.nnodes, gpu)
+    plans = planner.plan_all(arch, setup, gpu_gb, cpu_gb)
+    best, why = planner.recommend(plans)
+    print(planner.as_json(arch, setup, plans, best, why) if args.json
+          else planner.render(arch, setup, plans, why, gpu_gb, cpu_gb))
+    return 0
+
+
 def cmd_validate(args) -> int:
     path, overrides = _split_recipe_args(args.recipe)
     print(load_recipe(path, overrides).to_yaml(), end="")
@@ -292,6 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep_dir")
     p.add_argument("--out", help="where to write report.md/csv and the PNGs (default: the sweep directory)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("plan", help="estimate memory per GPU and per node for every strategy; recommend one")
+    _add_recipe_args(p)
+    p.add_argument("--model", help="an architecture preset instead of the recipe's model: " + ", ".join(
+        __import__("launcher.planner", fromlist=["PRESETS"]).PRESETS))
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpu-memory", help="per GPU, e.g. 80GB (default: this machine's GPU, else 80GB)")
+    p.add_argument("--cpu-memory", help="CPU RAM per node, e.g. 512GB (default 512GB)")
+    p.add_argument("--cpu", action="store_true", help="plan CPU processes (gloo) instead of GPUs")
+    p.add_argument("--json", action="store_true", help="the same as JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("validate", help="check a recipe and print it fully resolved")
     _add_recipe_args(p)

@@ -71,17 +71,23 @@ def approx_params(cfg: dict) -> float:
 
 
 def resolve_strategy(recipe: Recipe, machine: Machine, cfg: dict | None = None) -> str:
-    """`auto`: one process runs single; several run DDP while a 4-bit replica fits one GPU, else shard."""
+    """`auto`: one process runs single; on GPUs the memory planner's recommendation (DDP while a
+    replica fits, else ZeRO-2, FSDP, ZeRO-3, then the offloading variants)."""
     dist = recipe.dist
     if dist.strategy != "auto":
         return dist.strategy
     if dist.nproc * dist.nnodes == 1:
         return "single"
-    if machine.gpus == 0:
+    if machine.gpus == 0 or "hidden_size" not in (cfg or {}):
         return "ddp"
-    bytes_per_param = {"nf4": 0.52, "fp4": 0.52, "int8": 1.0, "none": 2.0}[recipe.quant.mode]
-    replica_gb = approx_params(cfg or {}) * bytes_per_param / 2**30
-    return "ddp" if replica_gb < 0.6 * machine.gpu_memory_gb else "fsdp"
+    from launcher import planner  # the memory planner decides: least communication that fits
+
+    arch = planner.Arch.from_config(cfg, recipe.model.name)
+    setup = planner.setup_for_recipe(recipe, dist.nproc, dist.nnodes, gpu=True)
+    plans = planner.plan_all(arch, setup, machine.gpu_memory_gb, float("inf"),
+                             strategies=[s for s in planner.STRATEGIES if s != "single"])
+    best, _ = planner.recommend(plans)
+    return best.strategy if best else min(plans, key=lambda p: p.device_total).strategy
 
 
 def placement_problems(recipe: Recipe, strategy: str, machine: Machine, cfg: dict) -> list[str]:

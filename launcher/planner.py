@@ -1,0 +1,331 @@
+"""Memory planner: will this model, strategy and GPU count fit, and with what micro batch?
+
+Every estimate is a sum of named terms (bytes), per GPU and per node's CPU RAM, so a user sees
+*why* a plan does or does not fit. The terms follow what the training loop really holds:
+
+- 4-bit weights: bitsandbytes NF4/FP4 packs 2 values per byte plus one absmax per 64 values
+  (fp32, or 8-bit with a second-level fp32 absmax per 256 blocks under double quantization:
+  4.127 bits per parameter; 4.5 without).
+- unquantized parameters (embeddings, lm_head, norms, biases): in the parameter dtype, or fp32
+  where prepare_model_for_kbit_training upcasts them (single, ddp, zero2).
+- LoRA parameters, their gradients and the optimizer state: fp32; AdamW keeps 8 bytes per
+  parameter, the 8-bit optimizers 2.
+- activations: with gradient checkpointing each layer keeps its input (hidden x dtype per token)
+  and one layer at a time is recomputed; without, every layer keeps everything.
+- logits: batch x sequence x vocab, kept in fp32 for the loss with its gradient.
+- dequantization: the largest linear layer dequantized for the matmul (forward and backward).
+- under ZeRO-3/FSDP one layer is gathered at a time (two with prefetch).
+- framework overhead: the CUDA context and allocator slack on GPU; on CPU the resident size of a
+  process with torch, transformers and bitsandbytes imported.
+
+The per-token activation constants are calibrated against measured runs (tests/test_planner.py
+checks the CPU models within 15%).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+GB = 2**30
+STRATEGIES = ("single", "ddp", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_offload")
+SHARD_PARAMS = {"zero3", "zero3_offload", "fsdp", "fsdp_offload"}  # parameters split over the ranks
+SHARD_STATES = SHARD_PARAMS | {"zero2"}  # gradients and optimizer state split over the ranks
+OFFLOAD = {"zero3_offload", "fsdp_offload"}  # parameters and optimizer state on CPU
+# Preference when several fit: least communication first (see recommend()).
+PREFERENCE = ("single", "ddp", "zero2", "fsdp", "zero3", "fsdp_offload", "zero3_offload")
+OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2,
+                   "paged_lion_8bit": 1}
+
+# Calibration (bench/plan_vs_measured.py, 2-core CPU, fp32, a 108M model with batch 1-8 x 256
+# tokens, checkpointing on and off): what one decoder layer keeps for backward per token, as
+# multiples of hidden and intermediate size in the activation dtype (LoRA dropout copies and
+# masks included; counting the saved tensors of a LoRA layer gives ~17.5 h + 5.3 f, the rest is
+# temporaries), and bytes per logit element (the logits the output keeps, log-softmax, its
+# gradient and the logits' gradient: ~6 fp32 copies at the peak). Not yet calibrated on GPU.
+ACT_HIDDEN, ACT_INTER = 20.0, 8.5
+LOGIT_BYTES = 24.0
+GPU_OVERHEAD_GB = 1.0  # CUDA context, cuBLAS workspace, allocator slack (not in max_memory_allocated)
+CPU_PROCESS_GB = 0.5  # resident size of a CPU training process without model and batch (measured 0.47)
+GPU_PROCESS_HOST_GB = 3.0  # host RAM of a CUDA training process (libraries, pinned buffers)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What memory depends on in a Llama-style decoder."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool = False
+    qkv_bias: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: dict, name: str = "local") -> "Arch":
+        from launcher.errors import UserError
+
+        try:
+            return cls(name=name, hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"],
+                       layers=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
+                       kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                       vocab=cfg["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", False)),
+                       qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")))
+        except KeyError as e:
+            raise UserError(f"model.name: config.json of {name} lacks {e.args[0]}; the planner knows "
+                            "Llama-style decoders (hidden_size, intermediate_size, num_hidden_layers, ...)") from None
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """Per layer: name -> (in, out)."""
+        h, kv = self.hidden, self.kv_heads * (self.hidden // self.heads)
+        f = self.intermediate
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+
+    @property
+    def quantized_params(self) -> int:
+        return self.layers * sum(i * o for i, o in self.linears().values())
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, lm_head, norms, biases: never quantized."""
+        bias = self.layers * (self.hidden + 2 * self.linears()["k_proj"][1]) if self.qkv_bias else 0
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden + bias
+
+    @property
+    def params(self) -> int:
+        return self.quantized_params + self.other_params
+
+    def lora_params(self, r: int, targets) -> int:
+        chosen = self.linears() if targets in ("all-linear", None) else {k: v for k, v in self.linears().items()
+                                                                          if k in targets}
+        return self.layers * sum(r * (i + o) for i, o in chosen.values())
+
+
+# Published config.json values.
+PRESETS = {a.name: a for a in (
+    Arch("llama-7b", 4096, 11008, 32, 32, 32, 32000),
+    Arch("llama-13b", 5120, 13824, 40, 40, 40, 32000),
+    Arch("llama-33b", 6656, 17920, 60, 52, 52, 32000),
+    Arch("llama-65b", 8192, 22016, 80, 64, 64, 32000),
+    Arch("llama-2-7b", 4096, 11008, 32, 32, 32, 32000),
+    Arch("llama-2-13b", 5120, 13824, 40, 40, 40, 32000),
+    Arch("llama-2-70b", 8192, 28672, 80, 64, 8, 32000),
+    Arch("llama-3-8b", 4096, 14336, 32, 32, 8, 128256),
+    Arch("llama-3-70b", 8192, 28672, 80, 64, 8, 128256),
+    Arch("mistral-7b", 4096, 14336, 32, 32, 8, 32000),
+    Arch("qwen2.5-7b", 3584, 18944, 28, 28, 4, 152064, qkv_bias=True),
+    Arch("qwen2.5-72b", 8192, 29568, 80, 64, 8, 152064, qkv_bias=True),
+)}
+# Hub names that map onto a preset, so a recipe naming one plans without a download.
+HUB = {"huggyllama/llama-7b": "llama-7b", "huggyllama/llama-13b": "llama-13b", "huggyllama/llama-30b": "llama-33b",
+       "huggyllama/llama-65b": "llama-65b", "meta-llama/Llama-2-7b-hf": "llama-2-7b",
+       "meta-llama/Llama-2-13b-hf": "llama-2-13b", "meta-llama/Llama-2-70b-hf": "llama-2-70b",
+       "meta-llama/Meta-Llama-3-8B": "llama-3-8b", "meta-llama/Meta-Llama-3-70B": "llama-3-70b",
+       "meta-llama/Llama-3.1-8B": "llama-3-8b", "meta-llama/Llama-3.1-70B": "llama-3-70b",
+       "mistralai/Mistral-7B-v0.1": "mistral-7b", "Qwen/Qwen2.5-7B": "qwen2.5-7b", "Qwen/Qwen2.5-72B": "qwen2.5-72b"}
+
+
+@dataclass
+class Setup:
+    """What the plan depends on besides the architecture (filled from a recipe by `from_recipe`)."""
+
+    micro_batch: int = 1
+    seq_len: int = 2048
+    lora_r: int = 16
+    targets: object = "all-linear"
+    optimizer: str = "paged_adamw_32bit"
+    gradient_checkpointing: bool = True
+    quant: str = "nf4"  # nf4 | fp4 | int8 | none
+    double_quant: bool = True
+    gpu: bool = True  # False: CPU processes (fp32 everywhere)
+    gpus_per_node: int = 1
+    nodes: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+@dataclass
+class Plan:
+    strategy: str
+    device: dict[str, float] = field(default_factory=dict)  # GB per GPU (per process on CPU)
+    host: dict[str, float] = field(default_factory=dict)  # GB of CPU RAM per node
+    fits: bool | None = None
+    max_micro_batch: int | None = None
+    why: str = ""
+
+    @property
+    def device_total(self) -> float:
+        return sum(self.device.values())
+
+    @property
+    def host_total(self) -> float:
+        return sum(self.host.values())
+
+
+def _weight_bits(s: Setup) -> float:
+    if s.quant in ("nf4", "fp4"):
+        return 4 + (8 / 64 + 32 / (64 * 256) if s.double_quant else 32 / 64)
+    return 8 + 0.0 if s.quant == "int8" else 16.0
+
+
+def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
+    """Peak memory per GPU and CPU RAM per node, term by term (GB)."""
+    world = s.world
+    dtype = 2 if s.gpu else 4  # compute/parameter dtype bytes: bf16 on GPU, fp32 on CPU
+    upcast = s.quant != "none" and strategy not in SHARD_PARAMS  # prepare_model_for_kbit_training
+    shard = world if strategy in SHARD_PARAMS else 1
+    state_shard = world if strategy in SHARD_STATES else 1
+    offload = strategy in OFFLOAD
+    bits = _weight_bits(s) if s.quant != "none" else dtype * 8
+    lora = arch.lora_params(s.lora_r, s.targets)
+    opt = OPTIMIZER_BYTES.get(s.optimizer, 8)
+
+    weights4 = arch.quantized_params * bits / 8
+    other = arch.other_params * (4 if upcast else dtype)
+    lora_b, grads, states = lora * 4, lora * 4, lora * opt
+    tokens = s.micro_batch * s.seq_len
+    per_layer = tokens * dtype * (ACT_HIDDEN * arch.hidden + ACT_INTER * arch.intermediate)
+    resid = 4 if upcast else dtype  # the residual stream follows the (upcast) embedding dtype
+    if s.gradient_checkpointing:
+        acts = arch.layers * tokens * arch.hidden * resid + per_layer
+    else:
+        acts = arch.layers * per_layer
+    biggest = max(i * o for i, o in arch.linears().values())
+    layer_bytes = arch.quantized_params / arch.layers * bits / 8
+
+    device = {
+        "weights_4bit" if s.quant in ("nf4", "fp4") else "weights": 0.0 if offload else weights4 / shard,
+        "unquantized_params": 0.0 if offload else other / shard,
+        "lora_params": 0.0 if offload else lora_b / shard,
+        "gradients": grads / state_shard,
+        "optimizer_states": 0.0 if offload else states / state_shard,
+        "activations": acts,
+        "logits": tokens * arch.vocab * LOGIT_BYTES,
+        "dequant_buffers": 2 * biggest * dtype if s.quant != "none" else 0.0,
+        "gathered_layers": 2 * layer_bytes if strategy in SHARD_PARAMS else 0.0,
+        "framework_overhead": (GPU_OVERHEAD_GB if s.gpu else CPU_PROCESS_GB) * GB,
+    }
+    per_node = s.gpus_per_node
+    host = {"processes": (GPU_PROCESS_HOST_GB * GB if s.gpu else 0.0) * per_node}
+    if offload:  # this node's ranks hold their shards of parameters and optimizer state
+        host["offloaded_params_and_states"] = (weights4 + other + lora_b + states) * per_node / world
+    if s.gpu:
+        # Loading streams a checkpoint shard at a time (<= 5 GB in 16-bit on the hub) per reading
+        # process; with sharded parameters one process per node reads.
+        readers = 1 if strategy in SHARD_PARAMS else per_node
+        host["loading_buffers"] = readers * min(5 * GB, arch.params * 2)
+    else:  # a CPU "GPU" is the process itself: the device terms are host memory
+        host["cpu_processes"] = sum(device.values()) * per_node
+    plan = Plan(strategy, {k: round(v / GB, 3) for k, v in device.items()},
+                {k: round(v / GB, 3) for k, v in host.items()})
+    return plan
+
+
+def largest_micro_batch(arch: Arch, strategy: str, s: Setup, gpu_gb: float, limit: int = 4096) -> int:
+    """The largest micro batch whose estimate fits gpu_gb (0 when even 1 does not)."""
+    from dataclasses import replace
+
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate(arch, strategy, replace(s, micro_batch=mid)).device_total <= gpu_gb:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def plan_all(arch: Arch, s: Setup, gpu_gb: float, cpu_gb: float, strategies=STRATEGIES) -> list[Plan]:
+    plans = []
+    for strategy in strategies:
+        if strategy == "single" and s.world > 1 or strategy != "single" and s.world == 1 and strategy == "ddp":
+            continue  # single is one process; ddp of one process is single
+        if strategy.startswith("fsdp") and not s.gpu:
+            continue  # accelerate refuses FSDP on CPU
+        p = estimate(arch, strategy, s)
+        p.fits = p.device_total <= gpu_gb and p.host_total <= cpu_gb
+        p.max_micro_batch = largest_micro_batch(arch, strategy, s, gpu_gb)
+        if p.host_total > cpu_gb:
+            p.why = f"needs {p.host_total:.1f} GB of CPU RAM per node (have {cpu_gb:g})"
+        elif p.device_total > gpu_gb:
+            p.why = f"needs {p.device_total:.1f} GB per GPU (have {gpu_gb:g})"
+        plans.append(p)
+    return plans
+
+
+def recommend(plans: list[Plan]) -> tuple[Plan | None, str]:
+    """The first fitting plan in order of least communication, and why."""
+    fitting = {p.strategy: p for p in plans if p.fits}
+    for name in PREFERENCE:
+        if name in fitting:
+            p = fitting[name]
+            reasons = {"single": "one process holds everything",
+                       "ddp": "a full 4-bit replica fits each GPU, and DDP only all-reduces the small LoRA gradients",
+                       "zero2": "replicas fit once gradients and optimizer state are split over the ranks",
+                       "fsdp": "the model fits only when its parameters are split over the GPUs",
+                       "zero3": "the model fits only when its parameters are split over the GPUs",
+                       "fsdp_offload": "even split over the GPUs it does not fit; parameters and optimizer state go to CPU RAM",
+                       "zero3_offload": "even split over the GPUs it does not fit; parameters and optimizer state go to CPU RAM"}
+            return p, (f"{name}: {reasons[name]} ({p.device_total:.1f} GB per GPU at this micro batch; "
+                       f"up to micro batch {p.max_micro_batch})")
+    if not plans:
+        return None, "no strategy applies"
+    closest = min(plans, key=lambda p: p.device_total)
+    return None, (f"nothing fits: the smallest is {closest.strategy} at {closest.device_total:.1f} GB per GPU; "
+                  "add GPUs, lower train.micro_batch_size or data.max_seq_len, or enable gradient checkpointing")
+
+
+def arch_for_recipe(recipe, preset: str | None = None) -> Arch:
+    """A preset by name, a hub name that maps onto one, or the model's config.json."""
+    from launcher import placement
+    from launcher.errors import UserError
+    from launcher.model import resolve_source
+
+    name = preset or HUB.get(recipe.model.name) or (recipe.model.name if recipe.model.name in PRESETS else None)
+    if name:
+        if name not in PRESETS:
+            raise UserError(f"--model: unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        return PRESETS[name]
+    source = resolve_source(recipe.model)
+    return Arch.from_config(placement.model_config(source, recipe.model.trust_remote_code), recipe.model.name)
+
+
+def setup_for_recipe(recipe, gpus_per_node: int, nodes: int, gpu: bool) -> Setup:
+    t, q = recipe.train, recipe.quant
+    return Setup(micro_batch=t.micro_batch_size, seq_len=recipe.data.max_seq_len, lora_r=recipe.peft.r,
+                 targets=recipe.peft.target_modules, optimizer=t.optimizer,
+                 gradient_checkpointing=t.gradient_checkpointing, quant=q.mode, double_quant=q.double_quant,
+                 gpu=gpu, gpus_per_node=gpus_per_node, nodes=nodes)
+
+
+def render(arch: Arch, s: Setup, plans: list[Plan], choice: str, gpu_gb: float, cpu_gb: float) -> str:
+    unit = "GPU" if s.gpu else "process"
+    lines = [f"{arch.name}: {arch.params / 1e9:.2f}B parameters ({arch.quantized_params / 1e9:.2f}B quantized), "
+             f"LoRA r={s.lora_r}: {arch.lora_params(s.lora_r, s.targets) / 1e6:.1f}M trainable",
+             f"{s.nodes} node(s) x {s.gpus_per_node} {unit}(s), {gpu_gb:g} GB per {unit}, {cpu_gb:g} GB CPU RAM per node; "
+             f"micro batch {s.micro_batch} x {s.seq_len} tokens, gradient checkpointing "
+             f"{'on' if s.gradient_checkpointing else 'off'}, {s.optimizer}", ""]
+    terms = list(plans[0].device) if plans else []
+    head = f"{'GB per ' + unit:<22}" + "".join(f"{p.strategy:>14}" for p in plans)
+    lines.append(head)
+    for term in terms:
+        lines.append(f"  {term:<20}" + "".join(f"{p.device[term]:>14.2f}" for p in plans))
+    lines.append(f"  {'total':<20}" + "".join(f"{p.device_total:>14.2f}" for p in plans))
+    lines.append(f"{'CPU RAM per node':<22}" + "".join(f"{p.host_total:>14.2f}" for p in plans))
+    lines.append(f"{'fits':<22}" + "".join(f"{'yes' if p.fits else 'no':>14}" for p in plans))
+    lines.append(f"{'largest micro batch':<22}" + "".join(f"{p.max_micro_batch:>14}" for p in plans))
+    lines += ["", f"recommended: {choice}"]
+    return "\n".join(lines)
+
+
+def as_json(arch: Arch, s: Setup, plans: list[Plan], best: Plan | None, choice: str) -> str:
+    return json.dumps({"model": asdict(arch), "params": arch.params, "setup": asdict(s),
+                       "plans": [{**asdict(p), "device_total_gb": round(p.device_total, 3),
+                                  "host_total_gb": round(p.host_total, 3)} for p in plans],
+                       "recommended": best.strategy if best else None, "why": choice}, indent=1)
