@@ -1,5 +1,6 @@
 """`launcher submit/sweep --dry-run` and the up-front refusals: no cluster needed."""
 
+import json
 import shlex
 import subprocess
 
@@ -121,3 +122,18 @@ def test_committed_plain_sbatch_is_regenerated_exactly(tmp_path):
         "slurm/qlora.sbatch is stale: run bash slurm/regenerate.sh"
     recipe = load_recipe(str(ROOT / "slurm/example-cluster.yaml"))
     assert recipe.slurm.nodes == 2 and recipe.slurm.sbatch_extra["exclusive"] is True
+
+
+def test_scaling_example_sweep_dry_run(tmp_path):
+    models = "huggyllama/llama-7b,huggyllama/llama-13b,huggyllama/llama-30b,huggyllama/llama-65b"
+    res = run_cli("sweep", ROOT / "examples/scaling-7b-65b.yaml", "--grid", f"model={models}",
+                  "--grid", "nodes=1,2,4", "--out", tmp_path / "scaling", "--dry-run")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "12 runs in 3 array(s)" in res.stdout  # one array per node count
+    big = next((tmp_path / "scaling").glob("p*-modelllama-65b-nodes4"))
+    recipe = load_recipe(str(big / "recipe.yaml"))
+    assert (recipe.dist.nnodes, recipe.dist.nproc, recipe.dist.strategy) == (4, 8, "fsdp")
+    res = run_cli("plan", ROOT / "examples/scaling-7b-65b.yaml", "--model", "llama-65b", "--gpus-per-node", "8",
+                  "--json")
+    fsdp = next(p for p in json.loads(res.stdout)["plans"] if p["strategy"] == "fsdp")
+    assert fsdp["fits"]
