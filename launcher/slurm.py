@@ -158,7 +158,7 @@ class NodeJob:
             print(f"[launcher] training stopped at step {stopped['step']} ({stopped['signal']})", flush=True)
             if env.global_rank == 0 and callable(requeue):
                 (run / preempt.REQUEST).unlink(missing_ok=True)  # the requeued attempt starts afresh
-                requeue(signal.SIGUSR2, None)  # dumps checkpoint(), `scontrol requeue`, exits
+                requeue(getattr(signal, stopped["signal"], signal.SIGUSR2), None)  # checkpoint(), requeue, exit
             return {"interrupted": stopped}
         if proc.returncode:
             raise RuntimeError(f"training exited with status {proc.returncode} on {env.hostname}; "

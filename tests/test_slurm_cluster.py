@@ -114,8 +114,10 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_time_limit_signal_requeues_and_resumes(cluster, tmp_path):
-    """USR2 as Slurm sends it before the time limit: checkpoint, requeue, resume, finish."""
+def _interrupted_run_finishes(tmp_path, interrupt) -> tuple[Path, str]:
+    """Submit a 2-node run, call interrupt(job_id) after 3 steps, let the requeued job finish, and
+    check that nothing repeats: steps 1..N once each, every rank's micro batches once, no sample
+    twice within an epoch, logs appended across the attempts."""
     from launcher import slurm
 
     run = tmp_path / "run"
@@ -126,7 +128,7 @@ def test_time_limit_signal_requeues_and_resumes(cluster, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     job = _job_ids(run)[0]
     _wait_for(lambda: (run / "metrics.jsonl").exists() and len(_train_steps(run)) >= 3, 300, "3 training steps")
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what --signal=USR2@T delivers
+    interrupt(job)
     _wait_for(lambda: slurm.job_state(job).get("Restarts", "0") != "0", 300, "the requeue")
     # Slurm holds a requeued job two minutes before it is eligible again; release it now.
     _wait_for(lambda: slurm.job_state(job).get("JobState") != "COMPLETING", 120, "the requeued job to leave COMPLETING")
@@ -135,7 +137,7 @@ def test_time_limit_signal_requeues_and_resumes(cluster, tmp_path):
     assert states[job] == "COMPLETED", _logs(run)[-4000:]
 
     logs = _logs(run)
-    assert "training stopped at step" in logs and "Requeued job" in logs
+    assert "training stopped at step" in logs
     stopped = int(logs.split("training stopped at step ")[1].split()[0])
     assert 3 <= stopped < total
     assert f"resumed from {run / 'checkpoints' / f'step_{stopped:07d}'} at step {stopped} (restart 1)" in logs
@@ -156,6 +158,27 @@ def test_time_limit_signal_requeues_and_resumes(cluster, tmp_path):
                 seen.setdefault(r["epoch"], []).extend(i for i in r["ids"] if i >= 0)
         for ids in seen.values():
             assert len(ids) == len(set(ids))
+    return run, logs
+
+
+def test_time_limit_signal_requeues_and_resumes(cluster, tmp_path):
+    """USR2 as Slurm sends it before the time limit (`--signal=USR2@T` delivers it to every
+    process of the job): checkpoint, requeue through submitit, resume, finish."""
+    _, logs = _interrupted_run_finishes(tmp_path, lambda job: subprocess.run(["scancel", "--signal=USR2", job],
+                                                                             check=True))
+    assert "(SIGUSR2)" in logs and "Requeued job" in logs
+
+
+def test_preemption_requeues_and_resumes(cluster, tmp_path):
+    """A job in partition `urgent` preempts ours (PreemptMode=REQUEUE): Slurm sends SIGTERM, the
+    ranks checkpoint within the grace time, and the requeued job resumes."""
+    def preempt(job):
+        out = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N", "2", "--exclusive", "-o", "/dev/null",
+                              "--wrap", "sleep 5"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+
+    _, logs = _interrupted_run_finishes(tmp_path, preempt)
+    assert "(SIGTERM)" in logs
 
 
 def test_plain_sbatch_script_runs_two_nodes(cluster, tmp_path):

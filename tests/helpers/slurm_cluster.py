@@ -1,5 +1,6 @@
 """A real Slurm cluster on this machine for the tests: munge, slurmctld and two `slurmd -N`
-daemons (nodes n1, n2) from Debian's packages, all state under one folder.
+daemons (nodes n1, n2) from Debian's packages, all state under one folder. Jobs in partition
+`urgent` preempt (requeue) jobs in the default partition `debug`, with 60 s of grace.
 
     python tests/helpers/slurm_cluster.py up DIR     # prints the SLURM_CONF to export
     python tests/helpers/slurm_cluster.py down DIR
@@ -58,7 +59,10 @@ InactiveLimit=0
 SlurmdTimeout=60
 SlurmctldTimeout=60
 {nodes}
-PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=60
+PartitionName=urgent Nodes={names} MaxTime=INFINITE State=UP PriorityTier=2
 """
 
 
