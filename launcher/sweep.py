@@ -138,6 +138,22 @@ def tables(rows: list[dict]) -> tuple[str, str]:
     return "\n".join(md) + "\n", buf.getvalue()
 
 
+def _grouped(rows: list[dict], label, order: str) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(label(r), []).append(r)
+    return {name: sorted(rs, key=lambda r: r[order]) for name, rs in groups.items()}
+
+
+def _save(fig, axes, path: Path) -> Path:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def plots(rows: list[dict], out: Path) -> list[Path]:
     """Throughput and scaling efficiency against GPU count; peak memory against model size."""
     import matplotlib
@@ -145,39 +161,22 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, list[dict]] = {}
-    for r in rows:
-        series.setdefault(f"{Path(r['model']).name} {r['strategy']} mb{r['micro_batch_size']} s{r['seq_len']}", []).append(r)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, rs in series.items():
-        rs = sorted(rs, key=lambda r: r["world"])
+    label = lambda r: f"{Path(r['model']).name} {r['strategy']} mb{r['micro_batch_size']} s{r['seq_len']}"  # noqa: E731
+    for name, rs in _grouped(rows, label, "world").items():
         ax1.plot([r["world"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
         ax2.plot([r["world"] for r in rs], [r["scaling_efficiency"] for r in rs], "o-", label=name)
     ax1.set(xlabel="GPUs (processes)", ylabel="tokens/s (all ranks)", title="throughput")
     ax2.set(xlabel="GPUs (processes)", ylabel="tokens/s per GPU vs smallest run", title="scaling efficiency")
     ax2.axhline(1.0, color="grey", lw=0.8, ls="--")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    ax1.legend(fontsize=7)
-    fig.tight_layout()
-    throughput = out / "throughput.png"
-    fig.savefig(throughput, dpi=100)
-    plt.close(fig)
+    throughput = _save(fig, [ax1, ax2], out / "throughput.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    by_strategy: dict[str, list[dict]] = {}
-    for r in rows:
-        by_strategy.setdefault(f"{r['strategy']} x{r['world']}", []).append(r)
-    for name, rs in by_strategy.items():
-        rs = sorted(rs, key=lambda r: r["params"])
+    fig2, ax = plt.subplots(figsize=(6, 4))
+    for name, rs in _grouped(rows, lambda r: f"{r['strategy']} x{r['world']}", "params").items():
         ax.plot([r["params"] / 1e9 for r in rs], [r["peak_mem_gb"] for r in rs], "o-", label=name)
     ax.set(xlabel="model parameters (billions)", ylabel="peak memory per GPU (GB)", title="memory")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    memory = out / "memory.png"
-    fig.savefig(memory, dpi=100)
-    plt.close(fig)
+    memory = _save(fig2, [ax], out / "memory.png")
+    plt.close("all")
     return [throughput, memory]
 
 

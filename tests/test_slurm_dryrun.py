@@ -137,3 +137,25 @@ def test_scaling_example_sweep_dry_run(tmp_path):
                   "--json")
     fsdp = next(p for p in json.loads(res.stdout)["plans"] if p["strategy"] == "fsdp")
     assert fsdp["fits"]
+
+
+def test_report_table_efficiency_and_plots(tmp_path):
+    base = {"model": "m", "params": 7e9, "strategy": "fsdp", "micro_batch_size": 1, "seq_len": 2048,
+            "peak_mem_gb": 20.0, "step_s": 1.0, "final_loss": 1.0, "eval_loss": 1.1, "steps": 10, "restarts": 0}
+    for i, (world, tps) in enumerate([(8, 8000.0), (16, 15200.0), (32, 28800.0)]):
+        (tmp_path / f"p{i}").mkdir()
+        (tmp_path / f"p{i}/result.json").write_text(json.dumps(
+            {**base, "run": f"p{i}", "world": world, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / world}))
+    res = run_cli("report", tmp_path)
+    assert res.returncode == 0, res.stderr
+    rows = [line.split(" | ") for line in res.stdout.splitlines() if line.startswith("| p")]
+    header = next(line for line in res.stdout.splitlines() if line.startswith("| run")).split(" | ")
+    eff = [float(r[header.index("scaling_efficiency")]) for r in rows]
+    assert eff == [1.0, 0.95, 0.9]
+    assert (tmp_path / "report.csv").read_text().count("\n") == 4
+    for name in ("throughput.png", "memory.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = run_cli("report", empty)
+    assert res.returncode == 2 and "no result.json" in res.stderr
