@@ -37,26 +37,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _placement(recipe, device: str | None = None, need_model: bool = True):
-    """(strategy, gpu) for this recipe on this machine (or on a GPU node when device == "gpu")."""
-    from launcher import placement
-    from launcher.model import resolve_source
-
-    machine = placement.Machine.detect()
-    if device == "gpu" and machine.gpus == 0:  # writing configs for a GPU node from a login node
-        machine = placement.Machine(gpus=recipe.dist.nproc, gpu_memory_gb=80.0)
-    elif device == "cpu":
-        machine = placement.Machine(0)
-    try:
-        cfg = placement.model_config(resolve_source(recipe.model), recipe.model.trust_remote_code,
-                                     local_only=not need_model)
-    except UserError:
-        if need_model:
-            raise
-        cfg = {}  # configs can be written for a model this machine cannot see
-    return placement.check(recipe, machine, cfg), machine.gpus > 0
-
-
 def _spawn_command(recipe, recipe_args: list[str], strategy: str, gpu: bool, resume: bool) -> list[str]:
     """One node, several processes: write the accelerate config and launch exactly what a user would.
     (On CPU, `launcher.train.main` sets ACCELERATE_USE_CPU for DDP ranks itself, as for a hand launch.)"""
@@ -93,7 +73,9 @@ def cmd_train(args) -> int:
     in_launch = "LOCAL_RANK" in os.environ
     needs_launch = recipe.dist.nproc > 1 or recipe.dist.strategy not in ("auto", "single", "ddp")
     if needs_launch and not in_launch:  # ZeRO/FSDP need accelerate's launcher even for one process
-        strategy, gpu = _placement(recipe)  # refuse before spawning anything
+        from launcher import placement
+
+        strategy, gpu = placement.for_target(recipe)  # refuse before spawning anything
         cmd = _spawn_command(recipe, args.recipe, strategy, gpu, args.resume)
         print("launching:", shlex.join(cmd), flush=True)
         code = subprocess.call(cmd)
@@ -128,7 +110,9 @@ def cmd_configs(args) -> int:
 
     path, overrides = _split_recipe_args(args.recipe)
     recipe = load_recipe(path, overrides)
-    strategy, gpu = _placement(recipe, args.device, need_model=False)
+    from launcher import placement
+
+    strategy, gpu = placement.for_target(recipe, args.device, need_model=False)
     note = f"{path or 'the built-in demo'}" + (f" with {' '.join(overrides)}" if overrides else "")
     for written in configs.write(recipe, strategy, Path(args.out), args.name or strategy, gpu, note):
         print(written)

@@ -201,6 +201,24 @@ def check_checkpointing(fsdp_activation_checkpointing: bool, gradient_checkpoint
                         "use one: set train.gradient_checkpointing=false or fsdp_activation_checkpointing: false")
 
 
+def for_target(recipe: Recipe, device: str | None = None, need_model: bool = True) -> tuple[str, bool]:
+    """(strategy, gpu) for this recipe on this machine (or on a GPU node when device == "gpu")."""
+    from launcher.model import resolve_source
+
+    machine = Machine.detect()
+    if device == "gpu" and machine.gpus == 0:  # writing configs for a GPU node from a login node
+        machine = Machine(gpus=recipe.dist.nproc, gpu_memory_gb=80.0)
+    elif device == "cpu":
+        machine = Machine(0)
+    try:
+        cfg = model_config(resolve_source(recipe.model), recipe.model.trust_remote_code, local_only=not need_model)
+    except UserError:
+        if need_model:
+            raise
+        cfg = {}  # configs can be written for a model this machine cannot see
+    return check(recipe, machine, cfg), machine.gpus > 0
+
+
 def rank_and_world() -> tuple[int, int]:
     """Global rank and world size from torch.distributed (accelerate under DeepSpeed on CPU misreports them)."""
     import torch.distributed as dist

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import checkpoint, preempt
+from launcher import checkpoint, placement, preempt
 from launcher.errors import UserError
 from launcher.recipe import Recipe, save_recipe, time_minutes
 
@@ -195,12 +195,11 @@ def make_executor(folder: Path, params: dict, max_timeout_requeues: int):
 def prepare(recipe: Recipe, resume: bool = False) -> Prepared:
     """Check and write the run directory (recipe, accelerate config, plain sbatch); submits nothing."""
     from launcher import configs
-    from launcher.cli import _placement
 
     recipe, shape = resolve(recipe)
     run_dir = Path(recipe.train.output_dir)
     checkpoint.check_run_dir(run_dir, resume)
-    strategy, gpu = _placement(recipe, "gpu" if shape.gpus_per_node else "cpu", need_model=False)
+    strategy, gpu = placement.for_target(recipe, "gpu" if shape.gpus_per_node else "cpu", need_model=False)
     recipe.dist.strategy = strategy  # every node runs what was checked here
     (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run_dir / "recipe.yaml")
