@@ -113,6 +113,19 @@ def launch_argv(run_dir: Path, config: Path, shape: Shape, machine_rank: str, ad
             "-m", "launcher.train", str(run_dir / "recipe.yaml"), "--resume"]
 
 
+def main_address(hostnames: list[str]) -> str:
+    """The allocation's first node, which hosts the rendezvous; fail at once, by name, when this
+    node cannot resolve it (torchrun would otherwise wait out its rendezvous timeout)."""
+    import socket
+
+    try:
+        socket.getaddrinfo(hostnames[0], None)
+    except (socket.gaierror, IndexError) as e:
+        raise RuntimeError(f"cannot resolve the main node {hostnames[:1]} from {socket.gethostname()}: {e}; "
+                           "the nodes of an allocation must resolve each other's names") from None
+    return hostnames[0]
+
+
 def _ignore_usr2() -> None:
     # accelerate's launcher (torchrun) would die of USR2; the training ranks set their own handler.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
@@ -148,7 +161,8 @@ class NodeJob:
             preempt.clear(run)  # before the launch: a request that arrives during startup must stay
             with open(run / "slurm" / "restarts.jsonl", "a") as f:
                 f.write(json.dumps({"job": env.job_id, "restart": restarts, "time": time.time()}) + "\n")
-        argv = launch_argv(run, Path(self.config), self.shape, str(rank), env.hostnames[0], str(port_for(job_id)))
+        argv = launch_argv(run, Path(self.config), self.shape, str(rank), main_address(env.hostnames),
+                           str(port_for(job_id)))
         print("[launcher] " + shlex.join(argv), flush=True)
         proc = subprocess.Popen(argv, preexec_fn=_ignore_usr2, env={**os.environ, preempt.UNDER_JOB: "1"})
         while proc.poll() is None:  # poll, not wait(): a signal handler may run in between

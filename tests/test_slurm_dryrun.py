@@ -91,6 +91,12 @@ def test_refuses_to_submit_over_an_existing_run(tmp_path):
     assert res.returncode == 2 and "--resume" in res.stderr
 
 
+def test_unresolvable_main_node_fails_at_once():
+    assert slurm.main_address(["localhost", "n9"]) == "localhost"
+    with pytest.raises(RuntimeError, match="cannot resolve the main node"):
+        slurm.main_address(["no-such-node.invalid"])
+
+
 def test_ports_and_times():
     assert slurm.port_for("1234") == slurm.port_for(1234) == 21234
     assert slurm.port_for("20001") != slurm.port_for("20002")
