@@ -164,6 +164,7 @@ class NodeJob:
         argv = launch_argv(run, Path(self.config), self.shape, str(rank), main_address(env.hostnames),
                            str(port_for(job_id)))
         print("[launcher] " + shlex.join(argv), flush=True)
+        started = time.time()
         proc = subprocess.Popen(argv, preexec_fn=_ignore_usr2, env={**os.environ, preempt.UNDER_JOB: "1"})
         while proc.poll() is None:  # poll, not wait(): a signal handler may run in between
             time.sleep(0.5)
@@ -174,7 +175,11 @@ class NodeJob:
                 (run / preempt.REQUEST).unlink(missing_ok=True)  # the requeued attempt starts afresh
                 requeue(getattr(signal, stopped["signal"], signal.SIGUSR2), None)  # checkpoint(), requeue, exit
             return {"interrupted": stopped}
-        if proc.returncode:
+        summary = run / "summary.json"
+        finished = summary.exists() and summary.stat().st_mtime >= started  # written by this attempt
+        if proc.returncode and finished:  # a TERM at the very end kills torchrun's agent, not the finished run
+            print(f"[launcher] training finished; its launcher exited with {proc.returncode}", flush=True)
+        elif proc.returncode:
             raise RuntimeError(f"training exited with status {proc.returncode} on {env.hostname}; "
                                f"see {run / 'slurm'} for the logs")
         if env.global_rank == 0:

@@ -114,14 +114,13 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _interrupted_run_finishes(tmp_path, interrupt) -> tuple[Path, str]:
+def _interrupted_run_finishes(tmp_path, interrupt, total: int = 60) -> tuple[Path, str]:
     """Submit a 2-node run, call interrupt(job_id) after 3 steps, let the requeued job finish, and
     check that nothing repeats: steps 1..N once each, every rank's micro batches once, no sample
     twice within an epoch, logs appended across the attempts."""
     from launcher import slurm
 
     run = tmp_path / "run"
-    total = 24
     res = run_cli("submit", f"train.output_dir={run}", f"train.max_steps={total}", "train.log_every=1",
                   "train.save_every=1000", "train.eval_every=1000", "data.log_sample_ids=true", *TRAIN,
                   "--nodes", "2")
@@ -177,7 +176,7 @@ def test_preemption_requeues_and_resumes(cluster, tmp_path):
                               "--wrap", "sleep 5"], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
 
-    _, logs = _interrupted_run_finishes(tmp_path, preempt)
+    _, logs = _interrupted_run_finishes(tmp_path, preempt, total=150)  # Slurm takes seconds to preempt
     assert "(SIGTERM)" in logs
 
 
