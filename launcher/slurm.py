@@ -96,9 +96,10 @@ def executor_parameters(recipe: Recipe, shape: Shape) -> dict:
               "ntasks_per_node": shape.tasks_per_node, "time": time_minutes(s.time),
               "signal_delay_s": s.signal_delay_s, "setup": list(s.setup),
               "additional_parameters": {"requeue": True, **s.sbatch_extra}}
-    if shape.gpus_per_node:
-        params["gpus_per_node" if shape.launch == "node" else "gpus_per_task"] = \
-            shape.gpus_per_node if shape.launch == "node" else 1
+    if shape.gpus_per_node and shape.launch == "node":
+        params["gpus_per_node"] = shape.gpus_per_node
+    elif shape.gpus_per_node:  # task mode: Slurm binds one GPU to each task
+        params["gpus_per_task"] = 1
     for key in ("cpus_per_task", "mem", "partition", "account", "qos", "constraint"):
         if getattr(s, key) is not None:
             params[key] = getattr(s, key)
