@@ -129,7 +129,7 @@ def _slurm_recipe(args, extra: list[str] = ()):
     flags = [f"slurm.{k}={getattr(args, k)}" for k in SLURM_FLAGS if getattr(args, k) is not None]
     for item in args.sbatch or []:
         key, sep, value = item.partition("=")
-        if not sep and not key:
+        if not key:
             raise UserError(f"--sbatch {item!r}: expected NAME=VALUE (e.g. --sbatch exclusive=true)")
         flags.append(f"slurm.sbatch_extra.{key}={value if sep else 'true'}")
     recipe = load_recipe(path, [*overrides, *flags, *extra])
@@ -156,10 +156,11 @@ def cmd_submit(args) -> int:
     _, _, recipe = _slurm_recipe(args)
     p = slurm.prepare(recipe, resume=args.resume)
     log_dir = p.run_dir / "slurm"
-    (log_dir / "submit.sbatch").write_text(slurm.sbatch_text(p))
+    script = slurm.sbatch_text(p)
+    (log_dir / "submit.sbatch").write_text(script)
     if args.dry_run:
         print(f"# sbatch script (saved as {log_dir / 'submit.sbatch'}):")
-        print(slurm.sbatch_text(p))
+        print(script)
         print(f"# launch per {'node' if p.shape.launch == 'node' else 'task'} (machine rank, then the command):")
         for rank, cmd in enumerate(slurm.node_commands(p)):
             print(f"{rank}: {cmd}")

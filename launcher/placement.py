@@ -56,20 +56,6 @@ def model_config(source: str, trust_remote_code: bool = False, local_only: bool 
         raise UserError(f"model.name: cannot read the config of {source!r}: {first}") from None
 
 
-def approx_params(cfg: dict) -> float:
-    """Parameter count of a decoder-only transformer from its config (embeddings + blocks)."""
-    h = cfg.get("hidden_size", 0)
-    layers = cfg.get("num_hidden_layers", 0)
-    inter = cfg.get("intermediate_size", 4 * h)
-    heads = cfg.get("num_attention_heads", 1) or 1
-    kv = cfg.get("num_key_value_heads", heads) or heads
-    head_dim = cfg.get("head_dim") or h // heads
-    attn = h * head_dim * (2 * heads + 2 * kv)
-    mlp = 3 * h * inter
-    emb = cfg.get("vocab_size", 0) * h * (1 if cfg.get("tie_word_embeddings") else 2)
-    return layers * (attn + mlp) + emb
-
-
 def resolve_strategy(recipe: Recipe, machine: Machine, cfg: dict | None = None) -> str:
     """`auto`: one process runs single; on GPUs the memory planner's recommendation (DDP while a
     replica fits, else ZeRO-2, FSDP, ZeRO-3, then the offloading variants)."""

@@ -168,10 +168,11 @@ class Plan:
         return sum(self.host.values())
 
 
-def _weight_bits(s: Setup) -> float:
+def _weight_bits(s: Setup, dtype_bytes: int) -> float:
+    """Bits per stored weight of a quantized linear layer (incl. its absmax/scale overhead)."""
     if s.quant in ("nf4", "fp4"):
         return 4 + (8 / 64 + 32 / (64 * 256) if s.double_quant else 32 / 64)
-    return 8 + 0.0 if s.quant == "int8" else 16.0
+    return 8.0 if s.quant == "int8" else dtype_bytes * 8.0
 
 
 def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
@@ -182,7 +183,7 @@ def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
     shard = world if strategy in SHARD_PARAMS else 1
     state_shard = world if strategy in SHARD_STATES else 1
     offload = strategy in OFFLOAD
-    bits = _weight_bits(s) if s.quant != "none" else dtype * 8
+    bits = _weight_bits(s, dtype)
     lora = arch.lora_params(s.lora_r, s.targets)
     opt = OPTIMIZER_BYTES.get(s.optimizer, 8)
 
@@ -222,9 +223,8 @@ def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
         host["loading_buffers"] = readers * min(5 * GB, arch.params * 2)
     else:  # a CPU "GPU" is the process itself: the device terms are host memory
         host["cpu_processes"] = sum(device.values()) * per_node
-    plan = Plan(strategy, {k: round(v / GB, 3) for k, v in device.items()},
+    return Plan(strategy, {k: round(v / GB, 3) for k, v in device.items()},
                 {k: round(v / GB, 3) for k, v in host.items()})
-    return plan
 
 
 def largest_micro_batch(arch: Arch, strategy: str, s: Setup, gpu_gb: float, limit: int = 4096) -> int:
@@ -244,7 +244,7 @@ def largest_micro_batch(arch: Arch, strategy: str, s: Setup, gpu_gb: float, limi
 def plan_all(arch: Arch, s: Setup, gpu_gb: float, cpu_gb: float, strategies=STRATEGIES) -> list[Plan]:
     plans = []
     for strategy in strategies:
-        if strategy == "single" and s.world > 1 or strategy != "single" and s.world == 1 and strategy == "ddp":
+        if strategy == "single" and s.world > 1 or strategy == "ddp" and s.world == 1:
             continue  # single is one process; ddp of one process is single
         if strategy.startswith("fsdp") and not s.gpu:
             continue  # accelerate refuses FSDP on CPU

@@ -46,11 +46,6 @@ class StopRequest:
             return bool(local.item())
         return accelerator.reduce(local, reduction="sum").item() > 0
 
-    def restore(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for s in SIGNALS:
-                signal.signal(s, signal.SIG_DFL)
-
 
 def request(run_dir: Path) -> None:
     """Ask a running training to stop at its next step (what the Slurm task does on USR2)."""

@@ -300,17 +300,11 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
                 eval_loss = evaluate(model, eval_dl, accelerator, cfg.eval_batches)
                 log.write({"step": step, "eval_loss": eval_loss})
                 say(f"step {step}: eval_loss {eval_loss:.4f}")
-            saved = step % cfg.save_every == 0 or step == total_steps
-            if saved:
+            interrupted = step < total_steps and stop.agreed(accelerator, world)
+            if interrupted or step % cfg.save_every == 0 or step == total_steps:
                 checkpoint.save(accelerator, run_dir, step, cfg.keep_checkpoints,
                                 {"step": step, "epoch": progress.epoch, "eval_loss": eval_loss})
-            if step >= total_steps:
-                break
-            if stop.agreed(accelerator, world):
-                if not saved:
-                    checkpoint.save(accelerator, run_dir, step, cfg.keep_checkpoints,
-                                    {"step": step, "epoch": progress.epoch, "eval_loss": eval_loss})
-                interrupted = True
+            if interrupted or step >= total_steps:
                 break
         else:  # epoch finished
             progress.epoch += 1

@@ -104,3 +104,35 @@ def test_unknown_peft_option_names_the_field():
 
     with pytest.raises(UserError, match="peft.options: LoraConfig rejects them"):
         peft_config(load_recipe(None, ["peft.options={bogus: 1}"]).peft)
+
+
+def test_usr2_checkpoints_and_exits_3_then_resume_finishes(tmp_path):
+    """Outside Slurm too: USR2 (or TERM) stops a run at the next step with a checkpoint; exit 3."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "r"
+    args = [sys.executable, "-m", "launcher", "train", f"train.output_dir={run}", "train.max_steps=400",
+            "train.log_every=1", "train.save_every=1000", "train.eval_every=1000", "train.warmup_steps=0",
+            "data.max_samples=300"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").exists() and '"loss"' in (run / "metrics.jsonl").read_text()):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    stopped = json.loads((run / "interrupted.json").read_text())
+    assert stopped["signal"] == "SIGUSR2" and 1 <= stopped["step"] < 400
+    assert "--resume" in err and "Traceback" not in err
+    assert (run / "checkpoints" / f"step_{stopped['step']:07d}" / "COMPLETE").exists()
+    res = run_cli("train", f"train.output_dir={run}", f"train.max_steps={stopped['step'] + 2}", "train.log_every=1",
+                  "train.save_every=1000", "train.eval_every=1000", "train.warmup_steps=0", "data.max_samples=300",
+                  "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not (run / "interrupted.json").exists()
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert steps == list(range(1, stopped["step"] + 3))
