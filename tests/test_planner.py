@@ -115,6 +115,8 @@ def test_plan_reads_a_local_config_and_refuses_unknown_presets(tmp_path):
     res = run_cli("plan", "--cpu", "--json")  # the built-in model's config.json
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["model"]["hidden"] == 128
+    res = run_cli("plan", "--model", "llama-7b", "--gpu-memory", "lots")
+    assert res.returncode == 2 and "--gpu-memory" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("plan", "--model", "llama-9000b")
     assert res.returncode == 2 and "unknown preset" in res.stderr and "llama-65b" in res.stderr
 

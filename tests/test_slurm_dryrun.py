@@ -69,6 +69,7 @@ def test_dry_run_one_task_per_gpu(tmp_path):
     (["--sbatch", "ntasks-per-node=4"], "slurm.sbatch_extra.ntasks-per-node"),
     (["--time", "soon"], "slurm.time"),
     (["--launch", "node", "--nodes", "0"], "slurm.nodes"),
+    (["--sbatch", "=x"], "--sbatch"),
 ])
 def test_mismatches_refused_before_submitting(tmp_path, args, field):
     res = run_cli("submit", f"train.output_dir={tmp_path / 'run'}", *args, "--dry-run")
