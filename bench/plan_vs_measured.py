@@ -32,22 +32,30 @@ CPU_RUNS = [("tiny", 32, 32, True), ("100m", 4, 256, True), ("100m", 4, 256, Fal
 GPU_RUNS = [("1b", 4, 1024, True), ("8b", 2, 2048, True), ("8b", 1, 1024, False)]
 
 
-def model_dir(size: str, root: Path, dtype: str) -> str:
+def model_dir(size: str, root: Path, gpu: bool) -> str:
+    """CPU: weights written to disk and loaded as usual. GPU: only config.json; the weights are made
+    on the GPU layer by layer (model.random_init), the same model without writing 16 GB."""
     if SIZES[size] is None:
         return "builtin:tiny-llama"
     from launcher.builtin import write_random_llama
 
     path = root / size
     if not path.exists():
-        write_random_llama(path, dtype=dtype, **SIZES[size])
+        if gpu:
+            from transformers import LlamaConfig
+
+            LlamaConfig(**SIZES[size]).save_pretrained(path)
+        else:
+            write_random_llama(path, dtype="float32", **SIZES[size])
     return str(path)
 
 
-def measure(model: str, mb: int, seq: int, gc: bool, out: Path) -> dict:
+def measure(model: str, mb: int, seq: int, gc: bool, out: Path, gpu: bool) -> dict:
     cmd = [sys.executable, "-m", "launcher", "train", f"model.name={model}", f"train.output_dir={out}",
+           f"model.random_init={str(gpu and model.startswith('/')).lower()}",
            "train.max_steps=3", "train.warmup_steps=0", f"train.micro_batch_size={mb}", f"data.max_seq_len={seq}",
            "data.packing=true", f"train.gradient_checkpointing={str(gc).lower()}", "train.eval_every=1000",
-           "data.eval_fraction=0", "data.max_samples=2000"]
+           "data.eval_fraction=0", "data.max_samples=4000"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(res.stderr[-3000:])
@@ -76,8 +84,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for i, (size, mb, seq, gc) in enumerate(runs):
-            model = model_dir(size, root, "bfloat16" if args.gpu else "float32")
-            summary = measure(model, mb, seq, gc, root / f"run{i}")
+            model = model_dir(size, root, args.gpu)
+            summary = measure(model, mb, seq, gc, root / f"run{i}", args.gpu)
             measured = max(summary["peak_mem_gb_per_rank"])
             if args.gpu:
                 from launcher.planner import GPU_OVERHEAD_GB
@@ -86,7 +94,8 @@ def main() -> None:
             plan = planned(model, mb, seq, gc, args.gpu)
             print(json.dumps({"size": size, "params": summary["total_params"], "micro_batch": mb, "seq_len": seq,
                               "gradient_checkpointing": gc, "measured_gb": round(measured, 3),
-                              "planned_gb": round(plan, 3), "ratio": round(plan / measured, 3)}), flush=True)
+                              "planned_gb": round(plan, 3), "ratio": round(plan / measured, 3),
+                              "reserved_gb": summary.get("peak_reserved_gb_per_rank")}), flush=True)
 
 
 if __name__ == "__main__":

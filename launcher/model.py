@@ -31,6 +31,14 @@ def resolve_source(model: ModelCfg) -> str:
     """A local directory or hub id that `from_pretrained` understands."""
     if model.name == builtin.TINY_LLAMA:
         return str(builtin.ensure_tiny_llama())
+    if model.random_init:
+        from launcher import planner, random_model
+
+        if model.name in planner.PRESETS:
+            return str(random_model.preset_dir(model.name))
+        if not (Path(model.name).expanduser() / "config.json").is_file():
+            raise UserError(f"model.name: with model.random_init, give a preset ({', '.join(planner.PRESETS)}) "
+                            f"or a directory with a config.json; {model.name!r} is neither")
     path = Path(model.name).expanduser()
     looks_local = model.name.startswith((".", "/", "~")) or path.exists()
     if looks_local:
@@ -68,6 +76,8 @@ def _load_error(what: str, source: str, err: Exception) -> UserError:
 def load_tokenizer(source: str, model: ModelCfg):
     from transformers import AutoTokenizer
 
+    if model.random_init and not any((Path(source) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return builtin.build_tokenizer()  # random weights need no matching vocabulary, only ids inside it
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -78,7 +88,7 @@ def load_tokenizer(source: str, model: ModelCfg):
 
 
 @contextlib.contextmanager
-def _streaming_malloc():
+def streaming_malloc():
     """Hand freed load buffers back to the OS at once.
 
     transformers quantizes one tensor at a time, but glibc raises its mmap threshold (up to
@@ -86,7 +96,8 @@ def _streaming_malloc():
     heap and are kept there: host memory then grew to 2-7x the 4-bit model between identical
     runs (measured, 0.6 GB bf16 model: 0.26-1.45 GB). A fixed 1 MB threshold during the load
     keeps it at the model plus one tensor (0.26-0.29 GB); 32 MB afterwards is glibc's usual
-    steady state, so training allocations reuse the heap."""
+    steady state, so training allocations reuse the heap. ZeRO-3 partitioning uses it too: each
+    full parameter it frees must leave the process, not stay in the heap."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc
@@ -108,8 +119,14 @@ def load_base_model(source: str, model: ModelCfg, quant: QuantCfg, device_map=No
 
     if dtype is None:
         dtype = compute_dtype(quant) if model.dtype == "auto" else DTYPES[model.dtype]
+    if model.random_init:
+        from launcher import random_model
+
+        with streaming_malloc():
+            return random_model.build(source, quantization_config(quant, storage), dtype, device_map,
+                                      model.attn_implementation)
     try:
-        with _streaming_malloc():
+        with streaming_malloc():
             return AutoModelForCausalLM.from_pretrained(
                 source,
                 revision=model.revision,

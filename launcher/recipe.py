@@ -36,6 +36,10 @@ class ModelCfg(Section):
         "sdpa", description="Attention kernel passed to transformers."
     )
     trust_remote_code: bool = Field(False, description="Allow custom modeling code from the model directory.")
+    random_init: bool = Field(
+        False, description="Random weights created layer by layer on the device and quantized at once (scaling "
+        "experiments, no download): model.name is a planner preset such as llama-65b or a directory with a config.json."
+    )
     device_map: Union[str, dict[str, Any], None] = Field(
         None, description="Override the placement's device_map (normally unset: the strategy picks it; refused under ZeRO-3/FSDP)."
     )

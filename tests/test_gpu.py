@@ -62,3 +62,28 @@ def test_fsdp_resume_on_gpu(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["restarts"] == 1 and summary["steps"] == 40
+
+
+def test_65b_random_weights_train_on_one_gpu_within_the_plan(tmp_path):
+    """Llama-65B architecture, random weights made layer by layer on the GPU and quantized at once:
+    loads in 4-bit on one GPU, trains a few steps, and its peak is the planner's estimate within 15%."""
+    import torch
+
+    from launcher import planner
+
+    setup = planner.Setup(micro_batch=1, seq_len=512, optimizer="paged_adamw_32bit")
+    plan = planner.estimate(planner.PRESETS["llama-65b"], "single", setup).device_total
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if plan > total * 0.95:
+        pytest.skip(f"llama-65b needs ~{plan:.0f} GB; this GPU has {total:.0f} GB")
+    run = tmp_path / "65b"
+    res = run_cli("train", "model.name=llama-65b", "model.random_init=true", "data.max_seq_len=512",
+                  "data.packing=true", "train.micro_batch_size=1", "train.max_steps=3", "train.warmup_steps=0",
+                  "data.eval_fraction=0", "train.optimizer=paged_adamw_32bit", f"train.output_dir={run}")
+    assert res.returncode == 0, res.stderr[-4000:]
+    s = json.loads((run / "summary.json").read_text())
+    measured = s["peak_mem_gb_per_rank"][0] + planner.GPU_OVERHEAD_GB
+    print(json.dumps({"planned_gb": round(plan, 2), "measured_gb": round(measured, 2), "load_s": s["load_s"],
+                      "step_s": s["step_s"], "reserved_gb": s["peak_reserved_gb_per_rank"], "params": s["total_params"]}))
+    assert s["steps"] == 3 and s["total_params"] > 60e9
+    assert abs(measured - plan) / measured < 0.15, (measured, plan)
