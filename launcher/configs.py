@@ -66,7 +66,8 @@ def accelerate_config(recipe: Recipe, strategy: str, gpu: bool, ds_file: str | N
         ds = [("deepspeed_config_file", ds_file, "ZeRO settings live in the JSON (relative to the launch directory)"),
               ("deepspeed_multinode_launcher", "standard", "torchrun-style: one launch per node, no pdsh/ssh")]
         if ZERO_STAGE[strategy] == 3:
-            ds.append(("zero3_init_flag", True, "partition weights while they load (deepspeed.zero.Init)"))
+            ds.append(("zero3_init_flag", False, "zero.Init cannot split 4-bit layers as they load; the launcher "
+                       "loads on rank 0 only and DeepSpeed partitions from there"))
         items += [("distributed_type", "DEEPSPEED", None), ("deepspeed_config", ds, None)]
     elif strategy in FSDP:
         v2 = d.fsdp_version == 2

@@ -6,6 +6,8 @@ keeps it) and directly by tests that run torch's `fully_shard` over gloo on CPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from launcher.errors import UserError
@@ -82,28 +84,121 @@ def digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------- RAM-efficient FSDP2 loading
+# ---------------------------------------------------------------- RAM-efficient loading (FSDP2, ZeRO-3)
 
 
 def quant_layout(model) -> dict:
-    """Per 4-bit layer: the packed weight's shape and dtype and its quantization state (rank 0 sends this)."""
+    """Per 4-bit layer: the packed weight's shape and dtype and its quantization state, as plain CPU
+    tensors (rank 0 sends this; each rank rebuilds the state on its own device)."""
     out = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if type(weight).__name__ == "Params4bit":
-            out[name] = (tuple(weight.shape), weight.dtype, weight.quant_state)
+            packed = {k: v.cpu() if torch.is_tensor(v) else v for k, v in weight.quant_state.as_dict(packed=True).items()}
+            out[name] = (tuple(weight.shape), weight.dtype, packed)
     return out
 
 
-def apply_quant_layout(skeleton, layout: dict) -> None:
+def apply_quant_layout(skeleton, layout: dict, device) -> None:
     """Give a meta-device skeleton rank 0's packed 4-bit shapes and quantization states."""
+    from bitsandbytes.functional import QuantState
     from bitsandbytes.nn import Params4bit
 
-    for name, (shape, dtype, state) in layout.items():
+    for name, (shape, dtype, packed) in layout.items():
         module = skeleton.get_submodule(name)
+        state = QuantState.from_dict(packed, torch.device(device))
         module.weight = Params4bit(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False,
-                                   quant_state=state, quant_storage=dtype, bnb_quantized=True)
+                                   quant_state=state, blocksize=state.blocksize, compress_statistics=state.nested,
+                                   quant_type=state.quant_type, quant_storage=dtype, bnb_quantized=True)
         module.quant_state = state  # bitsandbytes restores it onto the weight FSDP rebuilds each forward
+
+
+def _rank0_reads(load, wrap, device):
+    """Rank 0 reads, quantizes and wraps the model; every other rank builds the same structure on
+    the meta device (no memory) from rank 0's 4-bit layout. Returns (model, rank)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    if rank == 0:
+        base = load(None)
+        layout = [quant_layout(base)]  # names of the unwrapped model, as the skeleton has them
+        model = wrap(base)
+    else:
+        model, layout = load("meta"), [None]
+    dist.broadcast_object_list(layout, src=0)
+    if rank != 0:
+        apply_quant_layout(model, layout[0], device)
+        model = wrap(model)
+    return model, rank
+
+
+def load_fsdp2(load, wrap, *, offload: bool, device) -> torch.nn.Module:
+    """RAM-efficient FSDP2 model: only rank 0 reads and quantizes the weights.
+
+    `load(device_map)` returns the quantized base (device_map "meta" for the skeleton) and
+    `wrap(model)` adds the adapter. Every rank but 0 shards the skeleton, allocates only its own
+    shards, and receives them from rank 0. Peak host memory: one full copy on rank 0, a shard elsewhere.
+    """
+    model, rank = _rank0_reads(load, wrap, device)
+    full = None
+    if rank == 0:
+        full = {n: p.detach() for n, p in model.named_parameters()}
+        full.update({n: b.detach() for n, b in model.named_buffers()})
+    fsdp2_shard(model, offload=offload)
+    if rank != 0:
+        model.to_empty(device="cpu" if offload else device)
+    broadcast_from_rank0(model, full, "cpu" if offload else device)
+    del full
+    return model
+
+
+@contextlib.contextmanager
+def without_hf_zero3(plugin):
+    """transformers sees ZeRO-3 through accelerate's global DeepSpeed config and then creates the
+    model under zero.Init and refuses a device_map; load_zero3 partitions by itself, so hide it."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.dschf = None
+        plugin.set_deepspeed_weakref()
+
+
+def load_zero3(load, wrap, *, device) -> torch.nn.Module:
+    """RAM-efficient ZeRO-3 model: only rank 0 reads and quantizes the weights.
+
+    DeepSpeed partitions a model it is given one parameter at a time: it broadcasts the
+    parameter from rank 0, keeps this rank's slice and frees the rest. So the other ranks only
+    need the right structure with allocated but untouched memory (no resident pages until
+    DeepSpeed writes one parameter into it). Peak host memory: one 4-bit model on rank 0, about one
+    parameter plus the shards elsewhere. Call `accelerator.prepare` under `model.streaming_malloc()`
+    so each freed full parameter goes back to the OS."""
+    import torch.distributed as dist
+    from bitsandbytes.nn import Params4bit
+
+    model, rank = _rank0_reads(load, wrap, device)
+    if rank != 0:
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if not p.is_meta:
+                    continue
+                if isinstance(p, Params4bit):
+                    new = Params4bit(torch.empty(p.shape, dtype=p.dtype), requires_grad=False, quant_state=p.quant_state,
+                                     blocksize=p.blocksize, compress_statistics=p.compress_statistics,
+                                     quant_type=p.quant_type, quant_storage=p.quant_storage, bnb_quantized=True,
+                                     module=module)
+                else:
+                    new = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                setattr(module, name, new)
+    with torch.no_grad():  # buffers (rotary frequencies): DeepSpeed partitions parameters only
+        for module in model.modules():
+            for name, b in list(module.named_buffers(recurse=False)):
+                t = b.to(device) if rank == 0 else torch.empty(b.shape, dtype=b.dtype, device=device)
+                dist.broadcast(t, 0)
+                module._buffers[name] = t
+    return model
 
 
 def broadcast_from_rank0(model, full: dict | None, device) -> None:
@@ -135,34 +230,3 @@ def _fill(model, full, device, rank) -> None:
         tensor = (full[name] if rank == 0 else torch.empty(buf.shape, dtype=buf.dtype)).to(device).contiguous()
         dist.broadcast(tensor, 0)
         buf.copy_(tensor)
-
-
-def load_fsdp2(load, wrap, *, offload: bool, device) -> torch.nn.Module:
-    """RAM-efficient FSDP2 model: only rank 0 reads and quantizes the weights.
-
-    `load(device_map)` returns the quantized base (device_map "meta" for the skeleton) and
-    `wrap(model)` adds the adapter. Rank 0 builds the real model; every other rank builds the same
-    structure on the meta device, takes rank 0's 4-bit layout, shards, allocates only its own
-    shards, and receives them from rank 0. Peak host memory: one full copy on rank 0, a shard elsewhere.
-    """
-    import torch.distributed as dist
-
-    rank = dist.get_rank()
-    if rank == 0:
-        base = load(None)
-        layout = [quant_layout(base)]  # names of the unwrapped model, as the skeleton has them
-        model = wrap(base)
-        full = {n: p.detach() for n, p in model.named_parameters()}
-        full.update({n: b.detach() for n, b in model.named_buffers()})
-    else:
-        model, full, layout = load("meta"), None, [None]
-    dist.broadcast_object_list(layout, src=0)
-    if rank != 0:
-        apply_quant_layout(model, layout[0])
-        model = wrap(model)
-    fsdp2_shard(model, offload=offload)
-    if rank != 0:
-        model.to_empty(device="cpu" if offload else device)
-    broadcast_from_rank0(model, full, "cpu" if offload else device)
-    del full
-    return model

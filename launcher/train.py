@@ -6,6 +6,7 @@ Run directly by `launcher train`, or per process by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import torch
 from launcher import checkpoint, data, metrics, placement, preempt, sharding
 from launcher.errors import UserError
 from launcher.model import (DTYPES, apply_peft, compute_dtype, count_parameters, load_base_model, load_tokenizer,
-                            resolve_source)
+                            resolve_source, streaming_malloc)
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.recipe import Recipe, load_recipe, save_recipe
 
@@ -184,9 +185,13 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
         placement.check_checkpointing(bool(fsdp_plugin.activation_checkpointing), cfg.gradient_checkpointing)
     low_mem = (accelerator.distributed_type.value == "FSDP" and accelerator.is_fsdp2 and world > 1
                and fsdp_plugin.cpu_ram_efficient_loading)
+    zero3 = deepspeed and world > 1 and accelerator.state.deepspeed_plugin.zero_stage == 3
     if low_mem:  # only rank 0 reads the weights; the others receive their shards
         model = sharding.load_fsdp2(load, wrap, offload=placement.fsdp_offloads(fsdp_plugin), device=accelerator.device)
         fsdp_plugin.auto_wrap_policy = None  # already wrapped
+    elif zero3:  # only rank 0 reads the weights; DeepSpeed partitions them from there in prepare()
+        with sharding.without_hf_zero3(accelerator.state.deepspeed_plugin), streaming_malloc():
+            model = sharding.load_zero3(load, wrap, device=accelerator.device)
     else:
         model = wrap(load(placement.device_map_for(strategy, recipe.model.device_map, accelerator.device)))
     load_s = time.perf_counter() - load_start
@@ -205,7 +210,8 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     if fsdp1:
         optimizer = accelerator.prepare(optimizer)
     else:
-        model, optimizer = accelerator.prepare(model, optimizer)
+        with streaming_malloc() if zero3 else contextlib.nullcontext():
+            model, optimizer = accelerator.prepare(model, optimizer)
     from accelerate.data_loader import prepare_data_loader
 
     # Our sampler already gives each rank its share; accelerate only tracks the epoch end
@@ -333,6 +339,8 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
                "train_loop_s": round(loop_s, 2), "tokens_per_s_rank0": round(run_tokens / max(loop_s, 1e-9), 1),
                "tokens_per_s": round(sum(_gather(run_tokens, world)) / max(loop_s, 1e-9), 1),
                "step_s": round(loop_s / max(progress.step - start_step, 1), 4), "final_loss": last_loss}
+    if accelerator.device.type == "cuda":  # what the allocator held (allocated + cache): what nvidia-smi sees, less the context
+        summary["peak_reserved_gb_per_rank"] = _gather(round(torch.cuda.max_memory_reserved(accelerator.device) / 2**30, 3), world)
     if recipe.data.streaming:  # drops are only known as the stream is read: report them at the end
         c = base_dl.dataset.counts
         summary["stream_rank0"] = {"dropped_empty": c.dropped_empty, "dropped_too_long": c.dropped_long,
