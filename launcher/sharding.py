@@ -99,21 +99,22 @@ def quant_layout(model) -> dict:
     return out
 
 
-def apply_quant_layout(skeleton, layout: dict, device) -> None:
-    """Give a meta-device skeleton rank 0's packed 4-bit shapes and quantization states."""
+def apply_quant_layout(skeleton, layout: dict, device, weights_on: str = "meta") -> None:
+    """Give a meta-device skeleton rank 0's packed 4-bit shapes and quantization states (the states
+    on `device`, the packed weights as empty tensors on `weights_on`)."""
     from bitsandbytes.functional import QuantState
     from bitsandbytes.nn import Params4bit
 
     for name, (shape, dtype, packed) in layout.items():
         module = skeleton.get_submodule(name)
         state = QuantState.from_dict(packed, torch.device(device))
-        module.weight = Params4bit(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False,
+        module.weight = Params4bit(torch.empty(shape, dtype=dtype, device=weights_on), requires_grad=False,
                                    quant_state=state, blocksize=state.blocksize, compress_statistics=state.nested,
                                    quant_type=state.quant_type, quant_storage=dtype, bnb_quantized=True)
         module.quant_state = state  # bitsandbytes restores it onto the weight FSDP rebuilds each forward
 
 
-def _rank0_reads(load, wrap, device):
+def _rank0_reads(load, wrap, device, weights_on: str = "meta"):
     """Rank 0 reads, quantizes and wraps the model; every other rank builds the same structure on
     the meta device (no memory) from rank 0's 4-bit layout. Returns (model, rank)."""
     import torch.distributed as dist
@@ -127,7 +128,7 @@ def _rank0_reads(load, wrap, device):
         model, layout = load("meta"), [None]
     dist.broadcast_object_list(layout, src=0)
     if rank != 0:
-        apply_quant_layout(model, layout[0], device)
+        apply_quant_layout(model, layout[0], device, weights_on)
         model = wrap(model)
     return model, rank
 
@@ -176,22 +177,14 @@ def load_zero3(load, wrap, *, device) -> torch.nn.Module:
     parameter plus the shards elsewhere. Call `accelerator.prepare` under `model.streaming_malloc()`
     so each freed full parameter goes back to the OS."""
     import torch.distributed as dist
-    from bitsandbytes.nn import Params4bit
 
-    model, rank = _rank0_reads(load, wrap, device)
-    if rank != 0:
+    model, rank = _rank0_reads(load, wrap, device, weights_on="cpu")
+    if rank != 0:  # the rest of the skeleton (embeddings, norms, adapter): empty too
         for module in model.modules():
             for name, p in list(module.named_parameters(recurse=False)):
-                if not p.is_meta:
-                    continue
-                if isinstance(p, Params4bit):
-                    new = Params4bit(torch.empty(p.shape, dtype=p.dtype), requires_grad=False, quant_state=p.quant_state,
-                                     blocksize=p.blocksize, compress_statistics=p.compress_statistics,
-                                     quant_type=p.quant_type, quant_storage=p.quant_storage, bnb_quantized=True,
-                                     module=module)
-                else:
-                    new = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
-                setattr(module, name, new)
+                if p.is_meta:
+                    setattr(module, name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                             requires_grad=p.requires_grad))
     with torch.no_grad():  # buffers (rotary frequencies): DeepSpeed partitions parameters only
         for module in model.modules():
             for name, b in list(module.named_buffers(recurse=False)):
