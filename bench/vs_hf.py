@@ -2,16 +2,32 @@
 Hugging Face path a user would otherwise write (transformers Trainer + peft + bitsandbytes).
 
 Same base (4-bit NF4, double quant), same LoRA config, same tokenized data (prompt masked),
-same micro batch, steps, optimizer, schedule, clipping and seed. Reported per run: useful
-(non-padding) tokens/s over the training loop, wall time, time to the first optimizer step
-(process start to the end of step 1, imports and loading included), peak RSS, final eval loss;
-then the launcher / HF ratios of the medians.
+same optimizer, schedule, clipping and seed. Reported per run: useful (non-padding) tokens/s
+over the training loop, wall time, time to the first optimizer step (process start to the end of
+step 1, imports, tokenization and loading included), peak memory (RSS on CPU; allocated and
+reserved on GPU), final eval loss; then the launcher / HF ratios of the medians.
+
+Two workloads:
+- `--data arithmetic` (CPU default): the built-in 8-token samples, the same micro batch (32) and
+  number of steps both ways; `--packing` lets the launcher pack.
+- `--data long` (always with --gpu): variable-length samples (log-normal lengths, median 22% of
+  max_seq_len, up to max_seq_len - 48; chains of additions), one epoch over the same samples. The
+  launcher packs them into 2 rows of max_seq_len per step (~7 samples); the HF path pads each batch
+  of 8 samples to its longest (DataCollatorForSeq2Seq, what a Trainer user writes). So both see the
+  same samples once, in about the same number of optimizer steps.
+GPU (--gpu): Llama-architecture models with random weights (1B, 8B) at max_seq_len 2048. MFU counts
+6 x parameters FLOPs per useful token (frozen weights included, attention excluded) over the GPU's
+dense bf16 peak.
 
     python bench/vs_hf.py [--steps 200] [--repeats 2] [--model tiny|100m] [--packing]
+    python bench/vs_hf.py --data long [--model tiny] [--seq-len 512] [--samples 1000]
+    python bench/vs_hf.py --gpu --model 1b [--samples 1500]
 """
 
 import argparse
 import json
+import math
+import random
 import statistics
 import subprocess
 import sys
@@ -24,46 +40,82 @@ MODELS = {  # Llama-architecture configs with random weights, built locally
     "tiny": None,  # the launcher's built-in 0.96M model
     "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=12, max_position_embeddings=512, tie_word_embeddings=False),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False),
 }
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
 
 
-def build_model(kind: str, where: Path) -> str:
+def build_model(kind: str, where: Path, gpu: bool) -> str:
+    """A local model directory (config, safetensors, tokenizer) both paths load from."""
     if MODELS[kind] is None:
         return "builtin:tiny-llama"
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
 
+    from launcher import random_model
     from launcher.builtin import build_tokenizer
 
     tok = build_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, **MODELS[kind])
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(where)
+    cfg = LlamaConfig(**{"vocab_size": len(tok), **MODELS[kind]}, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg.save_pretrained(where)
+    # made on the GPU in bf16 (seconds for 8B), fp32 on CPU
+    model = random_model.build(str(where), None, torch.bfloat16 if gpu else torch.float32, {"": 0} if gpu else None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, where / "model.safetensors",
+              metadata={"format": "pt"})
+    del model
     tok.save_pretrained(where)
     return str(where)
 
 
-def common(model: str, steps: int, packing: bool) -> list[str]:
-    return [f"model.name={model}", f"train.max_steps={steps}", "train.micro_batch_size=32", "train.warmup_steps=10",
-            "train.log_every=50", f"train.eval_every={steps}", f"train.save_every={steps}", "data.max_samples=4000",
-            "train.report_to=[]", f"data.packing={'true' if packing else 'false'}"]
+def long_samples(path: Path, n: int, seq_len: int, seed: int = 0) -> str:
+    """Variable-length prompt/completion pairs (chains of additions), one token per character."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            length = int(min(seq_len - 48, max(40, rng.lognormvariate(math.log(0.22 * seq_len), 0.75))))
+            text = ""
+            while len(text) < length:
+                a, b = rng.randint(0, 999), rng.randint(0, 999)
+                text += f"{a}+{b}={a + b}, "
+            text = text[:length]
+            f.write(json.dumps({"prompt": text[:length // 4], "completion": text[length // 4:]}) + "\n")
+    return str(path)
 
 
-def run_launcher(model: str, steps: int, packing: bool, out: Path) -> dict:
+def common(model: str, args, data_path: str | None) -> list[str]:
+    """Recipe overrides both paths read (the HF script takes its settings from the same recipe)."""
+    if args.data == "long":
+        return [f"model.name={model}", f"data.path={data_path}", f"data.max_seq_len={args.seq_len}", "train.epochs=1",
+                "train.max_steps=null",
+                f"data.max_samples={args.samples}", "train.warmup_steps=10", "train.log_every=50",
+                "train.eval_every=100000", "train.save_every=100000", "train.report_to=[]",
+                "train.optimizer=paged_adamw_32bit", "data.eval_fraction=0.05"]
+    return [f"model.name={model}", f"train.max_steps={args.steps}", "train.micro_batch_size=32",
+            "train.warmup_steps=10", "train.log_every=50", f"train.eval_every={args.steps}",
+            f"train.save_every={args.steps}", "data.max_samples=4000", "train.report_to=[]"]
+
+
+def run_launcher(overrides: list[str], packing: bool, long: bool, out: Path) -> dict:
+    extra = ["train.micro_batch_size=2"] if long else []
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "launcher", "train", f"train.output_dir={out}",
-                          *common(model, steps, packing)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "launcher", "train", f"train.output_dir={out}", *overrides, *extra,
+                          f"data.packing={'true' if packing else 'false'}"], capture_output=True, text=True)
     wall = time.perf_counter() - start
     if res.returncode:
         raise SystemExit(f"launcher run failed:\n{res.stderr[-3000:]}")
     s = json.loads((out / "summary.json").read_text())
     return {"tokens_per_s": s["tokens_per_s_rank0"], "wall_s": wall, "first_step_s": s["first_step_s"],
-            "peak_rss_gb": s["peak_mem_gb_per_rank"][0], "eval_loss": s["eval_loss"]}
+            "peak_gb": s["peak_mem_gb_per_rank"][0], "reserved_gb": (s.get("peak_reserved_gb_per_rank") or [0])[0],
+            "eval_loss": s["eval_loss"], "steps": s["steps"]}
 
 
 HF_SCRIPT = r'''
-import json, resource, sys, time
+import dataclasses, json, math, resource, sys, time
 import psutil, torch
 from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
                           TrainerCallback, TrainingArguments)
@@ -73,14 +125,17 @@ from launcher.model import load_tokenizer, resolve_source
 from launcher.recipe import load_recipe
 
 recipe = load_recipe(None, json.loads(sys.argv[1]))
-out = sys.argv[2]
+out, mb, group = sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+gpu = torch.cuda.is_available()
+dtype = torch.bfloat16 if gpu else torch.float32
 source = resolve_source(recipe.model)
 tok = load_tokenizer(source, recipe.model)
 train_ex, eval_ex, _ = data.load_data(recipe.data, tok, recipe.train.seed)
 strip = lambda exs: [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in exs]
 bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                         bnb_4bit_compute_dtype=torch.float32)
-model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb, dtype=torch.float32)
+                         bnb_4bit_compute_dtype=dtype)
+model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb, dtype=dtype,
+                                             device_map={"": 0} if gpu else None)
 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                         gradient_checkpointing_kwargs={"use_reentrant": False})
 p = recipe.peft
@@ -93,57 +148,96 @@ class FirstStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         timing.setdefault("first_step_s", time.time() - psutil.Process().create_time())
 
-args = TrainingArguments(output_dir=out, per_device_train_batch_size=t.micro_batch_size,
-                         per_device_eval_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum,
-                         learning_rate=t.lr, max_steps=t.max_steps, lr_scheduler_type=t.scheduler,
+names = {f.name for f in dataclasses.fields(TrainingArguments)}  # the option was renamed in transformers 5
+group_kw = ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in names
+            else {"group_by_length": True}) if group else {}
+steps = t.max_steps or math.ceil(len(train_ex) / (mb * t.grad_accum) * t.epochs)
+args = TrainingArguments(output_dir=out, per_device_train_batch_size=mb, per_device_eval_batch_size=mb,
+                         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, max_steps=t.max_steps or -1,
+                         num_train_epochs=t.epochs, lr_scheduler_type=t.scheduler,
                          warmup_steps=t.warmup_steps, optim=t.optimizer, max_grad_norm=t.max_grad_norm,
                          weight_decay=t.weight_decay, logging_steps=t.log_every, eval_strategy="steps",
-                         eval_steps=t.max_steps, save_strategy="no", report_to=[], seed=t.seed, use_cpu=True,
-                         gradient_checkpointing=False, remove_unused_columns=False, dataloader_num_workers=0)
+                         eval_steps=steps, save_strategy="no", report_to=[], seed=t.seed, use_cpu=not gpu,
+                         bf16=gpu, gradient_checkpointing=False, remove_unused_columns=False, dataloader_num_workers=0, **group_kw)
 trainer = Trainer(model=model, args=args, train_dataset=strip(train_ex), eval_dataset=strip(eval_ex),
                   data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
                   callbacks=[FirstStep()])
 real = sum(len(e["input_ids"]) for e in train_ex)
 result = trainer.train()
 evals = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
-steps_tokens = real / len(train_ex) * t.max_steps * t.micro_batch_size * t.grad_accum  # mean tokens x samples
-print(json.dumps({"train_runtime": result.metrics["train_runtime"], "tokens": steps_tokens,
-                  "first_step_s": timing["first_step_s"], "eval_loss": evals[-1],
-                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+samples = t.max_steps * mb * t.grad_accum if t.max_steps else len(train_ex) * t.epochs
+peak = (torch.cuda.max_memory_allocated() / 2**30 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+print(json.dumps({"train_runtime": result.metrics["train_runtime"], "tokens": real / len(train_ex) * samples,
+                  "first_step_s": timing["first_step_s"], "eval_loss": evals[-1], "peak_gb": peak,
+                  "reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if gpu else 0,
+                  "steps": trainer.state.global_step}))
 '''
 
 
-def run_hf(model: str, steps: int, out: Path) -> dict:
-    overrides = [c for c in common(model, steps, False) if not c.startswith(("train.report_to", "data.packing"))]
+def run_hf(overrides: list[str], long: bool, out: Path, group_by_length: bool = False) -> dict:
+    mb = "8" if long else "32"
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", HF_SCRIPT, json.dumps(overrides), str(out)], capture_output=True,
+    res = subprocess.run([sys.executable, "-c", HF_SCRIPT, json.dumps(overrides), str(out), mb,
+                          "1" if group_by_length else "0"], capture_output=True,
                          text=True, cwd=ROOT)
     wall = time.perf_counter() - start
     if res.returncode:
         raise SystemExit(f"HF run failed:\n{res.stderr[-3000:]}")
     r = json.loads(res.stdout.strip().splitlines()[-1])
     return {"tokens_per_s": r["tokens"] / r["train_runtime"], "wall_s": wall, "first_step_s": r["first_step_s"],
-            "peak_rss_gb": r["peak_rss_gb"], "eval_loss": r["eval_loss"]}
+            "peak_gb": r["peak_gb"], "reserved_gb": r["reserved_gb"], "eval_loss": r["eval_loss"], "steps": r["steps"]}
+
+
+def mfu(tokens_per_s: float, model_dir: str) -> float | None:
+    """6 x parameters per useful token over the GPU's dense bf16 peak (None when the GPU is unknown)."""
+    import torch
+
+    from launcher import placement, planner
+
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    params = planner.Arch.from_config(placement.model_config(model_dir)).params
+    return peak and round(6 * params * tokens_per_s / (peak * 1e12), 4)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=200, help="CPU: optimizer steps")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--model", choices=sorted(MODELS), default="tiny")
-    ap.add_argument("--packing", action="store_true")
+    ap.add_argument("--packing", action="store_true", help="CPU: the launcher packs (always on with --gpu)")
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--data", choices=["arithmetic", "long"], default="arithmetic")
+    ap.add_argument("--seq-len", type=int, help="--data long: max_seq_len (default 2048 on GPU, 512 on CPU)")
+    ap.add_argument("--samples", type=int, default=1000, help="--data long: samples in the one epoch")
+    ap.add_argument("--hf-group-by-length", action="store_true",
+                    help="a stronger baseline: the Trainer batches samples of similar length (less padding)")
     args = ap.parse_args()
+    if args.gpu:
+        args.data = "long"
+    args.seq_len = args.seq_len or (2048 if args.gpu else 512)
+    long = args.data == "long"
     runs = {"launcher": [], "hf": []}
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_model(args.model, Path(tmp) / "model")
+        model = build_model(args.model, Path(tmp) / "model", args.gpu)
+        data_path = long_samples(Path(tmp) / "data.jsonl", args.samples + 100, args.seq_len) if long else None
+        overrides = common(model, args, data_path)
         for i in range(args.repeats):  # alternate so drift hits both the same
-            runs["launcher"].append(run_launcher(model, args.steps, args.packing, Path(tmp) / f"l{i}"))
-            runs["hf"].append(run_hf(model, args.steps, Path(tmp) / f"h{i}"))
+            runs["launcher"].append(run_launcher(overrides, args.packing or long, long, Path(tmp) / f"l{i}"))
+            runs["hf"].append(run_hf(overrides, long, Path(tmp) / f"h{i}", args.hf_group_by_length))
             print(json.dumps({"repeat": i, **{k: v[-1] for k, v in runs.items()}}), flush=True)
-    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
-    ratio = {k: round(med["launcher"][k] / med["hf"][k], 3) for k in med["hf"]}
-    print(json.dumps({"model": args.model, "steps": args.steps, "packing": args.packing, "median": med,
-                      "launcher_over_hf": ratio}, indent=1))
+        med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+        if args.gpu:
+            import torch
+
+            for m in med.values():
+                m["mfu"] = mfu(m["tokens_per_s"], model)
+            med["gpu"] = torch.cuda.get_device_name(0)
+    ratio = {k: round(med["launcher"][k] / med["hf"][k], 3) for k in med["hf"] if med["hf"][k]}
+    shape = {"samples": args.samples, "seq_len": args.seq_len} if long else {"steps": args.steps}
+    print(json.dumps({"model": args.model, "gpu": args.gpu, "data": args.data, **shape,
+                      "hf_group_by_length": args.hf_group_by_length,
+                      "packing": args.packing or long, "median": med, "launcher_over_hf": ratio}, indent=1))
 
 
 if __name__ == "__main__":
