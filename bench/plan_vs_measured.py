@@ -50,9 +50,9 @@ def model_dir(size: str, root: Path, gpu: bool) -> str:
     return str(path)
 
 
-def measure(model: str, mb: int, seq: int, gc: bool, out: Path, gpu: bool) -> dict:
+def measure(model: str, mb: int, seq: int, gc: bool, out: Path, random_init: bool) -> dict:
     cmd = [sys.executable, "-m", "launcher", "train", f"model.name={model}", f"train.output_dir={out}",
-           f"model.random_init={str(gpu and model.startswith('/')).lower()}",
+           f"model.random_init={str(random_init).lower()}",
            "train.max_steps=3", "train.warmup_steps=0", f"train.micro_batch_size={mb}", f"data.max_seq_len={seq}",
            "data.packing=true", f"train.gradient_checkpointing={str(gc).lower()}", "train.eval_every=1000",
            "data.eval_fraction=0", "data.max_samples=4000"]
@@ -85,7 +85,8 @@ def main() -> None:
         root = Path(tmp)
         for i, (size, mb, seq, gc) in enumerate(runs):
             model = model_dir(size, root, args.gpu)
-            summary = measure(model, mb, seq, gc, root / f"run{i}", args.gpu)
+            random_init = args.gpu and SIZES[size] is not None  # model_dir wrote only config.json
+            summary = measure(model, mb, seq, gc, root / f"run{i}", random_init)
             measured = max(summary["peak_mem_gb_per_rank"])
             if args.gpu:
                 from launcher.planner import GPU_OVERHEAD_GB
