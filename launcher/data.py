@@ -315,6 +315,8 @@ def batches_per_epoch(n: int, world: int, batch_size: int, remainder: str = "dro
 
 def _fingerprint(path: str) -> str:
     """What identifies the source: size and mtime of local files, the name for hub datasets."""
+    if not path:  # no eval_path: not Path(""), which is the working directory
+        return ""
     p = builtin.arithmetic_path() if path == builtin.ARITHMETIC else Path(path).expanduser()
     if not p.exists():
         return path

@@ -141,6 +141,16 @@ def test_second_load_does_not_tokenize(tmp_path, tok, monkeypatch):
     assert calls == [1, 1] and c[2]["cache"] == "written"  # a setting that changes tokens changes the key
 
 
+def test_cache_key_ignores_the_working_directory(tmp_path, tok, monkeypatch):
+    """Without data.eval_path the key once fingerprinted every file under the working directory
+    (Path("") is "."): seconds per run from a repository with a venv, and any edit there re-tokenized."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_recipe(None, ["data.max_samples=200", f"data.cache_dir={tmp_path / 'cache'}"]).data
+    key = data.cache_path(cfg, tok, seed=1)
+    (tmp_path / "unrelated.txt").write_text("edited")
+    assert data.cache_path(cfg, tok, seed=1) == key
+
+
 def test_preprocess_then_train_reads_the_cache(tmp_path):
     over = ["data.max_samples=200", f"data.cache_dir={tmp_path / 'cache'}"]
     res = run_cli("preprocess", *over)
