@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from launcher import builtin
+from launcher import attention, builtin
 from launcher.errors import UserError
 from launcher.recipe import ModelCfg, PeftCfg, QuantCfg
 
@@ -119,12 +119,13 @@ def load_base_model(source: str, model: ModelCfg, quant: QuantCfg, device_map=No
 
     if dtype is None:
         dtype = compute_dtype(quant) if model.dtype == "auto" else DTYPES[model.dtype]
+    attn = attention.implementation(model.attn_implementation)
     if model.random_init:
         from launcher import random_model
 
         with streaming_malloc():
             return random_model.build(source, quantization_config(quant, storage), dtype, device_map,
-                                      model.attn_implementation)
+                                      attn)
     try:
         with streaming_malloc():
             return AutoModelForCausalLM.from_pretrained(
@@ -133,7 +134,7 @@ def load_base_model(source: str, model: ModelCfg, quant: QuantCfg, device_map=No
                 dtype=dtype,
                 quantization_config=quantization_config(quant, storage),
                 device_map=device_map,
-                attn_implementation=model.attn_implementation,
+                attn_implementation=attn,
                 trust_remote_code=model.trust_remote_code,
             )
     except (OSError, ValueError, ImportError) as e:

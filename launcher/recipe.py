@@ -33,7 +33,8 @@ class ModelCfg(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: DType = Field("auto", description="dtype of the weights that stay unquantized; auto follows quant.compute_dtype.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel passed to transformers."
+        "sdpa", description="Attention kernel. sdpa: torch SDPA, and packed rows attend one sample at a time (no work "
+        "across samples); eager; flash_attention_2 (needs flash-attn; packed rows run its varlen kernel)."
     )
     trust_remote_code: bool = Field(False, description="Allow custom modeling code from the model directory.")
     random_init: bool = Field(
