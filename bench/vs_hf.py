@@ -20,7 +20,7 @@ GPU (--gpu): Llama-architecture models with random weights (1B, 8B) at max_seq_l
 dense bf16 peak.
 
     python bench/vs_hf.py [--steps 200] [--repeats 2] [--model tiny|100m] [--packing]
-    python bench/vs_hf.py --data long [--model tiny] [--seq-len 512] [--samples 1000]
+    python bench/vs_hf.py --data long [--model tiny] [--seq-len 512] [--samples 1000] [--nproc 2]
     python bench/vs_hf.py --gpu --model 1b [--samples 1500]
 """
 
@@ -100,16 +100,17 @@ def common(model: str, args, data_path: str | None) -> list[str]:
             f"train.save_every={args.steps}", "data.max_samples=4000", "train.report_to=[]"]
 
 
-def run_launcher(overrides: list[str], packing: bool, long: bool, out: Path) -> dict:
+def run_launcher(overrides: list[str], packing: bool, long: bool, out: Path, nproc: int = 1) -> dict:
     extra = ["train.micro_batch_size=2"] if long else []
     start = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "launcher", "train", f"train.output_dir={out}", *overrides, *extra,
-                          f"data.packing={'true' if packing else 'false'}"], capture_output=True, text=True)
+                          f"dist.nproc={nproc}", f"data.packing={'true' if packing else 'false'}"],
+                         capture_output=True, text=True)
     wall = time.perf_counter() - start
     if res.returncode:
         raise SystemExit(f"launcher run failed:\n{res.stderr[-3000:]}")
     s = json.loads((out / "summary.json").read_text())
-    return {"tokens_per_s": s["tokens_per_s_rank0"], "wall_s": wall, "first_step_s": s["first_step_s"],
+    return {"tokens_per_s": s["tokens_per_s"], "wall_s": wall, "first_step_s": s["first_step_s"],
             "peak_gb": s["peak_mem_gb_per_rank"][0], "reserved_gb": (s.get("peak_reserved_gb_per_rank") or [0])[0],
             "eval_loss": s["eval_loss"], "steps": s["steps"]}
 
@@ -165,21 +166,29 @@ trainer = Trainer(model=model, args=args, train_dataset=strip(train_ex), eval_da
 real = sum(len(e["input_ids"]) for e in train_ex)
 result = trainer.train()
 evals = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
-samples = t.max_steps * mb * t.grad_accum if t.max_steps else len(train_ex) * t.epochs
+world = trainer.args.world_size  # the Trainer splits the epoch across ranks; max_steps counts global steps
+samples = t.max_steps * mb * t.grad_accum * world if t.max_steps else len(train_ex) * t.epochs
 peak = (torch.cuda.max_memory_allocated() / 2**30 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-print(json.dumps({"train_runtime": result.metrics["train_runtime"], "tokens": real / len(train_ex) * samples,
-                  "first_step_s": timing["first_step_s"], "eval_loss": evals[-1], "peak_gb": peak,
-                  "reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if gpu else 0,
-                  "steps": trainer.state.global_step}))
+if trainer.args.process_index == 0:
+    print(json.dumps({"train_runtime": result.metrics["train_runtime"], "tokens": real / len(train_ex) * samples,
+                      "first_step_s": timing["first_step_s"], "eval_loss": evals[-1], "peak_gb": peak,
+                      "reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if gpu else 0,
+                      "steps": trainer.state.global_step}))
 '''
 
 
-def run_hf(overrides: list[str], long: bool, out: Path, group_by_length: bool = False) -> dict:
+def run_hf(overrides: list[str], long: bool, out: Path, group_by_length: bool = False, nproc: int = 1) -> dict:
     mb = "8" if long else "32"
+    from launcher.cli import _free_port
+
+    script = out.with_suffix(".py")
+    script.write_text(HF_SCRIPT)
+    # Several processes: torchrun, as a Trainer user would launch it (gloo DDP on CPU).
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"] \
+        if nproc > 1 else [sys.executable]
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", HF_SCRIPT, json.dumps(overrides), str(out), mb,
-                          "1" if group_by_length else "0"], capture_output=True,
-                         text=True, cwd=ROOT)
+    res = subprocess.run([*cmd, str(script), json.dumps(overrides), str(out), mb, "1" if group_by_length else "0"],
+                         capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
     if res.returncode:
         raise SystemExit(f"HF run failed:\n{res.stderr[-3000:]}")
@@ -210,6 +219,7 @@ def main() -> None:
     ap.add_argument("--data", choices=["arithmetic", "long"], default="arithmetic")
     ap.add_argument("--seq-len", type=int, help="--data long: max_seq_len (default 2048 on GPU, 512 on CPU)")
     ap.add_argument("--samples", type=int, default=1000, help="--data long: samples in the one epoch")
+    ap.add_argument("--nproc", type=int, default=1, help="CPU: processes per run (DDP over gloo both ways)")
     ap.add_argument("--hf-group-by-length", action="store_true",
                     help="a stronger baseline: the Trainer batches samples of similar length (less padding)")
     args = ap.parse_args()
@@ -223,8 +233,8 @@ def main() -> None:
         data_path = long_samples(Path(tmp) / "data.jsonl", args.samples + 100, args.seq_len) if long else None
         overrides = common(model, args, data_path)
         for i in range(args.repeats):  # alternate so drift hits both the same
-            runs["launcher"].append(run_launcher(overrides, args.packing or long, long, Path(tmp) / f"l{i}"))
-            runs["hf"].append(run_hf(overrides, long, Path(tmp) / f"h{i}", args.hf_group_by_length))
+            runs["launcher"].append(run_launcher(overrides, args.packing or long, long, Path(tmp) / f"l{i}", args.nproc))
+            runs["hf"].append(run_hf(overrides, long, Path(tmp) / f"h{i}", args.hf_group_by_length, args.nproc))
             print(json.dumps({"repeat": i, **{k: v[-1] for k, v in runs.items()}}), flush=True)
         med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
         if args.gpu:
@@ -235,7 +245,7 @@ def main() -> None:
             med["gpu"] = torch.cuda.get_device_name(0)
     ratio = {k: round(med["launcher"][k] / med["hf"][k], 3) for k in med["hf"] if med["hf"][k]}
     shape = {"samples": args.samples, "seq_len": args.seq_len} if long else {"steps": args.steps}
-    print(json.dumps({"model": args.model, "gpu": args.gpu, "data": args.data, **shape,
+    print(json.dumps({"model": args.model, "gpu": args.gpu, "nproc": args.nproc, "data": args.data, **shape,
                       "hf_group_by_length": args.hf_group_by_length,
                       "packing": args.packing or long, "median": med, "launcher_over_hf": ratio}, indent=1))
 
