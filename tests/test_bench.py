@@ -12,14 +12,16 @@ pytestmark = pytest.mark.slow
 
 
 def test_vs_hf_long_data_runs_both_paths_on_the_same_samples():
-    res = subprocess.run([sys.executable, str(ROOT / "bench/vs_hf.py"), "--data", "long", "--samples", "48",
-                          "--seq-len", "128", "--repeats", "1"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    """Two processes a side: the launcher's DDP and the Trainer under torchrun."""
+    res = subprocess.run([sys.executable, str(ROOT / "bench/vs_hf.py"), "--data", "long", "--samples", "96",
+                          "--seq-len", "128", "--repeats", "1", "--nproc", "2"], capture_output=True, text=True,
+                         timeout=900, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout[res.stdout.index("{\n"):])
     launcher, hf = out["median"]["launcher"], out["median"]["hf"]
-    assert out["packing"] and out["seq_len"] == 128
+    assert out["packing"] and out["seq_len"] == 128 and out["nproc"] == 2
     for side in (launcher, hf):
         assert side["tokens_per_s"] > 0 and side["eval_loss"] == side["eval_loss"] and side["steps"] >= 4
-    # one epoch each: the launcher packs ~2 rows of 128 tokens per step, HF pads 8 samples per step
+    # one epoch each: the launcher packs ~2 rows of 128 tokens per rank and step, HF pads 8 samples per rank
     assert 0.5 * hf["steps"] <= launcher["steps"] <= 2 * hf["steps"], (launcher, hf)
     assert set(out["launcher_over_hf"]) >= {"tokens_per_s", "wall_s", "first_step_s", "peak_gb", "eval_loss"}
