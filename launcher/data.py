@@ -241,8 +241,9 @@ class Examples(torch.utils.data.Dataset):
 
 class PadCollator:
     """Right-pads a batch to its longest row. Plain rows get an attention mask; packed rows get
-    position ids that restart at every sample (the padding is one more segment) and no mask, so
-    transformers builds block-diagonal causal attention: no sample attends to another."""
+    position ids that restart at every sample (the padding is one more segment) and no mask: the
+    attention finds the samples from the positions (launcher.attention runs each alone; other
+    kernels build a block-diagonal mask), so no sample attends to another."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
