@@ -43,6 +43,7 @@ def test_packed_rows_match_block_diagonal_sdpa_and_each_sample_alone(monkeypatch
     ids, pos = _packed_batch()
     a = ref(input_ids=ids, position_ids=pos).logits
     calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attention, "MIN_MEAN_LEN", 1)  # these samples are short: split them anyway
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
                         lambda q, k, v, **kw: calls.append((q.shape[2], kw.get("attn_mask"))) or sdpa(q, k, v, **kw))
     b = ours(input_ids=ids, position_ids=pos).logits
@@ -56,7 +57,21 @@ def test_packed_rows_match_block_diagonal_sdpa_and_each_sample_alone(monkeypatch
     assert (mixed[0, 5:9] - b[0, 5:9]).abs().max() > 1e-3
 
 
-def test_gradients_match_block_diagonal_sdpa():
+def test_short_samples_take_one_masked_call_with_the_same_result(monkeypatch):
+    ref, ours = _models()
+    ids, pos = _packed_batch()
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: calls.append(kw.get("attn_mask") is not None) or sdpa(q, k, v, **kw))
+    b = ours(input_ids=ids, position_ids=pos).logits  # mean sample length 4.8 < MIN_MEAN_LEN
+    monkeypatch.undo()
+    assert calls == [True, True]  # one masked call per layer
+    assert torch.allclose(ref(input_ids=ids, position_ids=pos).logits, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("min_mean_len", [1, 64])
+def test_gradients_match_block_diagonal_sdpa(monkeypatch, min_mean_len):
+    monkeypatch.setattr(attention, "MIN_MEAN_LEN", min_mean_len)
     ref, ours = _models()
     ids, pos = _packed_batch()
     for m in (ref, ours):
