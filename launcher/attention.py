@@ -5,7 +5,8 @@ full-width SDPA call under a block-diagonal mask: every row costs width^2 whatev
 and a masked call cannot use the fused causal kernel. The "sdpa" a recipe names is registered
 here under NAME instead: rows with a padding mask, or a KV cache, go to transformers' own SDPA
 unchanged; packed rows run one causal SDPA call per sample, so attention costs sum(len^2), as
-flash-attention's varlen kernel does on GPU. Same math, same result up to rounding.
+flash-attention's varlen kernel does on GPU. Rows of short samples (mean under MIN_MEAN_LEN)
+take one call under a block-diagonal mask instead. Same math, same result up to rounding.
 """
 from __future__ import annotations
 
