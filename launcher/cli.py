@@ -16,6 +16,28 @@ import sys
 
 from launcher.errors import UserError
 from launcher.recipe import describe_fields, load_recipe
+from launcher.userio import quote
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= minimum (the flag is named by argparse's message)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {quote(text)}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def _split_recipe_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -123,19 +145,28 @@ SLURM_FLAGS = ("nodes", "gpus_per_node", "partition", "time", "account", "qos", 
                "launch", "max_timeout_requeues")
 
 
-def _slurm_recipe(args, extra: list[str] = ()):
-    """The recipe with the Slurm flags applied as overrides (so errors name slurm.* fields)."""
-    path, overrides = _split_recipe_args(args.recipe)
-    flags = [f"slurm.{k}={getattr(args, k)}" for k in SLURM_FLAGS if getattr(args, k) is not None]
+def _slurm_flags(args) -> dict[str, tuple[str, object]]:
+    """The Slurm flags as typed recipe values (a flag is never re-read as YAML: `--time 2:00:00`
+    stays the text 2:00:00), keyed by the slurm.* field each one sets."""
+    flags = {f"slurm.{k}": (f"--{k.replace('_', '-')}", getattr(args, k)) for k in SLURM_FLAGS
+             if getattr(args, k) is not None}
     for item in args.sbatch or []:
         key, sep, value = item.partition("=")
-        if not key:
-            raise UserError(f"--sbatch {item!r}: expected NAME=VALUE (e.g. --sbatch exclusive=true)")
-        flags.append(f"slurm.sbatch_extra.{key}={value if sep else 'true'}")
-    recipe = load_recipe(path, [*overrides, *flags, *extra])
+        if not key or "." in key or (sep and not value):
+            raise UserError(f"--sbatch {quote(item)}: expected NAME=VALUE or NAME (e.g. --sbatch exclusive)")
+        flag = not sep or value == "true"  # `--sbatch exclusive` and `--sbatch exclusive=true`: a bare option
+        flags[f"slurm.sbatch_extra.{key}"] = (f"--sbatch {key}", True if flag else value)
+    return flags
+
+
+def _slurm_recipe(args, extra: list[str] = ()):
+    """The recipe with the Slurm flags applied on top (errors name the flag and its slurm.* field)."""
+    path, overrides = _split_recipe_args(args.recipe)
+    flags = _slurm_flags(args)
+    recipe = load_recipe(path, [*overrides, *extra], flags)
     if args.setup:
         recipe.slurm.setup = [*recipe.slurm.setup, *args.setup]
-    return path, overrides + flags, recipe
+    return path, overrides, flags, recipe
 
 
 def _finish(job_ids: list[str], wait: bool) -> int:
@@ -153,7 +184,7 @@ def _finish(job_ids: list[str], wait: bool) -> int:
 def cmd_submit(args) -> int:
     from launcher import slurm
 
-    _, _, recipe = _slurm_recipe(args)
+    _, _, _, recipe = _slurm_recipe(args)
     p = slurm.prepare(recipe, resume=args.resume)
     log_dir = p.run_dir / "slurm"
     script = slurm.sbatch_text(p)
@@ -178,8 +209,9 @@ def cmd_submit(args) -> int:
 def cmd_sweep(args) -> int:
     from launcher.sweep import submit_sweep
 
-    path, overrides, _ = _slurm_recipe(args)
-    sweep_dir, job_ids = submit_sweep(path, overrides, args.grid, args.out, args.max_parallel, args.dry_run)
+    path, overrides, flags, _ = _slurm_recipe(args)
+    sweep_dir, job_ids = submit_sweep(path, overrides, args.grid, args.out, args.max_parallel, args.dry_run, flags=flags,
+                                      setup=args.setup or [])
     print(f"sweep directory: {sweep_dir}; when done: launcher report {sweep_dir}")
     return _finish(job_ids, args.wait)
 
@@ -214,9 +246,12 @@ def _gb(text: str | None, flag: str) -> float | None:
     if text is None:
         return None
     try:
-        return float(str(text).upper().removesuffix("B").removesuffix("G").removesuffix("GI"))
+        value = float(str(text).strip().upper().removesuffix("B").removesuffix("I").removesuffix("G"))
     except ValueError:
-        raise UserError(f"{flag}: expected a size in GB such as 80GB or 80, got {text!r}") from None
+        value = float("nan")
+    if not (0 < value < 1e6):  # also refuses nan and inf
+        raise UserError(f"{flag}: expected a positive size in GB such as 80GB or 80, got {quote(text)}")
+    return value
 
 
 def cmd_plan(args) -> int:
@@ -271,9 +306,9 @@ def cmd_merge(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launcher", description="QLoRA fine-tuning from one recipe.",
+    parser = _Parser(prog="launcher", description="QLoRA fine-tuning from one recipe.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="fine-tune (several processes when dist.nproc > 1)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -303,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
                    help="a recipe key (or model, nodes, gpus_per_node, strategy, micro_batch, seq_len, launch) and its values")
     p.add_argument("--out", help="sweep directory (default: the recipe's train.output_dir)")
-    p.add_argument("--max-parallel", type=int, default=8, help="at most this many jobs of an array run at once")
+    p.add_argument("--max-parallel", type=_count(1), default=8, help="at most this many jobs of an array run at once")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="table (Markdown, CSV) and plots of a sweep's results")
@@ -315,8 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--model", help="an architecture preset instead of the recipe's model: " + ", ".join(
         __import__("launcher.planner", fromlist=["PRESETS"]).PRESETS))
-    p.add_argument("--gpus-per-node", type=int)
-    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=_count(1))
+    p.add_argument("--nodes", type=_count(1))
     p.add_argument("--gpu-memory", help="per GPU, e.g. 80GB (default: this machine's GPU, else 80GB)")
     p.add_argument("--cpu-memory", help="CPU RAM per node, e.g. 512GB (default 512GB)")
     p.add_argument("--cpu", action="store_true", help="plan CPU processes (gloo) instead of GPUs")
@@ -333,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate with the base model plus a run's adapter")
     p.add_argument("run_dir")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=_count(1), default=32)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("merge", help="dequantize the base, merge the adapter, save a plain transformers model")
@@ -342,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.set_defaults(func=cmd_merge)
     return parser
+
+
+def _capped(message: str, width: int = 400, lines: int = 40) -> str:
+    """Each line of an error at most `width` characters, at most `lines` lines: whatever input a
+    message quotes, the terminal gets a bounded answer."""
+    rows = [r if len(r) <= width else f"{r[: width - 30]}... ({len(r)} characters)" for r in message.splitlines()]
+    return "\n".join(rows[:lines] + ([f"... and {len(rows) - lines} more lines"] if len(rows) > lines else []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_capped(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; checkpoints already written are kept", file=sys.stderr)

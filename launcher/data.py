@@ -18,57 +18,64 @@ from pathlib import Path
 import torch
 from torch.utils.data import Sampler
 
-from launcher import builtin
+from launcher import builtin, userio
 from launcher.errors import UserError
+from launcher.userio import quote
 from launcher.recipe import DataCfg
 
 IGNORE = -100
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
-def read_samples(path: str, split: str = "train") -> list[dict]:
+def read_samples(path: str, split: str = "train", field: str = "data.path") -> list[dict]:
     """Rows from a JSONL/JSON file (read directly), CSV/Parquet or a save_to_disk directory
-    (through `datasets`), a hub dataset name, or the built-in arithmetic set."""
+    (through `datasets`), a hub dataset name, or the built-in arithmetic set. Errors name `field`
+    (data.path or data.eval_path), the file and, for JSON Lines, the line."""
     p = builtin.arithmetic_path() if path == builtin.ARITHMETIC else Path(path).expanduser()
     if p.is_dir():
-        rows = _from_datasets(path, lambda ds: ds.load_from_disk(str(p)), split)
+        rows = _from_datasets(path, lambda ds: ds.load_from_disk(str(p)), split, field)
     elif p.suffix in (".csv", ".parquet"):
-        rows = _from_datasets(path, lambda ds: ds.load_dataset(p.suffix[1:], data_files=str(p), split="train"), split)
+        rows = _from_datasets(path, lambda ds: ds.load_dataset(p.suffix[1:], data_files=str(p), split="train"), split,
+                              field)
     elif p.is_file():
-        rows = _read_json(p, path)
+        rows = _read_json(p, field)
     elif path.startswith((".", "/", "~")) or p.suffix in (".json", ".jsonl"):
-        raise UserError(f"data.path: file not found: {path}")
+        raise UserError(f"{field}: file not found: {path}")
     else:  # a hub dataset name
-        rows = _from_datasets(path, lambda ds: ds.load_dataset(path, split=split), split)
+        rows = _from_datasets(path, lambda ds: ds.load_dataset(path, split=split), split, field)
     if not rows:
-        raise UserError(f"data.path: {path} holds no samples")
-    if not all(isinstance(r, dict) for r in rows):
-        raise UserError(f"data.path: {path}: every sample must be a JSON object")
+        raise UserError(f"{field}: {path} holds no samples")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{field}: {path}: sample {i} is a JSON {type(row).__name__}; every sample must be "
+                            "a JSON object (one per line in .jsonl)")
     return rows
 
 
-def _read_json(p: Path, path: str) -> list:
-    text = p.read_text()
-    try:
-        if p.suffix == ".json":
-            rows = json.loads(text)
-            return rows.get("data", rows) if isinstance(rows, dict) else rows
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise UserError(f"data.path: {path} is not valid JSON/JSONL (line {e.lineno}: {e.msg})") from None
+def _read_json(p: Path, field: str) -> list:
+    """A .json file holds a list of objects (or {"data": [...]}); anything else is JSON Lines."""
+    if p.suffix != ".json":
+        return userio.read_jsonl(p, field)
+    rows = userio.read_json(p, field, expect=None)
+    if isinstance(rows, dict) and isinstance(rows.get("data"), list):
+        return rows["data"]
+    if not isinstance(rows, list):
+        raise UserError(f"{field}: {p} must hold a JSON list of samples (or {{\"data\": [...]}}), "
+                        f"not a JSON {type(rows).__name__}")
+    return rows
 
 
-def _from_datasets(path: str, load, split: str) -> list[dict]:
+def _from_datasets(path: str, load, split: str, field: str) -> list[dict]:
     import datasets
 
     try:
         ds = load(datasets)
     except Exception as e:  # datasets raises many types for a missing name, bad file or no network
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"data.path: cannot read {path!r} with datasets: {first}") from None
+        raise UserError(f"{field}: cannot read {quote(path)} with datasets: {userio.first_line(e)}") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise UserError(f"data.split: {path} has splits {sorted(ds)}, not {split!r}")
+            which = "data.eval_split" if field == "data.eval_path" else "data.split"
+            raise UserError(f"{which}: {path} has splits {sorted(ds)}, not {quote(split)}")
         ds = ds[split]
     return ds.to_list()
 
@@ -84,34 +91,64 @@ def detect_format(row: dict, cfg: DataCfg) -> str:
         return "prompt_completion"
     if cfg.text_field in row:
         return "text"
-    raise UserError(f"data.format: cannot tell the format from fields {sorted(row)}; set data.format and its field names")
+    raise UserError(f"data.format: cannot tell the format from fields {quote(sorted(row), 200)}; "
+                    "set data.format and its field names")
 
 
 def _field(row: dict, name: str, i: int, hint: str):
     if name not in row:
-        raise UserError(f"data: sample {i} has no field {name!r} (fields: {sorted(row)}); set {hint}")
+        raise UserError(f"data: sample {i} has no field {quote(name)} (fields: {quote(sorted(row), 200)}); set {hint}")
     return row[name]
+
+
+def _text(row: dict, name: str, i: int, hint: str) -> str:
+    """A text field: null is empty (an empty completion drops the sample, counted), a number is its
+    digits; a list, mapping or boolean is a data error, never its Python repr trained on."""
+    value = _field(row, name, i, hint)
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise UserError(f"data: sample {i}: field {quote(name)} holds a {type(value).__name__} "
+                        f"({quote(value)}); expected text ({hint})")
+    return str(value)
+
+
+def _messages(row: dict, cfg: DataCfg, i: int) -> list[dict]:
+    """Chat messages: a list of {"role": str, "content": str}, the last one the assistant's."""
+    messages = _field(row, cfg.messages_field, i, "data.messages_field")
+    shape = (f"data: sample {i}: field {quote(cfg.messages_field)} must be a list of "
+             '{"role": ..., "content": ...} objects')
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{shape}, got {quote(messages)}")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content", ""), str):
+            raise UserError(f"{shape}; one is {quote(m)}")
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f"data: sample {i}: the last chat message must be the assistant's, "
+                        f"not {quote(messages[-1]['role'])}")
+    return messages
 
 
 def render(row: dict, fmt: str, cfg: DataCfg, tokenizer, i: int) -> tuple[str, str]:
     """(prompt, completion) strings; the prompt is masked out of the loss unless train_on_prompt."""
     if fmt == "prompt_completion":
-        return (str(_field(row, cfg.prompt_field, i, "data.prompt_field")),
-                str(_field(row, cfg.completion_field, i, "data.completion_field")))
+        return (_text(row, cfg.prompt_field, i, "data.prompt_field"),
+                _text(row, cfg.completion_field, i, "data.completion_field"))
     if fmt == "alpaca":
-        inp = row.get(cfg.input_field) or ""
-        prompt = ALPACA_PROMPT.format(instruction=_field(row, cfg.instruction_field, i, "data.instruction_field"),
+        inp = _text(row, cfg.input_field, i, "data.input_field") if cfg.input_field in row else ""
+        prompt = ALPACA_PROMPT.format(instruction=_text(row, cfg.instruction_field, i, "data.instruction_field"),
                                       input_block=f"### Input:\n{inp}\n\n" if inp else "")
-        return prompt, str(_field(row, cfg.output_field, i, "data.output_field"))
+        return prompt, _text(row, cfg.output_field, i, "data.output_field")
     if fmt == "text":
-        return "", str(_field(row, cfg.text_field, i, "data.text_field"))
-    messages = _field(row, cfg.messages_field, i, "data.messages_field")
+        return "", _text(row, cfg.text_field, i, "data.text_field")
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("data.format: chat needs a tokenizer with a chat template; this tokenizer has none")
-    if not messages or messages[-1].get("role") != "assistant":
-        raise UserError(f"data: sample {i}: the last chat message must be the assistant's")
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    return prompt, str(messages[-1].get("content", ""))
+    messages = _messages(row, cfg, i)
+    try:
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # the template's own checks (jinja raise_exception): roles out of order, ...
+        raise UserError(f"data: sample {i}: the tokenizer's chat template refuses it: {userio.first_line(e)}") from None
+    return prompt, messages[-1].get("content", "")
 
 
 @dataclass
@@ -351,7 +388,8 @@ def cache_path(cfg: DataCfg, tokenizer, seed: int) -> Path:
 def _tokenize_all(cfg: DataCfg, tokenizer, seed: int) -> dict:
     train = tokenize(read_samples(cfg.path, cfg.split)[: cfg.max_samples], cfg, tokenizer)
     if cfg.eval_path:
-        evals = tokenize(read_samples(cfg.eval_path, cfg.eval_split or cfg.split), cfg, tokenizer).examples
+        evals = tokenize(read_samples(cfg.eval_path, cfg.eval_split or cfg.split, "data.eval_path"), cfg,
+                         tokenizer).examples
         train_ex = train.examples
     else:
         train_ex, evals = split_eval(train.examples, cfg.eval_fraction, seed)
@@ -409,8 +447,7 @@ def open_stream(path: str, split: str = "train"):
             return datasets.load_dataset(kind, data_files=str(p), split="train", streaming=True)
         return datasets.load_dataset(path, split=split, streaming=True)
     except Exception as e:  # a missing name, a bad file, no network
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"data.path: cannot stream {path!r}: {first}") from None
+        raise UserError(f"data.path: cannot stream {quote(path)}: {userio.first_line(e)}") from None
 
 
 class StreamShard(torch.utils.data.IterableDataset):

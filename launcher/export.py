@@ -9,24 +9,45 @@ import torch
 from launcher.errors import UserError
 from launcher.model import DTYPES, load_base_model, load_tokenizer, resolve_source
 from launcher.recipe import load_recipe
+from launcher.userio import first_line, read_json
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def _open_run(run_dir: str):
+    """A finished run's recipe and base model source; each missing or damaged piece is named."""
     run = Path(run_dir)
-    if not (run / "adapter_config.json").is_file() or not (run / "recipe.yaml").is_file():
-        raise UserError(f"{run_dir}: not a finished run directory (needs adapter_config.json and recipe.yaml)")
+    if not run.is_dir():
+        raise UserError(f"RUN_DIR: {run_dir} is not a directory (give a run's train.output_dir)")
+    missing = [f for f in ("adapter_config.json", "recipe.yaml") if not (run / f).is_file()]
+    if not any((run / f).is_file() for f in ADAPTER_WEIGHTS):
+        missing.append(ADAPTER_WEIGHTS[0])
+    if missing:
+        raise UserError(f"RUN_DIR: {run_dir} is not a finished run directory (missing {', '.join(missing)}; "
+                        "a run still training has only checkpoints/)")
+    read_json(run / "adapter_config.json", "RUN_DIR")
     recipe = load_recipe(str(run / "recipe.yaml"))
     return run, recipe, resolve_source(recipe.model)
 
 
-def load_with_adapter(run_dir: str):
-    """(model, tokenizer): the base quantized as in training, plus the saved adapter, via plain peft."""
+def _with_adapter(base, run: Path):
+    """peft's PeftModel over `base` from the run's adapter; a damaged adapter is a one-line error."""
     from peft import PeftModel
 
+    try:
+        return PeftModel.from_pretrained(base, str(run))
+    except Exception as e:  # safetensors, torch.load, peft's config and shape checks each raise their own type
+        raise UserError(f"RUN_DIR: {run}: cannot load the adapter ({first_line(e)}); "
+                        "was the run directory changed after training?") from None
+
+
+def load_with_adapter(run_dir: str):
+    """(model, tokenizer): the base quantized as in training, plus the saved adapter, via plain peft."""
     run, recipe, source = _open_run(run_dir)
     device_map = "auto" if torch.cuda.is_available() else None
     base = load_base_model(source, recipe.model, recipe.quant, device_map=device_map)
-    model = PeftModel.from_pretrained(base, str(run))
+    model = _with_adapter(base, run)
     return model.eval(), load_tokenizer(str(run), recipe.model)
 
 
@@ -46,17 +67,15 @@ def generate(run_dir: str, prompts: list[str], max_new_tokens: int = 32) -> list
 
 def merge(run_dir: str, out_dir: str, dtype: str = "bfloat16") -> Path:
     """Dequantize the base (the exact weights the adapter trained against), merge, save 16-bit."""
-    from peft import PeftModel
-
     run, recipe, source = _open_run(run_dir)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out_dir}: exists and is not empty; choose a new output directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"OUT_DIR: {out_dir} exists and is not an empty directory; choose a new output directory")
     base = load_base_model(source, recipe.model, recipe.quant)
     if recipe.quant.mode != "none":
         base = base.dequantize()  # bnb layers -> nn.Linear holding the dequantized weights
     base = base.to(DTYPES[dtype])
-    merged = PeftModel.from_pretrained(base, str(run)).merge_and_unload()
+    merged = _with_adapter(base, run).merge_and_unload()
     merged.config.dtype = DTYPES[dtype]
     merged.save_pretrained(out)
     load_tokenizer(str(run), recipe.model).save_pretrained(out)

@@ -11,6 +11,7 @@ import torch
 
 from launcher import attention, builtin
 from launcher.errors import UserError
+from launcher.userio import first_line, quote, read_json
 from launcher.recipe import ModelCfg, PeftCfg, QuantCfg
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
@@ -38,7 +39,7 @@ def resolve_source(model: ModelCfg) -> str:
             return str(random_model.preset_dir(model.name))
         if not (Path(model.name).expanduser() / "config.json").is_file():
             raise UserError(f"model.name: with model.random_init, give a preset ({', '.join(planner.PRESETS)}) "
-                            f"or a directory with a config.json; {model.name!r} is neither")
+                            f"or a directory with a config.json; {quote(model.name)} is neither")
     path = Path(model.name).expanduser()
     looks_local = model.name.startswith((".", "/", "~")) or path.exists()
     if looks_local:
@@ -46,6 +47,7 @@ def resolve_source(model: ModelCfg) -> str:
             raise UserError(f"model.name: no such model directory: {model.name}")
         if not (path / "config.json").is_file():
             raise UserError(f"model.name: {model.name} has no config.json (not a Hugging Face model directory)")
+        check_config(path / "config.json")
         return str(path.resolve())
     return model.name
 
@@ -68,9 +70,16 @@ def quantization_config(quant: QuantCfg, storage: torch.dtype | None = None):
     )
 
 
+def check_config(path: Path) -> dict:
+    """A model directory's config.json: a JSON object naming its model_type, or a one-line error."""
+    cfg = read_json(path, "model.name")
+    if not isinstance(cfg.get("model_type"), str):
+        raise UserError(f"model.name: {path} has no \"model_type\" (not a transformers config.json)")
+    return cfg
+
+
 def _load_error(what: str, source: str, err: Exception) -> UserError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return UserError(f"model.name: cannot load {what} from {source!r}: {first}")
+    return UserError(f"model.name: cannot load {what} from {quote(source)}: {first_line(err)}")
 
 
 def load_tokenizer(source: str, model: ModelCfg):

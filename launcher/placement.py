@@ -8,13 +8,13 @@ known-broken combination is refused here, before any weight is loaded.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import UserError
+from launcher.userio import first_line, quote, read_json
 from launcher.recipe import Recipe
 
 STRATEGIES = ("single", "ddp", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_offload")
@@ -45,15 +45,14 @@ def model_config(source: str, trust_remote_code: bool = False, local_only: bool 
     """config.json as a dict, without loading weights (local directory, hub cache, or hub)."""
     local = Path(source) / "config.json"
     if local.is_file():
-        return json.loads(local.read_text())
+        return read_json(local, "model.name")
     try:
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
                                           local_files_only=local_only).to_dict()
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"model.name: cannot read the config of {source!r}: {first}") from None
+        raise UserError(f"model.name: cannot read the config of {quote(source)}: {first_line(e)}") from None
 
 
 def resolve_strategy(recipe: Recipe, machine: Machine, cfg: dict | None = None) -> str:

@@ -12,10 +12,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from launcher.errors import UserError
+from launcher.userio import dump_yaml, load_yaml, quote, read_text
 
 BUILTIN_RECIPE = "builtin:demo"
 
@@ -23,7 +23,8 @@ DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    # allow_inf_nan: `.inf`/`.nan` are valid YAML floats, never a valid learning rate or epoch count
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class ModelCfg(Section):
@@ -173,19 +174,28 @@ class SlurmCfg(Section):
     @field_validator("time", mode="before")
     @classmethod
     def _time_format(cls, v) -> str:
-        v = str(v) if isinstance(v, int) else v  # `--time 30` parses as a number: minutes, as for sbatch
-        if isinstance(v, str):
-            time_minutes(v)  # raises ValueError with the accepted forms
-        return v
+        """Any Slurm time form in, one canonical form out (HH:MM:SS or D-HH:MM:SS): what is rendered
+        into a script is the checked value, never the raw text."""
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise ValueError(f"{quote(v)} is not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS; quote it in YAML)")
+        seconds = time_seconds(str(v))  # `time: 30` is a number: minutes, as for sbatch
+        days, rest = divmod(seconds, 86400)
+        hms = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+        return f"{days}-{hms}" if days else hms
 
 
 def time_minutes(text: str) -> int:
     """Slurm time strings (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in whole minutes, rounded up."""
+    return -(-time_seconds(text) // 60)
+
+
+def time_seconds(text: str) -> int:
+    """Slurm time strings (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds."""
     import re
 
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(text).strip())
+    m = re.fullmatch(r"(?:(\d{1,5})-)?(\d{1,7})(?::(\d{1,7}))?(?::(\d{1,7}))?", text, flags=re.ASCII)
     if not m:
-        raise ValueError(f"{text!r} is not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS)")
+        raise ValueError(f"{quote(text)} is not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS)")
     days, a, b, c = (int(x) if x else None for x in m.groups())
     if days is not None:  # D-HH[:MM[:SS]]
         seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
@@ -196,8 +206,8 @@ def time_minutes(text: str) -> int:
     else:  # MM
         seconds = a * 60
     if seconds <= 0:
-        raise ValueError(f"{text!r} is not a positive time")
-    return -(-seconds // 60)
+        raise ValueError(f"{quote(text)} is not a positive time")
+    return seconds
 
 
 class Recipe(Section):
@@ -212,7 +222,7 @@ class Recipe(Section):
     slurm: SlurmCfg = Field(default_factory=SlurmCfg)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return dump_yaml(self.model_dump(mode="json"))
 
 
 # ---------------------------------------------------------------- loading
@@ -223,16 +233,11 @@ def _read_yaml(path: str | None) -> dict:
         text = resources.files("launcher").joinpath("recipes/demo.yaml").read_text()
         where = BUILTIN_RECIPE
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"recipe file not found: {path}")
-        text, where = p.read_text(), path
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{where}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not Path(path).expanduser().is_file():
+            what = "is a directory; give the recipe's YAML file" if Path(path).expanduser().is_dir() else "not found"
+            raise UserError(f"recipe file {what}: {path}")
+        text, where = read_text(path, "recipe"), path
+    raw = load_yaml(text, where)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -240,23 +245,64 @@ def _read_yaml(path: str | None) -> dict:
     return raw
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, lists, null)."""
-    key, sep, value = item.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise UserError(f"override {item!r} is not of the form section.key=value (e.g. train.lr=1e-4)")
-    try:
-        parsed = yaml.safe_load(value) if value != "" else ""
-    except yaml.YAMLError:
-        parsed = value
+def _field_at(parts: list[str]):
+    """The pydantic field at a dotted path, or None (unknown keys are reported by validation)."""
+    model: Any = Recipe
+    field = None
+    for part in parts:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(part)
+        if field is None and model is Recipe and part == "lora":
+            field = model.model_fields["peft"]
+        if field is None:
+            return None
+        model = field.annotation
+    return field
+
+
+def _takes_text_only(parts: list[str]) -> tuple[bool, bool]:
+    """(the field holds plain text, it may be null): such values are taken as typed, not as YAML,
+    so `slurm.constraint=[a100|h100]` or `model.name=007` keep their text."""
+    field = _field_at(parts)
+    if field is None:
+        return False, False
+    args = set(get_args(field.annotation)) or {field.annotation}
+    return args <= {str, type(None)}, type(None) in args
+
+
+def _set(raw: dict, parts: list[str], value: Any) -> None:
     node = raw
-    parts = key.split(".")
     for part in parts[:-1]:
         child = node.get(part)
         if not isinstance(child, dict):
             child = node[part] = {}
         node = child
-    node[parts[-1]] = parsed
+    node[parts[-1]] = value
+
+
+def _split_key(key: str, item: str) -> list[str]:
+    parts = key.split(".")
+    if not key or any(not part for part in parts):
+        raise UserError(f"override {quote(item)} is not of the form section.key=value (e.g. train.lr=1e-4)")
+    return parts
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `a.b.c=value` in a nested dict. The value is YAML 1.2 (numbers, lists, null), except for
+    fields that hold plain text, which take the text as written (`null` still clears an optional one)."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise UserError(f"override {quote(item)} is not of the form section.key=value (e.g. train.lr=1e-4)")
+    parts = _split_key(key, item)
+    text_only, nullable = _takes_text_only(parts)
+    if text_only and not (nullable and value.strip() in ("null", "~")):
+        parsed: Any = value
+    elif value == "":
+        parsed = ""
+    else:
+        parsed = load_yaml(value, f"override {key}")
+    _set(raw, parts, parsed)
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
@@ -285,7 +331,7 @@ def _format_error(err: dict) -> str:
     if err["type"] == "missing":
         return f"{path}: required"
     if "input" in err and err["type"] not in ("model_type", "dict_type"):
-        return f"{path}: {msg} (got {err['input']!r})"
+        return f"{path}: {msg} (got {quote(err['input'])})"
     return f"{path}: {msg}"
 
 
@@ -320,14 +366,19 @@ def _cross_checks(r: Recipe) -> list[str]:
     return problems
 
 
-def load_recipe(path: str | None = None, overrides: list[str] | tuple = ()) -> Recipe:
+def load_recipe(path: str | None = None, overrides: list[str] | tuple = (),
+                flags: dict[str, tuple[str, Any]] | None = None) -> Recipe:
     """Read a recipe (the built-in demo when path is None), apply overrides, validate.
 
+    `flags` maps dotted keys to (command-line flag, typed value): set as given, never read as
+    YAML, last; a problem with one names the flag too (`--time (slurm.time): ...`).
     Raises UserError listing every problem, one per line, each with its dotted path.
     """
     raw = _read_yaml(path)
     for item in overrides:
         apply_override(raw, item)
+    for key, (_, value) in (flags or {}).items():
+        _set(raw, key.split("."), value)
     if isinstance(raw.get("lora"), dict) and isinstance(raw.get("peft", {}), dict):  # `lora` is accepted for `peft`
         raw["peft"] = {**raw.get("peft", {}), **raw.pop("lora")}
     try:
@@ -336,6 +387,8 @@ def load_recipe(path: str | None = None, overrides: list[str] | tuple = ()) -> R
         problems = [_format_error(err) for err in e.errors()]
     else:
         problems = _cross_checks(recipe)
+    for key, (flag, _) in (flags or {}).items():
+        problems = [f"{flag} ({key}){p[len(key):]}" if p.startswith(key + ":") else p for p in problems]
     if problems:
         where = path or BUILTIN_RECIPE
         head = f"{where}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the recipe"

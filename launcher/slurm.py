@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -32,12 +33,58 @@ from pathlib import Path
 from launcher import checkpoint, placement, preempt
 from launcher.errors import UserError
 from launcher.recipe import Recipe, save_recipe, time_minutes
+from launcher.userio import quote
 
 PORT_BASE, PORT_SPAN = 20000, 20000
 # sbatch options the launcher sets itself; a recipe may not override them through sbatch_extra.
 OWNED = {"nodes", "ntasks", "ntasks-per-node", "gpus-per-node", "gpus-per-task", "gpus", "gres", "signal",
          "output", "error", "open-mode", "array", "time", "partition", "account", "qos", "constraint",
          "cpus-per-task", "mem", "job-name"}
+
+
+# What may stand in an `#SBATCH --name=value` line. sbatch splits those lines at whitespace and
+# reads quotes its own way, and a newline would end the line and start a shell command, so a
+# value with any of these is refused (naming its field) rather than rendered.
+SBATCH_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+SBATCH_UNSAFE = re.compile(r"[\s'\"\\`$;]|[\x00-\x1f\x7f]")
+
+
+def sbatch_problem(field: str, value) -> str | None:
+    """Why `value` (from recipe field `field`) cannot go into an #SBATCH line, or None."""
+    text = str(value)
+    bad = SBATCH_UNSAFE.search(text)
+    if text == "" or bad:
+        what = "is empty" if text == "" else f"contains {bad.group()!r}"
+        return (f"{field}: {quote(text)} {what}; an #SBATCH value may not hold whitespace, quotes, "
+                "backslashes, $, ; or control characters")
+    return None
+
+
+def sbatch_line(name: str, value) -> str:
+    """One `#SBATCH --name[=value]` line of a generated script (values were checked by `resolve`)."""
+    if not SBATCH_NAME.fullmatch(name) or (value is not True and sbatch_problem(name, value)):
+        raise UserError(f"slurm: cannot render --{quote(name)}={quote(value)} into an sbatch script")
+    return f"#SBATCH --{name}" if value is True else f"#SBATCH --{name}={value}"
+
+
+def _script_problems(recipe: Recipe) -> list[str]:
+    """Every recipe value that reaches an #SBATCH line, checked before anything is written."""
+    s = recipe.slurm
+    out_dir = recipe.train.output_dir
+    problems = [sbatch_problem(f"slurm.{k}", getattr(s, k)) for k in ("partition", "account", "qos", "constraint",
+                                                                      "mem", "job_name") if getattr(s, k) is not None]
+    problems.append(sbatch_problem("train.output_dir", out_dir))  # it is --output, and the job name by default
+    if "%" in out_dir:
+        problems.append(f"train.output_dir: {quote(out_dir)} contains '%', a Slurm file-name pattern in --output")
+    for key, value in s.sbatch_extra.items():
+        if not SBATCH_NAME.fullmatch(str(key)):
+            problems.append(f"slurm.sbatch_extra: {quote(key)} is not an sbatch option name (letters, digits, -)")
+        elif not isinstance(value, (str, int, float)) or value is False:
+            problems.append(f"slurm.sbatch_extra.{key}: {quote(value)} is not an option value (text, a number, "
+                            "or true for a flag)")
+        elif value is not True:
+            problems.append(sbatch_problem(f"slurm.sbatch_extra.{key}", value))
+    return [p for p in problems if p]
 
 
 def port_for(job_id: str | int) -> int:
@@ -78,9 +125,10 @@ def resolve(recipe: Recipe) -> tuple[Recipe, Shape]:
     if "nnodes" in d.model_fields_set and d.nnodes != s.nodes:
         problems.append(f"dist.nnodes: {d.nnodes} but slurm.nodes={s.nodes}; set one (slurm.nodes is used)")
     for key in s.sbatch_extra:
-        if key.replace("_", "-") in OWNED:
+        if str(key).replace("_", "-") in OWNED:
             problems.append(f"slurm.sbatch_extra.{key}: set by the launcher (from slurm.nodes, slurm.gpus_per_node, "
                             "slurm.launch, slurm.time, ...); use those fields instead")
+    problems += _script_problems(recipe)
     if problems:
         raise UserError("the recipe does not fit the Slurm allocation:\n  " + "\n  ".join(problems))
     recipe = recipe.model_copy(deep=True)
@@ -249,15 +297,13 @@ def plain_sbatch(recipe: Recipe, shape: Shape, run_dir: Path, config: Path) -> s
     from importlib import resources
 
     s = recipe.slurm
-    opts = [f"--job-name={s.job_name or run_dir.name}", f"--nodes={shape.nodes}",
-            f"--ntasks-per-node={shape.tasks_per_node}"]
+    opts = [("job-name", s.job_name or run_dir.name), ("nodes", shape.nodes), ("ntasks-per-node", shape.tasks_per_node)]
     if shape.gpus_per_node:
-        opts.append(f"--gpus-per-node={shape.gpus_per_node}" if shape.launch == "node" else "--gpus-per-task=1")
-    opts += [f"--{k.replace('_', '-')}={getattr(s, k)}" for k in ("cpus_per_task", "mem", "partition", "account",
-                                                                    "qos", "constraint") if getattr(s, k) is not None]
-    opts += [f"--time={s.time}", f"--output={run_dir}/slurm/%j_plain.out", "--open-mode=append",
-             f"--signal=USR2@{s.signal_delay_s}", "--requeue"]
-    opts += [f"--{k}={v}" if v is not True else f"--{k}" for k, v in s.sbatch_extra.items()]
+        opts.append(("gpus-per-node", shape.gpus_per_node) if shape.launch == "node" else ("gpus-per-task", 1))
+    opts += [(k.replace("_", "-"), getattr(s, k)) for k in ("cpus_per_task", "mem", "partition", "account", "qos",
+                                                             "constraint") if getattr(s, k) is not None]
+    opts += [("time", s.time), ("output", f"{run_dir}/slurm/%j_plain.out"), ("open-mode", "append"),
+             ("signal", f"USR2@{s.signal_delay_s}"), ("requeue", True), *s.sbatch_extra.items()]
     rank_var = "$SLURM_NODEID" if shape.launch == "node" else "$SLURM_PROCID"
     launch = shlex.join(launch_argv(run_dir, config, shape, "RANK", "ADDR", "PORT"))
     launch = launch.replace(" RANK ", f" {rank_var} ").replace(" ADDR ", " $MAIN_ADDR ").replace(" PORT ", " $MAIN_PORT ")
@@ -265,7 +311,7 @@ def plain_sbatch(recipe: Recipe, shape: Shape, run_dir: Path, config: Path) -> s
     return template.format(
         run_dir=run_dir, header=f"{shape.nodes} node(s) x {shape.per_node} process(es), launch={shape.launch}, "
                f"strategy {recipe.dist.strategy}",
-        sbatch="\n".join(f"#SBATCH {o}" for o in opts), setup="\n".join(s.setup) or "# (no setup lines)",
+        sbatch="\n".join(sbatch_line(k, v) for k, v in opts), setup="\n".join(s.setup) or "# (no setup lines)",
         port_base=PORT_BASE, port_span=PORT_SPAN, srun_launch=shlex.quote('trap "" USR2; exec ' + launch),  # the launcher ignores USR2, ranks handle it
         marker=shlex.quote(str(run_dir / preempt.MARKER)), max_requeues=s.max_timeout_requeues)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from launcher.errors import UserError
 from launcher.recipe import load_recipe
+from launcher.userio import quote, read_json
 
 # Short grid keys for what scaling experiments vary; any dotted recipe key works too.
 ALIASES = {"model": "model.name", "nodes": "slurm.nodes", "gpus_per_node": "slurm.gpus_per_node",
@@ -43,13 +44,24 @@ def write_result(run_dir: Path, extra: dict) -> dict:
     return result
 
 
-def parse_grid(items: list[str]) -> dict[str, list[str]]:
-    grid = {}
+def parse_grid(items: list[str], flags: dict | None = None) -> dict[str, list[str]]:
+    """--grid KEY=V1,V2 items as {dotted key: values}; a key given twice (under any of its names)
+    or also set by a flag is refused, naming both."""
+    grid: dict[str, list[str]] = {}
+    named: dict[str, str] = {}
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
-            raise UserError(f"--grid {item!r}: expected KEY=V1,V2 (e.g. --grid micro_batch=4,8)")
-        grid[ALIASES.get(key, key)] = values.split(",")
+            raise UserError(f"--grid {quote(item)}: expected KEY=V1,V2 (e.g. --grid micro_batch=4,8)")
+        full = ALIASES.get(key, key)
+        if full in named:
+            raise UserError(f"--grid {key}: {full} is already varied by --grid {named[full]}; give each key once")
+        if full in (flags or {}):
+            raise UserError(f"--grid {key}: {full} is also set by {flags[full][0]}; drop one of them")
+        values_list = values.split(",")
+        if len(set(values_list)) < len(values_list):
+            raise UserError(f"--grid {key}: a value is listed twice in {quote(values)}")
+        named[full], grid[full] = key, values_list
     return grid
 
 
@@ -69,16 +81,17 @@ def _label(overrides: list[str]) -> str:
 
 
 def submit_sweep(recipe_path: str | None, overrides: list[str], grid_items: list[str], out: str | None,
-                 max_parallel: int, dry_run: bool, say=print) -> tuple[Path, list[str]]:
+                 max_parallel: int, dry_run: bool, say=print, flags: dict | None = None,
+                 setup: list[str] = ()) -> tuple[Path, list[str]]:
     """Validate every point first, then write run dirs and submit; returns (sweep dir, job ids)."""
     from launcher import slurm
 
-    grid = parse_grid(grid_items)
+    grid = parse_grid(grid_items, flags)
     combos = points(grid)
     recipes, problems = [], []
     for combo in combos:
         try:
-            recipes.append(load_recipe(recipe_path, [*overrides, *combo]))
+            recipes.append(load_recipe(recipe_path, [*overrides, *combo], flags))
         except UserError as e:
             problems.append(f"{' '.join(combo)}: {e}")
     if problems:
@@ -88,6 +101,7 @@ def submit_sweep(recipe_path: str | None, overrides: list[str], grid_items: list
         raise UserError(f"--out: {sweep_dir} already holds a sweep; choose another directory")
     prepared = []
     for i, (combo, recipe) in enumerate(zip(combos, recipes)):
+        recipe.slurm.setup = [*recipe.slurm.setup, *setup]
         recipe.train.output_dir = str(sweep_dir / f"p{i:03d}-{_label(combo)}")
         prepared.append(slurm.prepare(recipe))
     (sweep_dir / "slurm").mkdir(parents=True, exist_ok=True)
@@ -113,8 +127,25 @@ def submit_sweep(recipe_path: str | None, overrides: list[str], grid_items: list
     return sweep_dir, job_ids
 
 
+# What a report reads of each result.json, and the type each must have.
+RESULT_FIELDS = {"model": str, "strategy": str, "world": int, "micro_batch_size": int, "seq_len": int, "params": (int, float),
+                 "tokens_per_s": (int, float), "tokens_per_s_per_gpu": (int, float), "peak_mem_gb": (int, float)}
+
+
+def _result(path: Path) -> dict:
+    row = read_json(path, "report")
+    for key, typ in RESULT_FIELDS.items():
+        if not isinstance(row.get(key), typ) or isinstance(row.get(key), bool):
+            got = "missing" if key not in row else quote(row[key])
+            raise UserError(f"report: {path}: field {key!r} is {got}; expected "
+                            f"{'text' if typ is str else 'a number'} (rerun or remove that run's result.json)")
+    return row
+
+
 def collect(sweep_dir: Path) -> list[dict]:
-    rows = [json.loads(p.read_text()) for p in sorted(Path(sweep_dir).rglob("result.json"))]
+    if not Path(sweep_dir).is_dir():
+        raise UserError(f"report: {sweep_dir} is not a directory (give a sweep directory)")
+    rows = [_result(p) for p in sorted(Path(sweep_dir).rglob("result.json"))]
     if not rows:
         raise UserError(f"{sweep_dir}: no result.json found (have the sweep's jobs finished? `squeue --me`)")
     base: dict[tuple, dict] = {}  # scaling efficiency against the smallest run of the same configuration

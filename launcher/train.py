@@ -156,7 +156,8 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     tokenizer = load_tokenizer(source, recipe.model)
     if recipe.data.streaming:  # read as consumed; the run length is train.max_steps
         train_ex, stats = None, {"streaming": True}
-        eval_ex = data.tokenize(data.read_samples(recipe.data.eval_path, recipe.data.eval_split or recipe.data.split),
+        eval_ex = data.tokenize(data.read_samples(recipe.data.eval_path, recipe.data.eval_split or recipe.data.split,
+                                                  "data.eval_path"),
                                 recipe.data, tokenizer).examples \
             if recipe.data.eval_path else []
         total_steps = cfg.max_steps

@@ -18,6 +18,14 @@ def launcher_cache(tmp_path_factory):
     return path
 
 
+@pytest.fixture(autouse=True)
+def _in_a_temporary_directory(tmp_path, monkeypatch):
+    """Every test (and every process it starts) runs in its own temporary directory: nothing reads
+    or writes the working directory a user ran pytest from (a quick start's runs/demo there once
+    made a test fail)."""
+    monkeypatch.chdir(tmp_path)
+
+
 def run_cli(*args, cwd=None, timeout=600, module="launcher"):
     """Run `python -m launcher ARGS` in a fresh process; returns CompletedProcess (text)."""
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, capture_output=True,

@@ -1,6 +1,5 @@
 """Data: prompt masking per format, disjoint rank shards, padding."""
 
-import json
 
 import pytest
 
@@ -41,7 +40,7 @@ def test_formats(tok):
     chat = data.tokenize([{"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}],
                          _cfg(), tok)
     ex = chat.examples[0]
-    assert chat.stats["format"] == "chat" and sum(l != data.IGNORE for l in ex["labels"]) == 2  # "2" + EOS
+    assert chat.stats["format"] == "chat" and sum(t != data.IGNORE for t in ex["labels"]) == 2  # "2" + EOS
     text = data.tokenize([{"text": "abc"}], _cfg(), tok).examples[0]
     assert text["labels"][1:] == text["input_ids"][1:]
 

@@ -1,6 +1,5 @@
 """Schema: examples validate, broken recipes fail at once with exit 2 and the dotted path."""
 
-from pathlib import Path
 
 import pytest
 

@@ -35,7 +35,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-5)
     summary = json.loads((b / "summary.json").read_text())
     assert summary["restarts"] == 1 and summary["steps"] == 40
-    steps = [json.loads(l)["step"] for l in (b / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(l)]
+    steps = [json.loads(line)["step"] for line in (b / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
     assert steps == [30, 40]  # continues the numbering, no repeated steps
 
 
@@ -134,5 +135,5 @@ def test_usr2_checkpoints_and_exits_3_then_resume_finishes(tmp_path):
                   "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     assert not (run / "interrupted.json").exists()
-    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "\"loss\"" in line]
     assert steps == list(range(1, stopped["step"] + 3))

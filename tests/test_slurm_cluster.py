@@ -202,7 +202,6 @@ def test_plain_sbatch_script_runs_two_nodes(cluster, tmp_path):
 def test_time_limit_requeues_are_bounded_and_nothing_is_lost(cluster, tmp_path):
     """A real time limit: Slurm sends USR2 signal_delay_s before it. With no requeues allowed the
     job ends FAILED after checkpointing; `submit --resume` then finishes the run from there."""
-    from launcher import slurm
 
     run = tmp_path / "run"
     common = [f"train.output_dir={run}", "train.log_every=1", "train.save_every=1000", "train.eval_every=1000",
