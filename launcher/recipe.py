@@ -319,17 +319,21 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 
 def _format_error(err: dict) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float"))))
+    loc = err["loc"]
+    if err["type"] != "extra_forbidden":  # drop pydantic's union tags (`list[str]`, `str`); unknown keys are the user's
+        loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float"))))
     path = ".".join(str(p) for p in loc) or "recipe"
     if err["type"] == "extra_forbidden":
         parent = _model_at(loc[:-1])
         valid = list(parent.model_fields) if parent else []
         near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
         hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), near[0]])}?" if near else f"; valid keys: {', '.join(valid)}"
-        return f"{path}: unknown key{hint}"
+        return f"{quote(path) if not path.isprintable() or len(path) > 60 else path}: unknown key{hint}"
     msg = err["msg"]
     if err["type"] == "missing":
         return f"{path}: required"
+    if err["type"] == "value_error":  # our validators' messages already quote the value
+        return f"{path}: {msg.removeprefix('Value error, ')}"
     if "input" in err and err["type"] not in ("model_type", "dict_type"):
         return f"{path}: {msg} (got {quote(err['input'])})"
     return f"{path}: {msg}"

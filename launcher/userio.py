@@ -121,7 +121,10 @@ def _yaml_where(e: Exception) -> str:
 def _yaml_problem(e: Exception) -> str:
     problem = getattr(e, "problem", None)
     if type(e).__name__ == "DuplicateKeyError":
-        return f"{problem or 'duplicate key'}; each key may appear once"
+        import re
+
+        key = re.search(r'duplicate key "(.*?)" with value', problem or "")
+        return f"duplicate key {quote(key.group(1) if key else '?')}; each key may appear once"
     return problem or first_line(e)
 
 
