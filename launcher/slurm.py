@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import checkpoint, placement, preempt
+from launcher import checkpoint, placement, preempt, slurm_boot
 from launcher.errors import UserError
 from launcher.recipe import Recipe, save_recipe, time_minutes
 from launcher.userio import quote
@@ -175,6 +175,24 @@ def main_address(hostnames: list[str]) -> str:
     return hostnames[0]
 
 
+def stop_cause(signal_name: str, fields: dict, restarts_at_start: int) -> str:
+    """Why the job was told to stop, from what Slurm says of it (the signal alone cannot tell: scancel,
+    preemption and the hard time limit all send SIGTERM): "preemption", "time limit" or "cancelled".
+    Seen on Slurm 24: a preempted job's Restarts count has already gone up (Slurm requeued it) and a
+    job at its limit says Reason=TimeLimit, while a cancelled one has neither. When Slurm cannot be
+    asked, the job is treated as preempted: requeueing a cancelled job is the smaller loss."""
+    if signal_name != "SIGTERM":  # USR2: Slurm's --signal warning before the time limit
+        return "time limit"
+    state = fields.get("JobState", "UNKNOWN")
+    seen = str(fields.get("Restarts", ""))
+    restarts = int(seen) if seen.isdigit() else restarts_at_start
+    if state == "UNKNOWN" or restarts > restarts_at_start or state in ("PENDING", "REQUEUED", "PREEMPTED"):
+        return "preemption"
+    if fields.get("Reason") == "TimeLimit" or state in ("TIMEOUT", "DEADLINE"):
+        return "time limit"
+    return "cancelled"
+
+
 def _ignore_usr2() -> None:
     # accelerate's launcher (torchrun) would die of USR2; the training ranks set their own handler.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
@@ -208,6 +226,9 @@ class NodeJob:
         signal.signal(signal.SIGUSR2, lambda signum, frame: preempt.request(run))
         if env.global_rank == 0:
             preempt.clear(run)  # before the launch: a request that arrives during startup must stay
+        if slurm_boot.EARLY:  # USR2 while this task was starting: stop at the first step, with a checkpoint
+            print("[launcher] USR2 arrived while the task was starting; training will checkpoint and stop", flush=True)
+            preempt.request(run)
             with open(run / "slurm" / "restarts.jsonl", "a") as f:
                 f.write(json.dumps({"job": env.job_id, "restart": restarts, "time": time.time()}) + "\n")
         argv = launch_argv(run, Path(self.config), self.shape, str(rank), main_address(env.hostnames),
@@ -220,6 +241,12 @@ class NodeJob:
         stopped = preempt.interrupted(run)
         if stopped:
             print(f"[launcher] training stopped at step {stopped['step']} ({stopped['signal']})", flush=True)
+            cause = stop_cause(stopped["signal"], job_state(job_id), restarts)
+            if cause == "cancelled":  # scancel: the checkpoint stays, the job ends CANCELLED, no requeue
+                print(f"[launcher] job {job_id} was cancelled: checkpoint of step {stopped['step']} kept, not "
+                      f"requeued; continue with `launcher submit {run / 'recipe.yaml'} --resume`", flush=True)
+                return {"interrupted": stopped, "cancelled": True}
+            print(f"[launcher] stopped by {cause}: requeueing", flush=True)
             if env.global_rank == 0 and callable(requeue):
                 (run / preempt.REQUEST).unlink(missing_ok=True)  # the requeued attempt starts afresh
                 requeue(getattr(signal, stopped["signal"], signal.SIGUSR2), None)  # checkpoint(), requeue, exit
@@ -255,7 +282,8 @@ def make_executor(folder: Path, params: dict, max_timeout_requeues: int):
     if shutil.which("sbatch") is None or shutil.which("srun") is None:
         raise UserError("sbatch not found: submitting runs on a Slurm login node "
                         "(add --dry-run to see the script without Slurm)")
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_timeout_requeues)
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_timeout_requeues,
+                                      python=slurm_boot.command())
     executor.update_parameters(**params)
     return executor
 
@@ -281,7 +309,7 @@ def sbatch_text(p: Prepared) -> str:
     from submitit.slurm.slurm import _make_sbatch_string
 
     folder = p.run_dir / "slurm"
-    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    command = f"{slurm_boot.command()} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     return _make_sbatch_string(command=command, folder=folder, **p.params)
 
 

@@ -218,3 +218,59 @@ def test_time_limit_requeues_are_bounded_and_nothing_is_lost(cluster, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr + _logs(run)[-3000:]
     assert json.loads((run / "summary.json").read_text())["restarts"] == 1
     assert _train_steps(run) == list(range(1, stopped + 4))
+
+
+def test_scancel_ends_the_job_cancelled_with_its_checkpoint(cluster, tmp_path):
+    """A user's scancel sends SIGTERM, as preemption and the hard time limit do: the ranks checkpoint,
+    and the task, seeing from Slurm that neither preemption nor the time limit caused it, does not
+    requeue. The job ends CANCELLED, stays so, and `submit --resume` continues from the checkpoint."""
+    from launcher import slurm
+
+    run = tmp_path / "run"
+    common = [f"train.output_dir={run}", "train.log_every=1", "train.save_every=1000", "train.eval_every=1000",
+              *TRAIN]
+    res = run_cli("submit", *common, "train.max_steps=3000", "--nodes", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    job = _job_ids(run)[0]
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and len(_train_steps(run)) >= 3, 300, "3 training steps")
+    subprocess.run(["scancel", job], check=True)
+    assert slurm.wait([job], say=lambda *_: None)[job] == "CANCELLED"
+    time.sleep(8)  # a requeue would have brought it back by now
+    fields = slurm.job_state(job)
+    assert fields["JobState"] == "CANCELLED" and fields["Restarts"] == "0", fields
+    _wait_for(lambda: "was cancelled" in _logs(run), 60, "the task's cancel line")
+    logs = _logs(run)
+    assert "Requeued job" not in logs and "stopped by" not in logs, logs[-3000:]
+    stopped = json.loads((run / "interrupted.json").read_text())
+    assert stopped["signal"] == "SIGTERM"
+    assert (run / "checkpoints" / f"step_{stopped['step']:07d}" / "COMPLETE").exists()
+    res = run_cli("submit", *common, f"train.max_steps={stopped['step'] + 2}", "--nodes", "2", "--resume", "--wait",
+                  timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr + _logs(run)[-3000:]
+    assert _train_steps(run) == list(range(1, stopped["step"] + 3))
+
+
+def test_usr2_while_the_task_starts_is_not_lost(cluster, tmp_path):
+    """USR2 sent the moment the job step exists (Python still starting, submitit's handler not yet
+    installed) used to kill the task: FAILED with no word. Now the task records it, training stops at
+    its first step with a checkpoint, and with no requeues left submitit says so."""
+    from launcher import slurm
+
+    run = tmp_path / "run"
+    res = run_cli("submit", f"train.output_dir={run}", "train.max_steps=3000", "train.log_every=1",
+                  "train.save_every=1000", "train.eval_every=1000", "data.max_samples=240", "train.warmup_steps=0",
+                  "train.micro_batch_size=8", "--gpus-per-node", "0", "--time", "3", "--max-timeout-requeues", "0")
+    assert res.returncode == 0, res.stderr[-2000:]
+    job = _job_ids(run)[0]
+
+    def step_started():
+        out = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i"], capture_output=True, text=True).stdout
+        return any(line.strip().startswith(f"{job}.") and not line.strip().endswith(".batch")
+                   for line in out.splitlines())
+
+    _wait_for(step_started, 120, "the job's first step")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    assert slurm.wait([job], say=lambda *_: None)[job] == "FAILED", _logs(run)[-4000:]
+    _wait_for(lambda: "timed-out too many times" in _logs(run), 60, "submitit's last word")
+    stopped = json.loads((run / "interrupted.json").read_text())["step"]
+    assert stopped < 3000 and (run / "checkpoints" / f"step_{stopped:07d}" / "COMPLETE").exists()

@@ -166,3 +166,44 @@ def test_report_table_efficiency_and_plots(tmp_path):
     empty.mkdir()
     res = run_cli("report", empty)
     assert res.returncode == 2 and "no result.json" in res.stderr
+
+
+@pytest.mark.parametrize("signal_name,fields,cause", [
+    ("SIGUSR2", {"JobState": "RUNNING", "Restarts": "0"}, "time limit"),  # --signal ahead of the limit
+    ("SIGTERM", {"JobState": "COMPLETING", "Reason": "None", "Restarts": "1"}, "preemption"),  # Slurm requeued it
+    ("SIGTERM", {"JobState": "PENDING", "Restarts": "1"}, "preemption"),
+    ("SIGTERM", {"JobState": "COMPLETING", "Reason": "TimeLimit", "Restarts": "0"}, "time limit"),
+    ("SIGTERM", {"JobState": "TIMEOUT", "Restarts": "0"}, "time limit"),
+    ("SIGTERM", {"JobState": "COMPLETING", "Reason": "None", "Restarts": "0"}, "cancelled"),  # scancel
+    ("SIGTERM", {"JobState": "CANCELLED", "Restarts": "0"}, "cancelled"),
+    ("SIGTERM", {"JobState": "UNKNOWN"}, "preemption"),  # Slurm cannot be asked: requeue, lose nothing
+])
+def test_stop_cause_from_what_slurm_says(signal_name, fields, cause):
+    """As seen on the test cluster at the moment of SIGTERM (scontrol show job)."""
+    from launcher.slurm import stop_cause
+
+    assert stop_cause(signal_name, fields, restarts_at_start=0) == cause
+
+
+def test_stop_cause_counts_restarts_from_this_attempt():
+    """A job already requeued once, cancelled in its second attempt, is cancelled, not preempted."""
+    from launcher.slurm import stop_cause
+
+    assert stop_cause("SIGTERM", {"JobState": "COMPLETING", "Restarts": "1"}, restarts_at_start=1) == "cancelled"
+    assert stop_cause("SIGTERM", {"JobState": "COMPLETING", "Restarts": "2"}, restarts_at_start=1) == "preemption"
+
+
+def test_task_starts_with_usr2_held(tmp_path):
+    """The task's command ignores USR2 before Python starts and records it once Python runs: a signal
+    that used to kill a starting task is now there for NodeJob to act on."""
+    import os
+
+    from launcher import slurm_boot
+
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os, signal, sys, time\nfrom launcher import slurm_boot\n"
+                     "os.kill(os.getpid(), signal.SIGUSR2)\ntime.sleep(0.2)\nprint(len(slurm_boot.EARLY), sys.argv[1:])\n")
+    cmd = f"{slurm_boot.command()} -u -m probe a b"
+    res = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"})
+    assert res.returncode == 0 and res.stdout.split() == ["1", "['a',", "'b']"], res.stdout + res.stderr
