@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import socket
-import subprocess
 import sys
 
 from launcher.errors import UserError
@@ -87,6 +86,19 @@ def _interrupted_code(recipe) -> int:
     return 0
 
 
+def _dead_rank(failure, recipe, args) -> str:
+    """One line: which rank failed and how, the newest complete checkpoint, the command that resumes."""
+    from pathlib import Path
+
+    from launcher import checkpoint
+
+    newest = checkpoint.newest(Path(recipe.train.output_dir))
+    saved = f"newest complete checkpoint: {newest}" if newest else "no checkpoint was saved yet"
+    again = shlex.join(["launcher", "train", *args.recipe, "--resume"])
+    return (f"error: rank {failure.rank} (pid {failure.pid} on {failure.host}) {failure.how()}; the other ranks were "
+            f"stopped; {saved}; continue with: {again}")
+
+
 def cmd_train(args) -> int:
     path, overrides = _split_recipe_args(args.recipe)
     recipe = load_recipe(path, overrides)  # validate before anything heavy, in this process
@@ -100,8 +112,14 @@ def cmd_train(args) -> int:
         strategy, gpu = placement.for_target(recipe)  # refuse before spawning anything
         cmd = _spawn_command(recipe, args.recipe, strategy, gpu, args.resume)
         print("launching:", shlex.join(cmd), flush=True)
-        code = subprocess.call(cmd)
-        return _interrupted_code(recipe) if code == 0 else code
+        from launcher import ranks
+
+        code, failure = ranks.run(cmd)
+        if code == 0:
+            return _interrupted_code(recipe)
+        if failure is not None and failure.exitcode != UserError.exit_code:  # a rank's own error is printed above
+            print(_dead_rank(failure, recipe, args), file=sys.stderr)
+        return code
     from launcher.train import train
 
     summary, _ = train(recipe, resume=args.resume)

@@ -178,15 +178,18 @@ def main_address(hostnames: list[str]) -> str:
 def stop_cause(signal_name: str, fields: dict, restarts_at_start: int) -> str:
     """Why the job was told to stop, from what Slurm says of it (the signal alone cannot tell: scancel,
     preemption and the hard time limit all send SIGTERM): "preemption", "time limit" or "cancelled".
-    Seen on Slurm 24: a preempted job's Restarts count has already gone up (Slurm requeued it) and a
-    job at its limit says Reason=TimeLimit, while a cancelled one has neither. When Slurm cannot be
-    asked, the job is treated as preempted: requeueing a cancelled job is the smaller loss."""
+    Seen on the test cluster (Slurm 24, PreemptMode=REQUEUE): a job being preempted has PreemptTime
+    set from the moment of the signal (and Restarts goes up once Slurm has requeued it), a job at its
+    limit says Reason=TimeLimit, and a cancelled one has neither. When Slurm cannot be asked, the job
+    is treated as preempted: requeueing a cancelled job is the smaller loss."""
     if signal_name != "SIGTERM":  # USR2: Slurm's --signal warning before the time limit
         return "time limit"
     state = fields.get("JobState", "UNKNOWN")
     seen = str(fields.get("Restarts", ""))
     restarts = int(seen) if seen.isdigit() else restarts_at_start
-    if state == "UNKNOWN" or restarts > restarts_at_start or state in ("PENDING", "REQUEUED", "PREEMPTED"):
+    preempted_at = fields.get("PreemptTime", "None")
+    if (state == "UNKNOWN" or preempted_at not in ("None", "Unknown", "") or restarts > restarts_at_start
+            or state in ("PENDING", "REQUEUED", "PREEMPTED")):
         return "preemption"
     if fields.get("Reason") == "TimeLimit" or state in ("TIMEOUT", "DEADLINE"):
         return "time limit"
@@ -226,11 +229,11 @@ class NodeJob:
         signal.signal(signal.SIGUSR2, lambda signum, frame: preempt.request(run))
         if env.global_rank == 0:
             preempt.clear(run)  # before the launch: a request that arrives during startup must stay
+            with open(run / "slurm" / "restarts.jsonl", "a") as f:
+                f.write(json.dumps({"job": env.job_id, "restart": restarts, "time": time.time()}) + "\n")
         if slurm_boot.EARLY:  # USR2 while this task was starting: stop at the first step, with a checkpoint
             print("[launcher] USR2 arrived while the task was starting; training will checkpoint and stop", flush=True)
             preempt.request(run)
-            with open(run / "slurm" / "restarts.jsonl", "a") as f:
-                f.write(json.dumps({"job": env.job_id, "restart": restarts, "time": time.time()}) + "\n")
         argv = launch_argv(run, Path(self.config), self.shape, str(rank), main_address(env.hostnames),
                            str(port_for(job_id)))
         print("[launcher] " + shlex.join(argv), flush=True)

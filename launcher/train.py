@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from launcher.model import (DTYPES, apply_peft, compute_dtype, count_parameters,
                             resolve_source, streaming_malloc)
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.recipe import Recipe, load_recipe, save_recipe
+from launcher.userio import first_line
 
 
 def _mixed_precision(choice: str) -> str:
@@ -357,6 +359,12 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     return summary, unwrapped
 
 
+# What gloo and NCCL say when the other end of a collective has died (seen: gloo's "Connection
+# closed by peer ... typically caused by a remote worker crashing").
+PEER_GONE = re.compile(r"closed by peer|reset by peer|remote worker|Broken pipe|communicator was aborted|"
+                       r"NCCL error.*remote process exited", re.IGNORECASE)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Per-process entry for `accelerate launch -m launcher.train [RECIPE] [key=value ...] [--resume]`."""
     if (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1
@@ -374,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except RuntimeError as e:  # a collective whose peer is gone: the launcher reports the dead rank itself
+        if int(os.environ.get("WORLD_SIZE", 1)) == 1 or not PEER_GONE.search(str(e)):
+            raise
+        print(f"rank {os.environ.get('RANK', '?')}: stopping, another rank is gone ({first_line(e)[:160]})",
+              file=sys.stderr)
+        return 1
     finally:
         import torch.distributed as dist
 

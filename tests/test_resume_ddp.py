@@ -137,3 +137,42 @@ def test_usr2_checkpoints_and_exits_3_then_resume_finishes(tmp_path):
     assert not (run / "interrupted.json").exists()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "\"loss\"" in line]
     assert steps == list(range(1, stopped["step"] + 3))
+
+
+def test_a_killed_rank_is_one_line_naming_it_the_checkpoint_and_the_resume_command(tmp_path):
+    """SIGKILL of one DDP rank: the run ends at once, non-zero, and instead of torchrun's failure block
+    the user reads which rank died and how, the newest complete checkpoint, and the exact command."""
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from launcher import checkpoint
+
+    run = tmp_path / "run"
+    args = ["dist.nproc=2", f"train.output_dir={run}", "train.max_steps=5000", "train.save_every=4",
+            "train.warmup_steps=0", "train.eval_every=5000", "data.max_samples=400"]
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while checkpoint.newest(run) is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert checkpoint.newest(run) is not None, proc.communicate(timeout=60)[1][-3000:]
+        victim = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                      if "launcher.train" in " ".join(p.cmdline()) and p.environ().get("LOCAL_RANK") == "1")
+        victim.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode not in (0, None), err[-3000:]
+    assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]
+    line = errors[0]
+    assert f"rank 1 (pid {victim.pid} on " in line and "was killed by SIGKILL" in line, line
+    assert f"newest complete checkpoint: {checkpoint.newest(run)}" in line, line
+    assert line.endswith("continue with: " + shlex.join(["launcher", "train", *args, "--resume"])), line

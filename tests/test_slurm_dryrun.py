@@ -170,11 +170,12 @@ def test_report_table_efficiency_and_plots(tmp_path):
 
 @pytest.mark.parametrize("signal_name,fields,cause", [
     ("SIGUSR2", {"JobState": "RUNNING", "Restarts": "0"}, "time limit"),  # --signal ahead of the limit
+    ("SIGTERM", {"JobState": "RUNNING", "PreemptTime": "2026-11-24T05:37:57", "Restarts": "0"}, "preemption"),
     ("SIGTERM", {"JobState": "COMPLETING", "Reason": "None", "Restarts": "1"}, "preemption"),  # Slurm requeued it
     ("SIGTERM", {"JobState": "PENDING", "Restarts": "1"}, "preemption"),
     ("SIGTERM", {"JobState": "COMPLETING", "Reason": "TimeLimit", "Restarts": "0"}, "time limit"),
     ("SIGTERM", {"JobState": "TIMEOUT", "Restarts": "0"}, "time limit"),
-    ("SIGTERM", {"JobState": "COMPLETING", "Reason": "None", "Restarts": "0"}, "cancelled"),  # scancel
+    ("SIGTERM", {"JobState": "COMPLETING", "Reason": "None", "Restarts": "0", "PreemptTime": "None"}, "cancelled"),
     ("SIGTERM", {"JobState": "CANCELLED", "Restarts": "0"}, "cancelled"),
     ("SIGTERM", {"JobState": "UNKNOWN"}, "preemption"),  # Slurm cannot be asked: requeue, lose nothing
 ])
