@@ -206,7 +206,10 @@ def test_time_limit_requeues_are_bounded_and_nothing_is_lost(cluster, tmp_path):
     run = tmp_path / "run"
     common = [f"train.output_dir={run}", "train.log_every=1", "train.save_every=1000", "train.eval_every=1000",
               "train.warmup_steps=0", "data.max_samples=240", "train.micro_batch_size=8", "--gpus-per-node", "0"]
-    res = run_cli("submit", *common, "train.max_steps=400", "slurm.signal_delay_s=110", "--time", "2",
+    # The run is far longer than the limit whatever the machine's speed (400 steps once finished in 12 s,
+    # before Slurm's periodic limit check sent the signal); USR2 comes 110 s before the limit, and a
+    # USR2 lost in start-up still leaves the limit's own SIGTERM (Reason=TimeLimit), handled the same way.
+    res = run_cli("submit", *common, "train.max_steps=100000", "slurm.signal_delay_s=110", "--time", "2",
                   "--max-timeout-requeues", "0", "--wait", timeout=400)
     logs = _logs(run)
     assert res.returncode == 1 and "FAILED" in res.stdout + res.stderr, res.stdout + res.stderr + logs[-3000:]
