@@ -11,6 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
+from launcher.errors import UserError
+
 MARKER = "COMPLETE"
 
 
@@ -32,8 +34,6 @@ class Progress:
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """Never silently train over an earlier run's checkpoints or metrics."""
-    from launcher.errors import UserError
-
     if not resume and ((run_dir / "metrics.jsonl").exists() or list_complete(run_dir)):
         raise UserError(f"train.output_dir: {run_dir} already holds a run; add --resume to continue it, "
                         "or choose another train.output_dir")

@@ -13,6 +13,7 @@ import shlex
 import socket
 import sys
 
+from launcher.archs import PRESETS
 from launcher.errors import UserError
 from launcher.recipe import describe_fields, load_recipe
 from launcher.userio import quote
@@ -366,8 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="estimate memory per GPU and per node for every strategy; recommend one")
     _add_recipe_args(p)
-    p.add_argument("--model", help="an architecture preset instead of the recipe's model: " + ", ".join(
-        __import__("launcher.planner", fromlist=["PRESETS"]).PRESETS))
+    p.add_argument("--model", help="an architecture preset instead of the recipe's model: " + ", ".join(PRESETS))
     p.add_argument("--gpus-per-node", type=_count(1))
     p.add_argument("--nodes", type=_count(1))
     p.add_argument("--gpu-memory", help="per GPU, e.g. 80GB (default: this machine's GPU, else 80GB)")

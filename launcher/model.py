@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from launcher import attention, builtin
+from launcher import attention, builtin, random_model
 from launcher.errors import UserError
-from launcher.userio import first_line, quote, read_json
 from launcher.recipe import ModelCfg, PeftCfg, QuantCfg
+from launcher.source import resolve_source  # noqa: F401  (where callers have always found it)
+from launcher.userio import first_line, quote
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
 
@@ -26,30 +27,6 @@ def default_compute_dtype() -> torch.dtype:
 
 def compute_dtype(quant: QuantCfg) -> torch.dtype:
     return default_compute_dtype() if quant.compute_dtype == "auto" else DTYPES[quant.compute_dtype]
-
-
-def resolve_source(model: ModelCfg) -> str:
-    """A local directory or hub id that `from_pretrained` understands."""
-    if model.name == builtin.TINY_LLAMA:
-        return str(builtin.ensure_tiny_llama())
-    if model.random_init:
-        from launcher import planner, random_model
-
-        if model.name in planner.PRESETS:
-            return str(random_model.preset_dir(model.name))
-        if not (Path(model.name).expanduser() / "config.json").is_file():
-            raise UserError(f"model.name: with model.random_init, give a preset ({', '.join(planner.PRESETS)}) "
-                            f"or a directory with a config.json; {quote(model.name)} is neither")
-    path = Path(model.name).expanduser()
-    looks_local = model.name.startswith((".", "/", "~")) or path.exists()
-    if looks_local:
-        if not path.is_dir():
-            raise UserError(f"model.name: no such model directory: {model.name}")
-        if not (path / "config.json").is_file():
-            raise UserError(f"model.name: {model.name} has no config.json (not a Hugging Face model directory)")
-        check_config(path / "config.json")
-        return str(path.resolve())
-    return model.name
 
 
 def quantization_config(quant: QuantCfg, storage: torch.dtype | None = None):
@@ -68,14 +45,6 @@ def quantization_config(quant: QuantCfg, storage: torch.dtype | None = None):
         bnb_4bit_compute_dtype=compute_dtype(quant),
         bnb_4bit_quant_storage=storage,
     )
-
-
-def check_config(path: Path) -> dict:
-    """A model directory's config.json: a JSON object naming its model_type, or a one-line error."""
-    cfg = read_json(path, "model.name")
-    if not isinstance(cfg.get("model_type"), str):
-        raise UserError(f"model.name: {path} has no \"model_type\" (not a transformers config.json)")
-    return cfg
 
 
 def _load_error(what: str, source: str, err: Exception) -> UserError:
@@ -130,7 +99,6 @@ def load_base_model(source: str, model: ModelCfg, quant: QuantCfg, device_map=No
         dtype = compute_dtype(quant) if model.dtype == "auto" else DTYPES[model.dtype]
     attn = attention.implementation(model.attn_implementation)
     if model.random_init:
-        from launcher import random_model
 
         with streaming_malloc():
             return random_model.build(source, quantization_config(quant, storage), dtype, device_map,

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
+from launcher import planner
 from launcher.errors import UserError
-from launcher.userio import first_line, quote, read_json
 from launcher.recipe import Recipe
+from launcher.source import model_config, resolve_source
 
 STRATEGIES = ("single", "ddp", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_offload")
 ZERO_STAGE = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
@@ -41,20 +41,6 @@ class Machine:
         return cls(torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / 2**30)
 
 
-def model_config(source: str, trust_remote_code: bool = False, local_only: bool = False) -> dict:
-    """config.json as a dict, without loading weights (local directory, hub cache, or hub)."""
-    local = Path(source) / "config.json"
-    if local.is_file():
-        return read_json(local, "model.name")
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                          local_files_only=local_only).to_dict()
-    except (OSError, ValueError) as e:
-        raise UserError(f"model.name: cannot read the config of {quote(source)}: {first_line(e)}") from None
-
-
 def resolve_strategy(recipe: Recipe, machine: Machine, cfg: dict | None = None) -> str:
     """`auto`: one process runs single; on GPUs the memory planner's recommendation (DDP while a
     replica fits, else ZeRO-2, FSDP, ZeRO-3, then the offloading variants)."""
@@ -65,8 +51,7 @@ def resolve_strategy(recipe: Recipe, machine: Machine, cfg: dict | None = None) 
         return "single"
     if machine.gpus == 0 or "hidden_size" not in (cfg or {}):
         return "ddp"
-    from launcher import planner  # the memory planner decides: least communication that fits
-
+    # The memory planner decides: the least communication that fits.
     arch = planner.Arch.from_config(cfg, recipe.model.name)
     setup = planner.setup_for_recipe(recipe, dist.nproc, dist.nnodes, gpu=True)
     plans = planner.plan_all(arch, setup, machine.gpu_memory_gb, float("inf"),
@@ -188,8 +173,6 @@ def check_checkpointing(fsdp_activation_checkpointing: bool, gradient_checkpoint
 
 def for_target(recipe: Recipe, device: str | None = None, need_model: bool = True) -> tuple[str, bool]:
     """(strategy, gpu) for this recipe on this machine (or on a GPU node when device == "gpu")."""
-    from launcher.model import resolve_source
-
     machine = Machine.detect()
     if device == "gpu" and machine.gpus == 0:  # writing configs for a GPU node from a login node
         machine = Machine(gpus=recipe.dist.nproc, gpu_memory_gb=80.0)
@@ -233,7 +216,7 @@ def kbit_upcast(strategy: str) -> bool:
 
 def storage_dtype(recipe: Recipe, strategy: str, param_dtype):
     """Packed 4-bit container dtype: uint8 normally; the parameter dtype when ZeRO-3/FSDP shard it."""
-    from launcher.model import DTYPES
+    from launcher.model import DTYPES  # torch: not imported by commands that only check recipes
 
     if recipe.quant.storage_dtype != "auto":
         return DTYPES[recipe.quant.storage_dtype]

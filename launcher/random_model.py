@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+from launcher import builtin
+from launcher.archs import PRESETS
+
 SEED = 1234  # the same base weights on every rank and every run (DDP needs identical replicas)
 
 
@@ -24,9 +27,7 @@ def preset_dir(name: str) -> Path:
     """A directory with the preset's config.json and the built-in tokenizer (a few KB, written once)."""
     from filelock import FileLock
 
-    from launcher import builtin, planner
-
-    a = planner.PRESETS[name]
+    a = PRESETS[name]
     target = builtin.cache_dir() / f"random-{name}"
     if (target / "config.json").exists():
         return target

@@ -30,9 +30,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import checkpoint, placement, preempt, slurm_boot
+from launcher import checkpoint, configs, placement, preempt, slurm_boot
 from launcher.errors import UserError
-from launcher.recipe import Recipe, save_recipe, time_minutes
+from launcher.recipe import Recipe, load_recipe, save_recipe, time_minutes
 from launcher.userio import quote
 
 PORT_BASE, PORT_SPAN = 20000, 20000
@@ -262,11 +262,25 @@ class NodeJob:
             raise RuntimeError(f"training exited with status {proc.returncode} on {env.hostname}; "
                                f"see {run / 'slurm'} for the logs")
         if env.global_rank == 0:
-            from launcher.sweep import write_result
-
             return write_result(run, {"job_id": env.job_id, "nodes": self.shape.nodes,
                                       "gpus_per_node": self.shape.gpus_per_node, "launch": self.shape.launch})
         return {}
+
+
+def write_result(run_dir: Path, extra: dict) -> dict:
+    """result.json for a finished run: throughput, memory, loss and the configuration."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    recipe = load_recipe(str(run_dir / "recipe.yaml"))
+    world = summary["processes"]
+    result = {"run": run_dir.name, "model": recipe.model.name, "params": summary["total_params"],
+              "strategy": summary["strategy"], "world": world, "micro_batch_size": recipe.train.micro_batch_size,
+              "grad_accum": recipe.train.grad_accum, "seq_len": recipe.data.max_seq_len,
+              "tokens_per_s": summary["tokens_per_s"], "tokens_per_s_per_gpu": round(summary["tokens_per_s"] / world, 1),
+              "peak_mem_gb": max(summary["peak_mem_gb_per_rank"]), "step_s": summary["step_s"],
+              "final_loss": summary["final_loss"], "eval_loss": summary["eval_loss"], "steps": summary["steps"],
+              "restarts": summary["restarts"], **extra}
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 @dataclass
@@ -293,8 +307,6 @@ def make_executor(folder: Path, params: dict, max_timeout_requeues: int):
 
 def prepare(recipe: Recipe, resume: bool = False) -> Prepared:
     """Check and write the run directory (recipe, accelerate config, plain sbatch); submits nothing."""
-    from launcher import configs
-
     recipe, shape = resolve(recipe)
     run_dir = Path(recipe.train.output_dir)
     checkpoint.check_run_dir(run_dir, resume)

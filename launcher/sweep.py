@@ -15,6 +15,7 @@ import json
 import re
 from pathlib import Path
 
+from launcher import slurm
 from launcher.errors import UserError
 from launcher.recipe import load_recipe
 from launcher.userio import quote, read_json
@@ -26,22 +27,6 @@ ALIASES = {"model": "model.name", "nodes": "slurm.nodes", "gpus_per_node": "slur
 COLUMNS = ["run", "model", "params", "strategy", "nodes", "gpus_per_node", "world", "micro_batch_size", "seq_len",
            "tokens_per_s", "tokens_per_s_per_gpu", "scaling_efficiency", "peak_mem_gb", "step_s", "final_loss",
            "eval_loss", "steps", "restarts"]
-
-
-def write_result(run_dir: Path, extra: dict) -> dict:
-    """result.json for a finished run: throughput, memory, loss and the configuration."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    recipe = load_recipe(str(run_dir / "recipe.yaml"))
-    world = summary["processes"]
-    result = {"run": run_dir.name, "model": recipe.model.name, "params": summary["total_params"],
-              "strategy": summary["strategy"], "world": world, "micro_batch_size": recipe.train.micro_batch_size,
-              "grad_accum": recipe.train.grad_accum, "seq_len": recipe.data.max_seq_len,
-              "tokens_per_s": summary["tokens_per_s"], "tokens_per_s_per_gpu": round(summary["tokens_per_s"] / world, 1),
-              "peak_mem_gb": max(summary["peak_mem_gb_per_rank"]), "step_s": summary["step_s"],
-              "final_loss": summary["final_loss"], "eval_loss": summary["eval_loss"], "steps": summary["steps"],
-              "restarts": summary["restarts"], **extra}
-    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
-    return result
 
 
 def parse_grid(items: list[str], flags: dict | None = None) -> dict[str, list[str]]:
@@ -84,8 +69,6 @@ def submit_sweep(recipe_path: str | None, overrides: list[str], grid_items: list
                  max_parallel: int, dry_run: bool, say=print, flags: dict | None = None,
                  setup: list[str] = ()) -> tuple[Path, list[str]]:
     """Validate every point first, then write run dirs and submit; returns (sweep dir, job ids)."""
-    from launcher import slurm
-
     grid = parse_grid(grid_items, flags)
     combos = points(grid)
     recipes, problems = [], []
