@@ -64,10 +64,10 @@ def trainable_only_hook(models, weights, output_dir):
             del state[key]
 
 
-def save(accelerator, run_dir: Path, step: int, keep: int, extra: dict) -> Path:
+def save(accelerator, run_dir: Path, step: int, keep: int, extra: dict, deepspeed: bool = False) -> Path:
     path = checkpoint_root(run_dir) / f"step_{step:07d}"
     # DeepSpeed writes its own model file: leave the frozen base out of it too.
-    kwargs = {"exclude_frozen_parameters": True} if _deepspeed(accelerator) else {}
+    kwargs = {"exclude_frozen_parameters": True} if deepspeed else {}
     accelerator.save_state(str(path), **kwargs)
     if accelerator.is_main_process:
         (path / "progress.json").write_text(json.dumps(extra, indent=1))
@@ -78,11 +78,7 @@ def save(accelerator, run_dir: Path, step: int, keep: int, extra: dict) -> Path:
     return path
 
 
-def load(accelerator, path: Path) -> None:
+def load(accelerator, path: Path, deepspeed: bool = False) -> None:
     # not strict: the checkpoint holds only the adapter, the base comes from the model files
-    kwargs = {"load_module_strict": False} if _deepspeed(accelerator) else {"strict": False}
+    kwargs = {"load_module_strict": False} if deepspeed else {"strict": False}
     accelerator.load_state(str(path), **kwargs)
-
-
-def _deepspeed(accelerator) -> bool:
-    return accelerator.distributed_type.value == "DEEPSPEED"

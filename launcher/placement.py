@@ -187,6 +187,69 @@ def for_target(recipe: Recipe, device: str | None = None, need_model: bool = Tru
     return check(recipe, machine, cfg), machine.gpus > 0
 
 
+def launched_with_deepspeed() -> bool:
+    """Whether `accelerate launch` started this process with a DeepSpeed config: the one fact about the
+    launch that must be known before the Accelerator exists (it then owns mixed precision)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The strategy as decided once for this process, from the recipe, the machine and how the
+    process was launched. Loading, prepare, checkpointing and saving the adapter read it; nothing
+    downstream works the strategy out again."""
+
+    strategy: str
+    rank: int
+    world: int
+    zero_stage: int  # DeepSpeed ZeRO stage; 0 when not DeepSpeed
+    fsdp_version: int  # 1 or 2 under FSDP; 0 otherwise
+    offload: bool  # parameters (and optimizer state) live on the CPU
+    rank0_reads: bool  # only rank 0 reads the weights (FSDP2 RAM-efficient loading, ZeRO-3 with several ranks)
+    device_map: object  # for from_pretrained; None where ZeRO-3/FSDP place the weights
+    param_dtype: object  # torch dtype of the unquantized weights
+    storage_dtype: object  # torch dtype holding the packed 4-bit weights
+    kbit_upcast: bool  # prepare_model_for_kbit_training's fp32 upcast
+    optimizer: str  # the optimizer actually used (bitsandbytes ones are replaced where they cannot run)
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.zero_stage > 0
+
+    @property
+    def zero3_rank0_reads(self) -> bool:
+        return self.rank0_reads and self.zero_stage == 3
+
+    @property
+    def fsdp2_rank0_reads(self) -> bool:
+        return self.rank0_reads and self.fsdp_version == 2
+
+
+def resolve(recipe: Recipe, accelerator, cfg: dict, machine: Machine | None = None) -> Placement:
+    """Check the recipe against this machine and this launch (one UserError listing every problem)
+    and decide everything that depends on the strategy."""
+    from launcher.model import DTYPES, compute_dtype  # torch: not imported by commands that only check recipes
+
+    rank, world = rank_and_world()
+    strategy = check(recipe, machine or Machine.detect(), cfg)
+    check_launch(strategy, accelerator, world)
+    kind = accelerator.distributed_type.value
+    fsdp = accelerator.state.fsdp_plugin if kind == "FSDP" else None
+    if fsdp is not None:
+        check_checkpointing(bool(fsdp.activation_checkpointing), recipe.train.gradient_checkpointing)
+    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if kind == "DEEPSPEED" else 0
+    fsdp_version = (2 if accelerator.is_fsdp2 else 1) if fsdp is not None else 0
+    rank0_reads = world > 1 and ((fsdp_version == 2 and bool(fsdp.cpu_ram_efficient_loading)) or zero_stage == 3)
+    dtype = recipe.model.dtype
+    param_dtype = compute_dtype(recipe.quant) if dtype == "auto" else DTYPES[dtype]
+    return Placement(
+        strategy=strategy, rank=rank, world=world, zero_stage=zero_stage, fsdp_version=fsdp_version,
+        offload=fsdp_offloads(fsdp) if fsdp is not None else strategy in OFFLOAD, rank0_reads=rank0_reads,
+        device_map=device_map_for(strategy, recipe.model.device_map, accelerator.device), param_dtype=param_dtype,
+        storage_dtype=storage_dtype(recipe, strategy, param_dtype), kbit_upcast=kbit_upcast(strategy),
+        optimizer=optimizer_for(strategy, recipe.train.optimizer, recipe.dist.fsdp_version))
+
+
 def rank_and_world() -> tuple[int, int]:
     """Global rank and world size from torch.distributed (accelerate under DeepSpeed on CPU misreports them)."""
     import torch.distributed as dist

@@ -48,14 +48,15 @@ def fsdp2_shard(model, *, offload: bool = False, param_dtype: torch.dtype | None
     return model
 
 
-def trainable_state(model, accelerator=None) -> dict[str, torch.Tensor]:
-    """Full (unsharded) trainable tensors on CPU, on every rank; collective under ZeRO-3/FSDP.
+def trainable_state(model, accelerator=None, *, fsdp1: bool = False, zero3: bool = False) -> dict[str, torch.Tensor]:
+    """Full (unsharded) trainable tensors on CPU, on every rank; collective under ZeRO-3/FSDP
+    (`fsdp1`/`zero3` say which, from the run's Placement; FSDP2's DTensors speak for themselves).
 
     Only the adapter is gathered, never the frozen base, so saving a 70B run moves megabytes.
     """
     from torch.distributed.tensor import DTensor
 
-    if accelerator is not None and accelerator.distributed_type.value == "FSDP" and not accelerator.is_fsdp2:
+    if fsdp1:
         # FSDP1 flat parameters hide the per-tensor names: gather a full state dict on rank 0
         # (offloaded to CPU; other ranks get nothing) and keep the adapter's tensors.
         full = accelerator.get_state_dict(model)
@@ -63,8 +64,6 @@ def trainable_state(model, accelerator=None) -> dict[str, torch.Tensor]:
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    zero3 = accelerator is not None and getattr(accelerator.state, "deepspeed_plugin", None) is not None \
-        and accelerator.state.deepspeed_plugin.zero_stage == 3
     if zero3:
         import deepspeed
 

@@ -13,13 +13,14 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from launcher import checkpoint, data, metrics, placement, preempt, sharding
 from launcher.errors import UserError
-from launcher.model import (DTYPES, apply_peft, compute_dtype, count_parameters, load_base_model, load_tokenizer,
+from launcher.model import (apply_peft, count_parameters, load_base_model, load_tokenizer,
                             resolve_source, streaming_malloc)
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.recipe import Recipe, load_recipe, save_recipe
@@ -73,8 +74,8 @@ def _save_adapter(model, adapter: dict, run_dir: Path) -> None:
                   metadata={"format": "pt"})
 
 
-def _gather(value: float, world: int) -> list[float]:
-    """One number from every rank, in rank order (all_gather_object; a no-op for one process)."""
+def _gather(value, world: int) -> list:
+    """One value from every rank, in rank order (all_gather_object; a no-op for one process)."""
     if world == 1:
         return [value]
     import torch.distributed as dist
@@ -84,12 +85,12 @@ def _gather(value: float, world: int) -> list[float]:
     return out
 
 
-def _prepare_fsdp(model, accelerator):
+def _prepare_fsdp(model, accelerator, offload: bool):
     """FSDP2: our own fully_shard wrapping (accelerate keeps an already wrapped model);
     FSDP1: accelerate wraps with peft's policy, so each unit has uniform requires_grad."""
     plugin = accelerator.state.fsdp_plugin
     if plugin.fsdp_version == 2:
-        model = sharding.fsdp2_shard(model, offload=placement.fsdp_offloads(plugin))
+        model = sharding.fsdp2_shard(model, offload=offload)
         plugin.auto_wrap_policy = None  # already wrapped; accelerate would look for the original class names
         return model
     from peft.utils.other import fsdp_auto_wrap_policy
@@ -125,119 +126,158 @@ def evaluate(model, loader, accelerator, max_batches: int | None) -> float:
 
 
 def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
-    """Run the recipe; returns (summary, the trained peft model unwrapped from accelerate)."""
-    from accelerate import Accelerator, InitProcessGroupKwargs
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+    """Run the recipe; returns (summary, the trained peft model unwrapped from accelerate).
 
-    cfg = recipe.train
-    run_dir = Path(cfg.output_dir)
+    The phases, each a function below: set up (accelerator, placement), data, model (load, shard,
+    prepare, optimizer), resume, the loop, finish (adapter and summary)."""
+    from accelerate.utils import set_seed
+
+    run_dir = Path(recipe.train.output_dir)
     checkpoint.check_run_dir(run_dir, resume)
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    accelerator = make_accelerator(recipe.train, run_dir)
+    stop = preempt.StopRequest(run_dir)  # USR2 (time limit) / TERM (preemption): checkpoint at the next step, exit
+    set_seed(recipe.train.seed)
+    with accelerator.main_process_first():  # rank 0 builds the tiny model once; others read it
+        source = resolve_source(recipe.model)
+    pl = placement.resolve(recipe, accelerator, placement.model_config(source))
+    _fill_deepspeed_batch(accelerator, recipe.train, pl.world)
+    tokenizer = load_tokenizer(source, recipe.model)
+    d = setup_data(recipe, tokenizer, pl.world)
+    model, loaded = setup_model(recipe, source, pl, accelerator, d.total_steps)
+    accelerator.print(f"data: {json.dumps(d.stats)}")
+    model, optimizer, scheduler = setup_optimizer(recipe.train, model, pl, accelerator, d.total_steps)
+    train_dl, eval_dl, base_dl = make_loaders(recipe, d, tokenizer, pl)
+    progress = restore(accelerator, run_dir, scheduler, pl, resume)
+    start_run_dir(accelerator, recipe, run_dir, tokenizer)
+    run = fit(recipe, model, optimizer, scheduler, train_dl, eval_dl if d.eval_ex else None, progress, stop, pl,
+              accelerator, d.total_steps)
+    if run.interrupted:  # the checkpoint holds everything; the adapter is written when the run ends
+        if accelerator.is_main_process:
+            preempt.mark(run_dir, progress.step, stop.signum)
+        accelerator.print(f"stopped at step {progress.step} on a stop signal; checkpoint saved, resume continues "
+                          "from it")
+        accelerator.end_training()
+        return {"steps": progress.step, "interrupted": True, "restarts": progress.restarts}, \
+            accelerator.unwrap_model(model)
+    return finish(recipe, model, pl, accelerator, progress, run, loaded, base_dl)
+
+
+def make_accelerator(cfg, run_dir: Path):
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    deepspeed = placement.launched_with_deepspeed()
     handlers = []
     if deepspeed and not torch.cuda.is_available():
         # Without a backend accelerate counts one process on every CPU DeepSpeed rank.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    accelerator = Accelerator(
+    return Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=None if deepspeed else _mixed_precision(cfg.mixed_precision),  # the DeepSpeed JSON says it
         log_with=cfg.report_to or None,
         project_dir=str(run_dir),
         kwargs_handlers=handlers,
     )
-    rank, world = placement.rank_and_world()
-    say = accelerator.print
-    stop = preempt.StopRequest(run_dir)  # USR2 (time limit) / TERM (preemption): checkpoint at the next step, exit
-    set_seed(cfg.seed)
 
-    with accelerator.main_process_first():  # rank 0 builds the tiny model once; others read it
-        source = resolve_source(recipe.model)
-    strategy = placement.check(recipe, placement.Machine.detect(), placement.model_config(source))
-    placement.check_launch(strategy, accelerator, world)
-    _fill_deepspeed_batch(accelerator, cfg, world)
-    tokenizer = load_tokenizer(source, recipe.model)
-    if recipe.data.streaming:  # read as consumed; the run length is train.max_steps
-        train_ex, stats = None, {"streaming": True}
-        eval_ex = data.tokenize(data.read_samples(recipe.data.eval_path, recipe.data.eval_split or recipe.data.split,
-                                                  "data.eval_path"),
-                                recipe.data, tokenizer).examples \
-            if recipe.data.eval_path else []
-        total_steps = cfg.max_steps
-    else:
-        train_ex, eval_ex, stats = data.load_data(recipe.data, tokenizer, cfg.seed, cfg.micro_batch_size)
-        batches = data.batches_per_epoch(len(train_ex), world, cfg.micro_batch_size, recipe.data.remainder)
-        if batches == 0:
-            raise UserError(f"data: {len(train_ex)} training samples cannot feed {world} processes")
-        steps_per_epoch = math.ceil(batches / cfg.grad_accum)
-        total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
+@dataclass
+class Data:
+    train_ex: list | None  # None when streaming
+    eval_ex: list
+    stats: dict
+    total_steps: int
+
+
+def setup_data(recipe: Recipe, tokenizer, world: int) -> Data:
+    """Tokenized (cached) samples and the run length; a stream is read as consumed, for train.max_steps."""
+    cfg = recipe.train
+    if recipe.data.streaming:
+        evals = []
+        if recipe.data.eval_path:
+            rows = data.read_samples(recipe.data.eval_path, recipe.data.eval_split or recipe.data.split,
+                                     "data.eval_path")
+            evals = data.tokenize(rows, recipe.data, tokenizer).examples
+        return Data(None, evals, {"streaming": True}, cfg.max_steps)
+    train_ex, eval_ex, stats = data.load_data(recipe.data, tokenizer, cfg.seed, cfg.micro_batch_size)
+    batches = data.batches_per_epoch(len(train_ex), world, cfg.micro_batch_size, recipe.data.remainder)
+    if batches == 0:
+        raise UserError(f"data: {len(train_ex)} training samples cannot feed {world} processes")
+    steps_per_epoch = math.ceil(batches / cfg.grad_accum)
+    return Data(train_ex, eval_ex, stats, cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch)))
+
+
+def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerator, total_steps: int):
+    """The 4-bit base with its adapter, loaded the way the placement says: every rank reads it, or
+    only rank 0 reads and the others receive their shards (FSDP2) or partitions (ZeRO-3).
+    Returns (model, what the load cost)."""
     load_start, rss_before = time.perf_counter(), metrics.host_rss_gb()
-    param_dtype = compute_dtype(recipe.quant) if recipe.model.dtype == "auto" else DTYPES[recipe.model.dtype]
 
     def load(device_map):
-        return load_base_model(source, recipe.model, recipe.quant, dtype=param_dtype, device_map=device_map,
-                               storage=placement.storage_dtype(recipe, strategy, param_dtype))
+        return load_base_model(source, recipe.model, recipe.quant, dtype=pl.param_dtype, device_map=device_map,
+                               storage=pl.storage_dtype)
 
     def wrap(base):
-        return apply_peft(base, recipe.peft, quantized=recipe.quant.mode != "none",
-                          kbit_upcast=placement.kbit_upcast(strategy),
-                          gradient_checkpointing=cfg.gradient_checkpointing, total_steps=total_steps)
+        return apply_peft(base, recipe.peft, quantized=recipe.quant.mode != "none", kbit_upcast=pl.kbit_upcast,
+                          gradient_checkpointing=recipe.train.gradient_checkpointing, total_steps=total_steps)
 
-    fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    if fsdp_plugin is not None:
-        placement.check_checkpointing(bool(fsdp_plugin.activation_checkpointing), cfg.gradient_checkpointing)
-    low_mem = (accelerator.distributed_type.value == "FSDP" and accelerator.is_fsdp2 and world > 1
-               and fsdp_plugin.cpu_ram_efficient_loading)
-    zero3 = deepspeed and world > 1 and accelerator.state.deepspeed_plugin.zero_stage == 3
-    if low_mem:  # only rank 0 reads the weights; the others receive their shards
-        model = sharding.load_fsdp2(load, wrap, offload=placement.fsdp_offloads(fsdp_plugin), device=accelerator.device)
-        fsdp_plugin.auto_wrap_policy = None  # already wrapped
-    elif zero3:  # only rank 0 reads the weights; DeepSpeed partitions them from there in prepare()
+    if pl.fsdp2_rank0_reads:
+        model = sharding.load_fsdp2(load, wrap, offload=pl.offload, device=accelerator.device)
+        accelerator.state.fsdp_plugin.auto_wrap_policy = None  # already wrapped
+    elif pl.zero3_rank0_reads:  # DeepSpeed partitions them from rank 0 in prepare()
         with sharding.without_hf_zero3(accelerator.state.deepspeed_plugin), streaming_malloc():
             model = sharding.load_zero3(load, wrap, device=accelerator.device)
     else:
-        model = wrap(load(placement.device_map_for(strategy, recipe.model.device_map, accelerator.device)))
-    load_s = time.perf_counter() - load_start
-    load_rss_gb = metrics.host_rss_gb(peak=True) - rss_before  # host memory the load added at its peak
-    trainable, total_params = count_parameters(model)
-    say(f"model {recipe.model.name}: trainable {trainable:,} / total {total_params:,} parameters "
-        f"({100 * trainable / total_params:.3f}%), strategy {strategy}, {world} process(es)")
-    say(f"data: {json.dumps(stats)}")
+        model = wrap(load(pl.device_map))
+    trainable, total = count_parameters(model)
+    accelerator.print(f"model {recipe.model.name}: trainable {trainable:,} / total {total:,} parameters "
+                      f"({100 * trainable / total:.3f}%), strategy {pl.strategy}, {pl.world} process(es)")
+    return model, {"trainable": trainable, "total": total, "load_s": time.perf_counter() - load_start,
+                   "load_rss_gb": metrics.host_rss_gb(peak=True) - rss_before}  # host memory the load added at peak
 
-    fsdp1 = accelerator.distributed_type.value == "FSDP" and not accelerator.is_fsdp2
-    if accelerator.distributed_type.value == "FSDP" and not low_mem:
-        model = _prepare_fsdp(model, accelerator)  # before the optimizer: it must see the sharded parameters
-    optimizer_name = placement.optimizer_for(strategy, cfg.optimizer, recipe.dist.fsdp_version)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, optimizer_name)
+
+def setup_optimizer(cfg, model, pl: placement.Placement, accelerator, total_steps: int):
+    """Shard (FSDP) before the optimizer sees the parameters, then let accelerate prepare both."""
+    if pl.fsdp_version and not pl.fsdp2_rank0_reads:
+        model = _prepare_fsdp(model, accelerator, pl.offload)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, pl.optimizer)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    if fsdp1:
+    if pl.fsdp_version == 1:
         optimizer = accelerator.prepare(optimizer)
     else:
-        with streaming_malloc() if zero3 else contextlib.nullcontext():
+        with streaming_malloc() if pl.zero3_rank0_reads else contextlib.nullcontext():
             model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, scheduler
+
+
+def make_loaders(recipe: Recipe, d: Data, tokenizer, pl: placement.Placement):
+    """(train, eval, the train loader before accelerate). Our sampler already gives each rank its
+    share; accelerate only tracks the epoch end (so accumulate() syncs on the last short window)."""
     from accelerate.data_loader import prepare_data_loader
 
-    # Our sampler already gives each rank its share; accelerate only tracks the epoch end
-    # (so accumulate() syncs on the last short window) and does no further sharding.
+    cfg = recipe.train
     if recipe.data.streaming:
-        base_dl = data.make_stream_loader(recipe.data, tokenizer, cfg.micro_batch_size, rank, world)
+        base = data.make_stream_loader(recipe.data, tokenizer, cfg.micro_batch_size, pl.rank, pl.world)
     else:
-        base_dl = data.make_loader(train_ex, cfg.micro_batch_size, rank, world, cfg.seed, tokenizer.pad_token_id,
-                                   remainder=recipe.data.remainder, group_by_length=recipe.data.group_by_length)
-    train_dl = prepare_data_loader(base_dl, num_processes=1, process_index=0)
-    eval_dl = data.make_loader(eval_ex, cfg.micro_batch_size, rank, world, cfg.seed, tokenizer.pad_token_id,
+        base = data.make_loader(d.train_ex, cfg.micro_batch_size, pl.rank, pl.world, cfg.seed, tokenizer.pad_token_id,
+                                remainder=recipe.data.remainder, group_by_length=recipe.data.group_by_length)
+    eval_dl = data.make_loader(d.eval_ex, cfg.micro_batch_size, pl.rank, pl.world, cfg.seed, tokenizer.pad_token_id,
                                shuffle=False, remainder="pad")  # every eval sample counts once
+    return prepare_data_loader(base, num_processes=1, process_index=0), eval_dl, base
 
+
+def restore(accelerator, run_dir: Path, scheduler, pl: placement.Placement, resume: bool) -> checkpoint.Progress:
+    """Register what checkpoints carry; with --resume, load the newest complete checkpoint."""
     progress = checkpoint.Progress()
     accelerator.register_for_checkpointing(scheduler, progress)
     accelerator.register_save_state_pre_hook(checkpoint.trainable_only_hook)
     last = checkpoint.newest(run_dir) if resume else None
     if last is not None:
-        checkpoint.load(accelerator, last)
+        checkpoint.load(accelerator, last, deepspeed=pl.deepspeed)
         progress.restarts += 1
-        say(f"resumed from {last} at step {progress.step} (restart {progress.restarts})")
-    start_step = progress.step
+        accelerator.print(f"resumed from {last} at step {progress.step} (restart {progress.restarts})")
+    return progress
 
+
+def start_run_dir(accelerator, recipe: Recipe, run_dir: Path, tokenizer) -> None:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         if os.environ.get(preempt.UNDER_JOB):
@@ -247,28 +287,72 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
         save_recipe(recipe, run_dir / "recipe.yaml")
         tokenizer.save_pretrained(run_dir)
     accelerator.init_trackers("tensorboard", config=_flat(recipe.model_dump(mode="json")))
-    log = metrics.MetricsLog(run_dir / "metrics.jsonl", accelerator)
-    ids_log = metrics.SampleIdLog(run_dir, rank, recipe.data.log_sample_ids)
 
-    if eval_ex and progress.step == 0:  # the baseline the run improves on
+
+class Meter:
+    """The logging window: loss summed on the device (no host sync per step), tokens counted on the
+    host; `row()` reduces over ranks once per log line and starts a new window."""
+
+    def __init__(self, device):
+        self.loss = torch.zeros((), device=device)
+        self.micro = self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss.detach().float()
+        self.micro += 1
+
+    def row(self, accelerator, world: int) -> dict:
+        elapsed = time.perf_counter() - self.start
+        both = accelerator.reduce(torch.stack([self.loss / self.micro,
+                                               torch.tensor(float(self.tokens), device=accelerator.device)]),
+                                  reduction="sum")
+        self.loss.zero_()
+        self.micro = self.tokens = 0
+        self.start = time.perf_counter()
+        return {"loss": both[0].item() / world, "tokens_per_s": both[1].item() / max(elapsed, 1e-9)}
+
+
+@dataclass
+class Fitted:
+    """What the loop leaves for the summary."""
+
+    interrupted: bool = False
+    eval_loss: float | None = None
+    last_loss: float | None = None
+    tokens: int = 0  # this rank's real (non-pad) tokens
+    loop_s: float = 0.0
+    first_step_s: float | None = None
+    start_step: int = 0
+    ids_log: metrics.SampleIdLog | None = None
+
+
+def fit(recipe: Recipe, model, optimizer, scheduler, train_dl, eval_dl, progress, stop, pl: placement.Placement,
+        accelerator, total_steps: int) -> Fitted:
+    """The loop, as in accelerate's complete example: accumulate, backward, clip, step; a log line,
+    an eval and a checkpoint on their schedules; a stop signal ends it at a step boundary."""
+    from tqdm.auto import tqdm
+
+    cfg, run_dir = recipe.train, Path(recipe.train.output_dir)
+    log = metrics.MetricsLog(run_dir / "metrics.jsonl", accelerator)
+    ids_log = metrics.SampleIdLog(run_dir, pl.rank, recipe.data.log_sample_ids)
+    if eval_dl is not None and progress.step == 0:  # the baseline the run improves on
         log.write({"step": 0, "eval_loss": evaluate(model, eval_dl, accelerator, cfg.eval_batches)})
     model.train()
     bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train")
-    loop_start, first_step_s, run_tokens = time.perf_counter(), None, 0
-    window_loss = torch.zeros((), device=accelerator.device)
-    window_micro, window_tokens, window_start = 0, 0, time.perf_counter()
-    grad_norm, eval_loss, interrupted, last_loss = None, None, False, None
-    while progress.step < total_steps and not interrupted:
-        epoch_dl = accelerator.skip_first_batches(train_dl, progress.batches_in_epoch) if progress.batches_in_epoch else train_dl
+    out, meter, grad_norm = Fitted(start_step=progress.step), Meter(accelerator.device), None
+    loop_start = time.perf_counter()
+    while progress.step < total_steps and not out.interrupted:
+        epoch_dl = accelerator.skip_first_batches(train_dl, progress.batches_in_epoch) \
+            if progress.batches_in_epoch else train_dl
         # accelerate's loader re-seeds the sampler from its own epoch counter on every
         # iteration, so tell the loader (not just our sampler) which epoch this is.
         epoch_dl.set_epoch(progress.epoch)
         for batch in epoch_dl:
-            ids = batch.pop("sample_ids")
-            ids_log.write({"step": progress.step, "epoch": progress.epoch, "ids": ids.tolist()})
+            ids_log.write({"step": progress.step, "epoch": progress.epoch, "ids": batch.pop("sample_ids").tolist()})
             real = int(batch.pop("real_tokens"))  # counted on the host: no device sync
-            window_tokens += real
-            run_tokens += real
+            meter.tokens += real
+            out.tokens += real
             with accelerator.accumulate(model):
                 loss, _ = forward_loss(model, batch, accelerator.device)
                 accelerator.backward(loss)
@@ -280,81 +364,83 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
                     if recipe.peft.method == "adalora":
                         accelerator.unwrap_model(model).base_model.update_and_allocate(progress.step)
                 optimizer.zero_grad()
-            window_loss += loss.detach().float()
-            window_micro += 1
+            meter.add(loss)
             progress.batches_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
             progress.step += 1
-            if first_step_s is None:
-                first_step_s = metrics.process_age_s()  # process start to the end of the first step
+            out.first_step_s = out.first_step_s or metrics.process_age_s()  # process start to the first step's end
             bar.update(1)
             step = progress.step
             if step % cfg.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                stats_t = accelerator.reduce(torch.stack([window_loss / window_micro,
-                                                          torch.tensor(float(window_tokens), device=accelerator.device)]),
-                                             reduction="sum")
-                row = {"step": step, "epoch": progress.epoch, "loss": stats_t[0].item() / world,
-                       "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "tokens_per_s": stats_t[1].item() / max(elapsed, 1e-9),
-                       "peak_mem_gb": metrics.peak_memory_gb(accelerator.device)}
-                log.write(row)
-                last_loss = row["loss"]
-                bar.set_postfix(loss=f"{row['loss']:.3f}")
-                window_loss.zero_()
-                window_micro, window_tokens, window_start = 0, 0, time.perf_counter()
-            if eval_ex and (step % cfg.eval_every == 0 or step == total_steps):
-                eval_loss = evaluate(model, eval_dl, accelerator, cfg.eval_batches)
-                log.write({"step": step, "eval_loss": eval_loss})
-                say(f"step {step}: eval_loss {eval_loss:.4f}")
-            interrupted = step < total_steps and stop.agreed(accelerator, world)
-            if interrupted or step % cfg.save_every == 0 or step == total_steps:
+                window = meter.row(accelerator, pl.world)
+                out.last_loss = window["loss"]
+                log.write({"step": step, "epoch": progress.epoch, "loss": out.last_loss, "lr": scheduler.get_last_lr()[0],
+                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                           "tokens_per_s": window["tokens_per_s"], "peak_mem_gb": metrics.peak_memory_gb(accelerator.device)})
+                bar.set_postfix(loss=f"{out.last_loss:.3f}")
+            if eval_dl is not None and (step % cfg.eval_every == 0 or step == total_steps):
+                out.eval_loss = evaluate(model, eval_dl, accelerator, cfg.eval_batches)
+                log.write({"step": step, "eval_loss": out.eval_loss})
+                accelerator.print(f"step {step}: eval_loss {out.eval_loss:.4f}")
+            out.interrupted = step < total_steps and stop.agreed(accelerator, pl.world)
+            if out.interrupted or step % cfg.save_every == 0 or step == total_steps:
                 checkpoint.save(accelerator, run_dir, step, cfg.keep_checkpoints,
-                                {"step": step, "epoch": progress.epoch, "eval_loss": eval_loss})
-            if interrupted or step >= total_steps:
+                                {"step": step, "epoch": progress.epoch, "eval_loss": out.eval_loss},
+                                deepspeed=pl.deepspeed)
+            if out.interrupted or step >= total_steps:
                 break
         else:  # epoch finished
             progress.epoch += 1
             progress.batches_in_epoch = 0
     bar.close()
-    loop_s = time.perf_counter() - loop_start
-    if interrupted:  # the checkpoint holds everything; the adapter is written when the run ends
-        if accelerator.is_main_process:
-            preempt.mark(run_dir, progress.step, stop.signum)
-        say(f"stopped at step {progress.step} on a stop signal; checkpoint saved, resume continues from it")
-        accelerator.end_training()
-        return {"steps": progress.step, "interrupted": True, "restarts": progress.restarts}, accelerator.unwrap_model(model)
+    out.loop_s = time.perf_counter() - loop_start
+    out.ids_log = ids_log  # closed by finish() with the adapter's digest
+    return out
 
+
+def finish(recipe: Recipe, model, pl: placement.Placement, accelerator, progress, run: Fitted, loaded: dict,
+           base_dl) -> tuple[dict, torch.nn.Module]:
+    """Gather and save the adapter, then the summary (one gather of every rank's figures)."""
+    run_dir = Path(recipe.train.output_dir)
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    adapter = sharding.trainable_state(model, accelerator)  # gathered from every rank's shard
-    ids_log.close({"done": progress.step, "adapter_sha256": sharding.digest(adapter)})
+    adapter = sharding.trainable_state(model, accelerator, fsdp1=pl.fsdp_version == 1, zero3=pl.zero_stage == 3)
+    run.ids_log.close({"done": progress.step, "adapter_sha256": sharding.digest(adapter)})
     if accelerator.is_main_process:
         _save_adapter(unwrapped, adapter, run_dir)
     accelerator.wait_for_everyone()
-    summary = {"steps": progress.step, "eval_loss": eval_loss, "trainable_params": trainable,
-               "total_params": total_params, "processes": world, "strategy": strategy, "optimizer": optimizer_name,
-               "restarts": progress.restarts, "peak_mem_gb_per_rank": _gather(round(metrics.peak_memory_gb(accelerator.device), 3), world),
-               "load_host_gb_per_rank": _gather(round(load_rss_gb, 3), world),
-               "load_s": round(load_s, 2), "first_step_s": first_step_s and round(first_step_s, 2),
-               "train_loop_s": round(loop_s, 2), "tokens_per_s_rank0": round(run_tokens / max(loop_s, 1e-9), 1),
-               "tokens_per_s": round(sum(_gather(run_tokens, world)) / max(loop_s, 1e-9), 1),
-               "step_s": round(loop_s / max(progress.step - start_step, 1), 4), "final_loss": last_loss}
-    if accelerator.device.type == "cuda":  # what the allocator held (allocated + cache): what nvidia-smi sees, less the context
-        summary["peak_reserved_gb_per_rank"] = _gather(round(torch.cuda.max_memory_reserved(accelerator.device) / 2**30, 3), world)
+    device = accelerator.device
+    mine = {"peak_mem_gb": round(metrics.peak_memory_gb(device), 3), "load_host_gb": round(loaded["load_rss_gb"], 3),
+            "tokens": run.tokens}
+    if device.type == "cuda":  # what the allocator held (allocated + cache): what nvidia-smi sees, less the context
+        mine["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
+    ranks = _gather(mine, pl.world)
+    loop_s = max(run.loop_s, 1e-9)
+    summary = {"steps": progress.step, "eval_loss": run.eval_loss, "trainable_params": loaded["trainable"],
+               "total_params": loaded["total"], "processes": pl.world, "strategy": pl.strategy,
+               "optimizer": pl.optimizer, "restarts": progress.restarts,
+               "peak_mem_gb_per_rank": [r["peak_mem_gb"] for r in ranks],
+               "load_host_gb_per_rank": [r["load_host_gb"] for r in ranks],
+               "load_s": round(loaded["load_s"], 2), "first_step_s": run.first_step_s and round(run.first_step_s, 2),
+               "train_loop_s": round(run.loop_s, 2), "tokens_per_s_rank0": round(run.tokens / loop_s, 1),
+               "tokens_per_s": round(sum(r["tokens"] for r in ranks) / loop_s, 1),
+               "step_s": round(run.loop_s / max(progress.step - run.start_step, 1), 4), "final_loss": run.last_loss}
+    if device.type == "cuda":
+        summary["peak_reserved_gb_per_rank"] = [r["peak_reserved_gb"] for r in ranks]
     if recipe.data.streaming:  # drops are only known as the stream is read: report them at the end
         c = base_dl.dataset.counts
         summary["stream_rank0"] = {"dropped_empty": c.dropped_empty, "dropped_too_long": c.dropped_long,
                                    "truncated": c.truncated}
-        say(f"stream (rank 0): {json.dumps(summary['stream_rank0'])} (dropped samples trained as loss-free fillers)")
+        accelerator.print(f"stream (rank 0): {json.dumps(summary['stream_rank0'])} (dropped samples trained as "
+                          "loss-free fillers)")
     if accelerator.is_main_process:
         first_eval = next((r["eval_loss"] for r in metrics.read(run_dir / "metrics.jsonl") if "eval_loss" in r), None)
         summary["first_eval_loss"] = first_eval
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         metrics.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
-        say(f"adapter saved to {run_dir} (adapter_config.json, adapter_model.safetensors); loss curve {run_dir / 'loss.png'}")
+        accelerator.print(f"adapter saved to {run_dir} (adapter_config.json, adapter_model.safetensors); "
+                          f"loss curve {run_dir / 'loss.png'}")
     accelerator.end_training()
     return summary, unwrapped
 
@@ -368,7 +454,7 @@ PEER_GONE = re.compile(r"closed by peer|reset by peer|remote worker|Broken pipe|
 def main(argv: list[str] | None = None) -> int:
     """Per-process entry for `accelerate launch -m launcher.train [RECIPE] [key=value ...] [--resume]`."""
     if (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1
-            and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"):
+            and not placement.launched_with_deepspeed()):
         # accelerate's multi-GPU launcher does not pass use_cpu on; without it DDP ranks see no
         # distribution. (Not for DeepSpeed: use_cpu would silently turn it into plain DDP.)
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
