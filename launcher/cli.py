@@ -12,10 +12,11 @@ import os
 import shlex
 import socket
 import sys
+from typing import Literal, get_args, get_origin
 
 from launcher.archs import PRESETS
 from launcher.errors import UserError
-from launcher.recipe import describe_fields, load_recipe
+from launcher.recipe import SlurmCfg, describe_fields, load_recipe
 from launcher.userio import quote
 
 
@@ -160,8 +161,8 @@ def cmd_configs(args) -> int:
     return 0
 
 
-SLURM_FLAGS = ("nodes", "gpus_per_node", "partition", "time", "account", "qos", "constraint", "cpus_per_task", "mem",
-               "launch", "max_timeout_requeues")
+# Every scalar slurm.* field is a flag of submit and sweep (lists and mappings have --setup and --sbatch).
+SLURM_FLAGS = tuple(name for name, f in SlurmCfg.model_fields.items() if name not in ("setup", "sbatch_extra"))
 
 
 def _slurm_flags(args) -> dict[str, tuple[str, object]]:
@@ -246,15 +247,17 @@ def cmd_report(args) -> int:
 
 
 def _add_slurm_args(p: argparse.ArgumentParser) -> None:
+    """One flag per scalar slurm.* field, generated from the schema (type, choices and help included)."""
     _add_recipe_args(p)
     g = p.add_argument_group("Slurm (each flag overrides the recipe's slurm.* field)")
-    g.add_argument("--nodes", type=int)
-    g.add_argument("--gpus-per-node", type=int, help="0 runs on CPUs with gloo")
-    g.add_argument("--launch", choices=["node", "task"], help="one accelerate launch per node, or one task per GPU")
-    for flag in ("partition", "time", "account", "qos", "constraint", "mem"):
-        g.add_argument(f"--{flag}")
-    g.add_argument("--cpus-per-task", type=int)
-    g.add_argument("--max-timeout-requeues", type=int)
+    for name in SLURM_FLAGS:
+        field = SlurmCfg.model_fields[name]
+        kwargs: dict = {"help": (field.description or "").replace("%", "%%")}
+        if get_origin(field.annotation) is Literal:
+            kwargs["choices"] = list(get_args(field.annotation))
+        elif int in (field.annotation, *get_args(field.annotation)):
+            kwargs["type"] = int
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, **kwargs)
     g.add_argument("--sbatch", action="append", metavar="NAME=VALUE", help="extra sbatch option (repeatable)")
     g.add_argument("--setup", action="append", metavar="LINE", help="shell line run before the launch, e.g. a module load (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and each node's launch; submit nothing")

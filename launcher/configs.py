@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from launcher.placement import FSDP, OFFLOAD, ZERO_STAGE
+from launcher.tables import FSDP, OFFLOAD, ZERO_STAGE
 from launcher.recipe import Recipe
 
 Item = tuple  # (key, value or list[Item], comment)

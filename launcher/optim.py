@@ -7,26 +7,21 @@ import math
 import torch
 
 from launcher.recipe import TrainCfg
+from launcher.tables import OPTIMIZERS
 
-# name -> (bitsandbytes class, is paged); paged state lives in CUDA unified memory and
-# only pays off on GPU: on CPU bitsandbytes keeps it as ordinary memory.
-_BNB = {
-    "paged_adamw_8bit": "PagedAdamW8bit",
-    "paged_adamw_32bit": "PagedAdamW32bit",
-    "paged_lion_8bit": "PagedLion8bit",
-    "adamw_8bit": "AdamW8bit",
-}
 
 
 def build_optimizer(params, cfg: TrainCfg, name: str | None = None) -> torch.optim.Optimizer:
     """`name` overrides cfg.optimizer (the placement may substitute one)."""
-    name = name or cfg.optimizer
+    optimizer = OPTIMIZERS[name or cfg.optimizer]
     params = [p for p in params if p.requires_grad]
-    if name == "adamw_torch":
+    if optimizer.bnb_class is None:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     import bitsandbytes as bnb
 
-    return getattr(bnb.optim, _BNB[name])(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Paged state lives in CUDA unified memory and only pays off on GPU; on CPU bitsandbytes keeps it
+    # as ordinary memory.
+    return getattr(bnb.optim, optimizer.bnb_class)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def warmup_steps(cfg: TrainCfg, total: int) -> int:

@@ -17,12 +17,7 @@ from launcher.errors import UserError
 from launcher.recipe import Recipe
 from launcher.source import model_config, resolve_source
 
-STRATEGIES = ("single", "ddp", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_offload")
-ZERO_STAGE = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
-FSDP = ("fsdp", "fsdp_offload")
-SHARDED = ("zero3", "zero3_offload", "fsdp", "fsdp_offload")  # parameters are split across ranks
-OFFLOAD = ("zero3_offload", "fsdp_offload")
-BNB_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit", "adamw_8bit")
+from launcher.tables import BNB_OPTIMIZERS, FSDP, OFFLOAD, SHARDED, STRATEGIES, ZERO_STAGE  # noqa: F401
 
 
 @dataclass(frozen=True)

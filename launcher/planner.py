@@ -27,19 +27,19 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from launcher import tables
 from launcher.archs import HUB, PRESETS, Arch
 from launcher.errors import UserError
 from launcher.source import model_config, resolve_source
 
 GB = 2**30
-STRATEGIES = ("single", "ddp", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_offload")
-SHARD_PARAMS = {"zero3", "zero3_offload", "fsdp", "fsdp_offload"}  # parameters split over the ranks
-SHARD_STATES = SHARD_PARAMS | {"zero2"}  # gradients and optimizer state split over the ranks
-OFFLOAD = {"zero3_offload", "fsdp_offload"}  # parameters and optimizer state on CPU
+STRATEGIES = tuple(tables.STRATEGIES)
+SHARD_PARAMS = set(tables.SHARDED)  # parameters split over the ranks
+SHARD_STATES = {s.name for s in tables.STRATEGIES.values() if s.shards_states}  # gradients, optimizer state too
+OFFLOAD = set(tables.OFFLOAD)  # parameters and optimizer state on CPU
 # Preference when several fit: least communication first (see recommend()).
 PREFERENCE = ("single", "ddp", "zero2", "fsdp", "zero3", "fsdp_offload", "zero3_offload")
-OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2,
-                   "paged_lion_8bit": 1}
+OPTIMIZER_BYTES = {o.name: o.state_bytes for o in tables.OPTIMIZERS.values()}
 
 # Calibration (bench/plan_vs_measured.py, 2-core CPU, fp32, a 108M model with batch 1-8 x 256
 # tokens, checkpointing on and off): what one decoder layer keeps for backward per token, as

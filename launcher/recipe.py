@@ -15,6 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from launcher.errors import UserError
+from launcher.tables import OPTIMIZERS, STRATEGIES
 from launcher.userio import dump_yaml, load_yaml, quote, read_text
 
 BUILTIN_RECIPE = "builtin:demo"
@@ -124,7 +125,7 @@ class TrainCfg(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (added to warmup_ratio's share).")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warmup as a share of the total steps.")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
-    optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit", "adamw_8bit", "adamw_torch"] = Field(
+    optimizer: Literal[tuple(OPTIMIZERS)] = Field(  # type: ignore[valid-type]
         "paged_adamw_32bit", description="Optimizer; paged ones fall back to non-paged on CPU."
     )
     max_grad_norm: float | None = Field(0.3, gt=0, description="Gradient clipping norm; null disables.")
@@ -141,7 +142,7 @@ class TrainCfg(Section):
 class DistCfg(Section):
     """How processes are placed."""
 
-    strategy: Literal["auto", "single", "ddp", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_offload"] = Field(
+    strategy: Literal[("auto", *STRATEGIES)] = Field(  # type: ignore[valid-type]
         "auto", description="Parallelism; auto: single for one process, else ddp when a replica fits a GPU, else fsdp (zero3 on CPU)."
     )
     fsdp_version: Literal[1, 2] = Field(2, description="FSDP2 (fully_shard, per-parameter sharding) or FSDP1 (flat parameters).")

@@ -75,3 +75,39 @@ def test_leaf_modules_stay_leaves():
     """What everything reads (errors, the input readers, the architecture table) imports almost nothing."""
     graph = import_graph()
     assert graph["errors"] == set() and graph["userio"] == {"errors"} and graph["archs"] == {"errors"}
+
+
+def _readme_recipe_rows() -> list[tuple[list[str], str]]:
+    """(dotted keys, default column) of each row of README's Recipe table."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section_text = text.split("## Recipe", 1)[1]
+    table = section_text[section_text.index("\n| key"):].strip().split("\n\n")[0]
+    rows = []
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        names = re.findall(r"`([^`]+)`", cells[0])
+        section = names[0].split(".")[0]
+        rows.append(([n if "." in n else f"{section}.{n}" for n in names], cells[1]))
+    return rows
+
+
+def test_readme_recipe_table_matches_the_schema():
+    """Every key README's Recipe table names exists, and a single key's stated default is the schema's."""
+    from launcher.recipe import Recipe
+
+    rows = _readme_recipe_rows()
+    assert len(rows) >= 15
+    for keys, default in rows:
+        for key in keys:
+            section, name = key.split(".")
+            assert name in Recipe.model_fields[section].annotation.model_fields, key
+        if len(keys) == 1:
+            section, name = keys[0].split(".")
+            field = Recipe.model_fields[section].annotation.model_fields[name]
+            actual = "required" if field.is_required() else field.get_default(call_default_factory=True)
+            shown = default.replace("`", "")
+            expected = {"required" if actual == "required" else None, str(actual), str(actual).lower(),
+                        "null" if actual is None else None, f"[{', '.join(actual)}]" if isinstance(actual, list) else None}
+            assert shown in expected, (key, shown, actual)

@@ -1,0 +1,59 @@
+"""The launcher's vocabularies, each written once: strategies and optimizers.
+
+The recipe's allowed values, the placement rules, the memory planner and the generated configs
+all read these tables (a leaf module: it imports nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    zero_stage: int = 0  # DeepSpeed ZeRO stage; 0 when not DeepSpeed
+    fsdp: bool = False
+    offload: bool = False  # parameters and optimizer state on the CPU
+
+    @property
+    def shards_params(self) -> bool:
+        """Parameters split over the ranks (ZeRO-3, FSDP): no device_map, no k-bit upcast."""
+        return self.fsdp or self.zero_stage == 3
+
+    @property
+    def shards_states(self) -> bool:
+        """Gradients and optimizer state split over the ranks (ZeRO-2 and up, FSDP)."""
+        return self.fsdp or self.zero_stage >= 2
+
+
+STRATEGIES = {s.name: s for s in (
+    Strategy("single"),
+    Strategy("ddp"),
+    Strategy("zero2", zero_stage=2),
+    Strategy("zero3", zero_stage=3),
+    Strategy("zero3_offload", zero_stage=3, offload=True),
+    Strategy("fsdp", fsdp=True),
+    Strategy("fsdp_offload", fsdp=True, offload=True),
+)}
+ZERO_STAGE = {s.name: s.zero_stage for s in STRATEGIES.values() if s.zero_stage}
+FSDP = tuple(s.name for s in STRATEGIES.values() if s.fsdp)
+SHARDED = tuple(s.name for s in STRATEGIES.values() if s.shards_params)
+OFFLOAD = tuple(s.name for s in STRATEGIES.values() if s.offload)
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    name: str
+    bnb_class: str | None  # bitsandbytes optimizer class; None for torch's AdamW
+    state_bytes: int  # optimizer state per trainable parameter (AdamW: two fp32 moments; 8-bit: two bytes)
+
+
+OPTIMIZERS = {o.name: o for o in (
+    Optimizer("paged_adamw_8bit", "PagedAdamW8bit", 2),
+    Optimizer("paged_adamw_32bit", "PagedAdamW32bit", 8),
+    Optimizer("paged_lion_8bit", "PagedLion8bit", 1),
+    Optimizer("adamw_8bit", "AdamW8bit", 2),
+    Optimizer("adamw_torch", None, 8),
+)}
+BNB_OPTIMIZERS = tuple(o.name for o in OPTIMIZERS.values() if o.bnb_class)
