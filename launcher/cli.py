@@ -17,6 +17,7 @@ from typing import Literal, get_args, get_origin
 from launcher.archs import PRESETS
 from launcher.errors import UserError
 from launcher.recipe import SlurmCfg, describe_fields, load_recipe
+from launcher.recipe import split_args as _split_recipe_args
 from launcher.userio import quote
 
 
@@ -39,13 +40,6 @@ def _count(minimum: int):
         return value
     parse.__name__ = f"integer >= {minimum}"
     return parse
-
-
-def _split_recipe_args(items: list[str]) -> tuple[str | None, list[str]]:
-    """`[RECIPE] [key=value ...]`: the first item is the recipe unless it is an override."""
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    return None, items
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:

@@ -19,16 +19,18 @@ from launcher.recipe import Recipe
 Item = tuple  # (key, value or list[Item], comment)
 
 
-def mixed_precision(recipe: Recipe, gpu: bool) -> str:
-    choice = recipe.train.mixed_precision
-    return ("bf16" if gpu else "no") if choice == "auto" else choice
+def mixed_precision(choice: str, gpu: bool, bf16_ok: bool = True) -> str:
+    """train.mixed_precision resolved: `auto` is bf16 on GPUs that support it, else no autocast. The
+    one resolver for the generated configs (written for a GPU node, assumed bf16-capable) and the
+    run itself (which asks its own GPU)."""
+    return ("bf16" if gpu and bf16_ok else "no") if choice == "auto" else choice
 
 
 def deepspeed_config(recipe: Recipe, strategy: str, gpu: bool) -> dict:
     """DeepSpeed JSON for zero2 / zero3 / zero3_offload. Batch values come from the recipe;
     the training loop re-applies them at run time, so an override on the command line wins."""
     t = recipe.train
-    mp = mixed_precision(recipe, gpu)
+    mp = mixed_precision(t.mixed_precision, gpu)
     zero: dict = {"stage": ZERO_STAGE[strategy], "overlap_comm": gpu, "contiguous_gradients": True,
                   "reduce_bucket_size": "auto"}
     if ZERO_STAGE[strategy] == 3:
@@ -95,7 +97,8 @@ def accelerate_config(recipe: Recipe, strategy: str, gpu: bool, ds_file: str | N
     else:
         items.append(("distributed_type", "NO", None))
     if strategy not in ZERO_STAGE:  # with a DeepSpeed JSON, its bf16/fp16 blocks say it (accelerate insists)
-        items.append(("mixed_precision", mixed_precision(recipe, gpu), "autocast; 4-bit layers compute in quant.compute_dtype"))
+        items.append(("mixed_precision", mixed_precision(recipe.train.mixed_precision, gpu),
+                      "autocast; 4-bit layers compute in quant.compute_dtype"))
     items += [
         ("num_machines", d.nnodes, None),
         ("num_processes", procs, f"{d.nproc} per node x {d.nnodes} node(s)"),

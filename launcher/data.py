@@ -27,11 +27,16 @@ IGNORE = -100
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
+def local_path(path: str) -> Path:
+    """The file or directory a data path names (builtin:arithmetic is a file the package ships)."""
+    return builtin.arithmetic_path() if path == builtin.ARITHMETIC else Path(path).expanduser()
+
+
 def read_samples(path: str, split: str = "train", field: str = "data.path") -> list[dict]:
     """Rows from a JSONL/JSON file (read directly), CSV/Parquet or a save_to_disk directory
     (through `datasets`), a hub dataset name, or the built-in arithmetic set. Errors name `field`
     (data.path or data.eval_path), the file and, for JSON Lines, the line."""
-    p = builtin.arithmetic_path() if path == builtin.ARITHMETIC else Path(path).expanduser()
+    p = local_path(path)
     if p.is_dir():
         rows = _from_datasets(path, lambda ds: ds.load_from_disk(str(p)), split, field)
     elif p.suffix in (".csv", ".parquet"):
@@ -366,7 +371,7 @@ def _fingerprint(path: str) -> str:
     """What identifies the source: size and mtime of local files, the name for hub datasets."""
     if not path:  # no eval_path: not Path(""), which is the working directory
         return ""
-    p = builtin.arithmetic_path() if path == builtin.ARITHMETIC else Path(path).expanduser()
+    p = local_path(path)
     if not p.exists():
         return path
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
@@ -436,7 +441,7 @@ def open_stream(path: str, split: str = "train"):
     """A datasets IterableDataset over the source: rows are read as they are consumed."""
     import datasets
 
-    p = builtin.arithmetic_path() if path == builtin.ARITHMETIC else Path(path).expanduser()
+    p = local_path(path)
     try:
         if p.is_dir():
             ds = datasets.load_from_disk(str(p))

@@ -9,3 +9,13 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+def count(n: int, noun: str) -> str:
+    """`1 problem`, `2 problems`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def listing(head: str, problems: list[str]) -> UserError:
+    """One error for several problems: the head line, then each problem on its own indented line."""
+    return UserError(head + "\n  " + "\n  ".join(problems))

@@ -19,7 +19,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def default_compute_dtype() -> torch.dtype:
-    """bf16 where the GPU supports it; fp32 on CPU (bf16 matmuls there are slow)."""
+    """bf16 where the GPU supports it, fp16 on older GPUs; fp32 on CPU (bf16 matmuls there are slow)."""
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16 if torch.cuda.is_available() else torch.float32
@@ -205,9 +205,8 @@ def apply_peft(model, cfg: PeftCfg, *, quantized: bool, kbit_upcast: bool, gradi
     try:
         return get_peft_model(model, config, autocast_adapter_dtype=kbit_upcast)
     except (ValueError, TypeError, NotImplementedError) as e:
-        first = str(e).strip().splitlines()[0]
         raise UserError(f"peft.method: {cfg.method} cannot wrap this model "
-                        f"(quant.mode={'4/8-bit' if quantized else 'none'}): {first}") from None
+                        f"(quant.mode={'4/8-bit' if quantized else 'none'}): {first_line(e)}") from None
 
 
 def count_parameters(model) -> tuple[int, int]:

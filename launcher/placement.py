@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 
 from launcher import planner
-from launcher.errors import UserError
+from launcher.errors import UserError, count, listing
 from launcher.recipe import Recipe
 from launcher.source import model_config, resolve_source
 
@@ -56,12 +56,11 @@ def resolve_strategy(recipe: Recipe, machine: Machine, cfg: dict | None = None) 
 
 
 def placement_problems(recipe: Recipe, strategy: str, machine: Machine, cfg: dict) -> list[str]:
-    """Every refused combination, each naming the field to change. Needs no weights."""
+    """Every refused combination, each naming the field to change. Needs no weights. (`single` with
+    several processes is refused by the recipe's own validation, before a strategy is resolved.)"""
     problems = []
     m, q, dist = recipe.model, recipe.quant, recipe.dist
     procs = dist.nproc * dist.nnodes
-    if strategy == "single" and procs > 1:
-        problems.append("dist.strategy: single runs one process; use ddp, zero2, zero3 or fsdp, or set dist.nproc=1")
     if m.device_map is not None and strategy in SHARDED:
         problems.append(f"model.device_map: must be unset under dist.strategy={strategy} "
                         "(ZeRO-3 and FSDP place the weights themselves)")
@@ -91,8 +90,6 @@ def placement_problems(recipe: Recipe, strategy: str, machine: Machine, cfg: dic
                             f"{strategy}, or the packed weights are cast and corrupted")
     if strategy in FSDP and recipe.peft.method not in ("lora", "ia3"):
         problems.append(f"peft.method: {recipe.peft.method} is not supported under {strategy}; use lora (or ia3)")
-    if dist.nnodes > 1 and strategy == "single":
-        problems.append("dist.nnodes: several nodes need ddp, zero2, zero3 or fsdp")
     return problems
 
 
@@ -101,8 +98,7 @@ def check(recipe: Recipe, machine: Machine, cfg: dict) -> str:
     strategy = resolve_strategy(recipe, machine, cfg)
     problems = placement_problems(recipe, strategy, machine, cfg)
     if problems:
-        head = f"{len(problems)} placement problem{'s' if len(problems) > 1 else ''} (strategy {strategy})"
-        raise UserError(head + "\n  " + "\n  ".join(problems))
+        raise listing(f"{count(len(problems), 'placement problem')} (strategy {strategy})", problems)
     return strategy
 
 

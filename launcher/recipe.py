@@ -14,7 +14,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from launcher.errors import UserError
+from launcher.errors import UserError, count, listing
 from launcher.tables import OPTIMIZERS, STRATEGIES
 from launcher.userio import dump_yaml, load_yaml, quote, read_text
 
@@ -53,7 +53,7 @@ class QuantCfg(Section):
 
     mode: Literal["nf4", "fp4", "int8", "none"] = Field("nf4", description="nf4/fp4: 4-bit QLoRA; int8: 8-bit; none: plain LoRA on 16-bit.")
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (~0.37 bit/param saved).")
-    compute_dtype: DType = Field("auto", description="dtype the 4-bit layers compute in; auto: bfloat16 on GPUs that support it, else float32.")
+    compute_dtype: DType = Field("auto", description="dtype the 4-bit layers compute in; auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU.")
     storage_dtype: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Container dtype of packed 4-bit weights; auto: uint8, or the parameter dtype when FSDP shards them."
     )
@@ -371,6 +371,13 @@ def _cross_checks(r: Recipe) -> list[str]:
     return problems
 
 
+def split_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """`[RECIPE] [key=value ...]`: the first item is the recipe unless it is an override."""
+    if items and "=" not in items[0]:
+        return items[0], list(items[1:])
+    return None, list(items)
+
+
 def load_recipe(path: str | None = None, overrides: list[str] | tuple = (),
                 flags: dict[str, tuple[str, Any]] | None = None) -> Recipe:
     """Read a recipe (the built-in demo when path is None), apply overrides, validate.
@@ -396,8 +403,7 @@ def load_recipe(path: str | None = None, overrides: list[str] | tuple = (),
         problems = [f"{flag} ({key}){p[len(key):]}" if p.startswith(key + ":") else p for p in problems]
     if problems:
         where = path or BUILTIN_RECIPE
-        head = f"{where}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the recipe"
-        raise UserError(head + "\n  " + "\n  ".join(problems))
+        raise listing(f"{where}: {count(len(problems), 'problem')} in the recipe", problems)
     return recipe
 
 

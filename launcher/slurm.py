@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher import checkpoint, configs, placement, preempt, slurm_boot
-from launcher.errors import UserError
+from launcher.errors import UserError, listing
 from launcher.recipe import Recipe, load_recipe, save_recipe, time_minutes
 from launcher.userio import quote
 
@@ -130,7 +130,7 @@ def resolve(recipe: Recipe) -> tuple[Recipe, Shape]:
                             "slurm.launch, slurm.time, ...); use those fields instead")
     problems += _script_problems(recipe)
     if problems:
-        raise UserError("the recipe does not fit the Slurm allocation:\n  " + "\n  ".join(problems))
+        raise listing("the recipe does not fit the Slurm allocation:", problems)
     recipe = recipe.model_copy(deep=True)
     recipe.dist.nproc, recipe.dist.nnodes = per_node, s.nodes
     recipe.train.output_dir = str(Path(recipe.train.output_dir).resolve())

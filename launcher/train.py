@@ -18,19 +18,13 @@ from pathlib import Path
 
 import torch
 
-from launcher import checkpoint, data, metrics, placement, preempt, sharding
+from launcher import checkpoint, configs, data, metrics, placement, preempt, sharding
 from launcher.errors import UserError
 from launcher.model import (apply_peft, count_parameters, load_base_model, load_tokenizer,
                             resolve_source, streaming_malloc)
 from launcher.optim import build_optimizer, build_scheduler
-from launcher.recipe import Recipe, load_recipe, save_recipe
+from launcher.recipe import Recipe, load_recipe, save_recipe, split_args
 from launcher.userio import first_line
-
-
-def _mixed_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -172,7 +166,8 @@ def make_accelerator(cfg, run_dir: Path):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
-        mixed_precision=None if deepspeed else _mixed_precision(cfg.mixed_precision),  # the DeepSpeed JSON says it
+        mixed_precision=None if deepspeed else configs.mixed_precision(  # under DeepSpeed its JSON says it
+            cfg.mixed_precision, torch.cuda.is_available(), torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
         log_with=cfg.report_to or None,
         project_dir=str(run_dir),
         kwargs_handlers=handlers,
@@ -460,9 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     argv = list(sys.argv[1:] if argv is None else argv)
     resume = "--resume" in argv
-    argv = [a for a in argv if a != "--resume"]
-    path = argv[0] if argv and "=" not in argv[0] else None
-    overrides = argv[1:] if path else argv
+    path, overrides = split_args([a for a in argv if a != "--resume"])
     try:
         train(load_recipe(path, overrides), resume=resume)
     except UserError as e:
