@@ -16,6 +16,7 @@ from typing import Literal, get_args, get_origin
 
 from launcher.archs import PRESETS
 from launcher.errors import UserError
+from launcher.tables import FLOAT_DTYPES
 from launcher.recipe import SlurmCfg, describe_fields, load_recipe
 from launcher.recipe import split_args as _split_recipe_args
 from launcher.userio import quote
@@ -389,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="dequantize the base, merge the adapter, save a plain transformers model")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--dtype", choices=FLOAT_DTYPES, default="bfloat16")
     p.set_defaults(func=cmd_merge)
     return parser
 

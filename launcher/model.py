@@ -11,11 +11,12 @@ import torch
 
 from launcher import attention, builtin, random_model
 from launcher.errors import UserError
+from launcher.tables import STORAGE_DTYPES
 from launcher.recipe import ModelCfg, PeftCfg, QuantCfg
 from launcher.source import resolve_source  # noqa: F401  (where callers have always found it)
 from launcher.userio import first_line, quote
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+DTYPES = {name: getattr(torch, name) for name in STORAGE_DTYPES}
 
 
 def default_compute_dtype() -> torch.dtype:

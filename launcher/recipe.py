@@ -15,12 +15,12 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from launcher.errors import UserError, count, listing
-from launcher.tables import OPTIMIZERS, STRATEGIES
+from launcher.tables import FLOAT_DTYPES, OPTIMIZERS, STORAGE_DTYPES, STRATEGIES
 from launcher.userio import dump_yaml, load_yaml, quote, read_text
 
 BUILTIN_RECIPE = "builtin:demo"
 
-DType = Literal["auto", "bfloat16", "float16", "float32"]
+DType = Literal[("auto", *FLOAT_DTYPES)]  # type: ignore[valid-type]
 
 
 class Section(BaseModel):
@@ -54,7 +54,7 @@ class QuantCfg(Section):
     mode: Literal["nf4", "fp4", "int8", "none"] = Field("nf4", description="nf4/fp4: 4-bit QLoRA; int8: 8-bit; none: plain LoRA on 16-bit.")
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (~0.37 bit/param saved).")
     compute_dtype: DType = Field("auto", description="dtype the 4-bit layers compute in; auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU.")
-    storage_dtype: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+    storage_dtype: Literal[("auto", *STORAGE_DTYPES)] = Field(  # type: ignore[valid-type]
         "auto", description="Container dtype of packed 4-bit weights; auto: uint8, or the parameter dtype when FSDP shards them."
     )
 

@@ -57,3 +57,9 @@ OPTIMIZERS = {o.name: o for o in (
     Optimizer("adamw_torch", None, 8),
 )}
 BNB_OPTIMIZERS = tuple(o.name for o in OPTIMIZERS.values() if o.bnb_class)
+
+
+# dtypes by the names recipes use (torch's own names); torch.<name> is the dtype. Storage of packed
+# 4-bit weights may also be uint8.
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+STORAGE_DTYPES = ("uint8", *FLOAT_DTYPES)
