@@ -21,9 +21,18 @@ def build_model(path: Path, layers: int, hidden: int) -> float:
     from launcher.builtin import build_tokenizer
 
     tok = build_tokenizer()
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, tie_word_embeddings=False,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -42,19 +51,41 @@ def main() -> None:
         print(f"model: {args.layers} layers, hidden {args.hidden}; 16-bit size {size_gb:.2f} GB")
         for strategy in args.strategies.split(","):
             run = Path(tmp) / strategy
-            cmd = [sys.executable, "-m", "launcher", "train", f"model.name={model_dir}", f"dist.strategy={strategy}",
-                   "dist.nproc=2", f"train.output_dir={run}", "train.max_steps=1", "train.warmup_steps=0",
-                   "data.max_samples=64", "train.micro_batch_size=2", "train.eval_every=1000",
-                   "train.gradient_checkpointing=true", "data.eval_fraction=0"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "launcher",
+                "train",
+                f"model.name={model_dir}",
+                f"dist.strategy={strategy}",
+                "dist.nproc=2",
+                f"train.output_dir={run}",
+                "train.max_steps=1",
+                "train.warmup_steps=0",
+                "data.max_samples=64",
+                "train.micro_batch_size=2",
+                "train.eval_every=1000",
+                "train.gradient_checkpointing=true",
+                "data.eval_fraction=0",
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
                 print(f"{strategy}: failed\n{res.stderr[-2000:]}")
                 continue
             s = json.loads((run / "summary.json").read_text())
             load = s["load_host_gb_per_rank"]
-            print(json.dumps({"strategy": strategy, "load_added_rss_gb_per_rank": load, "node_sum_gb": round(sum(load), 2),
-                              "peak_rss_gb_per_rank": s["peak_mem_gb_per_rank"], "model_16bit_gb": round(size_gb, 2),
-                              "load_s": s["load_s"]}))
+            print(
+                json.dumps(
+                    {
+                        "strategy": strategy,
+                        "load_added_rss_gb_per_rank": load,
+                        "node_sum_gb": round(sum(load), 2),
+                        "peak_rss_gb_per_rank": s["peak_mem_gb_per_rank"],
+                        "model_16bit_gb": round(size_gb, 2),
+                        "load_s": s["load_s"],
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

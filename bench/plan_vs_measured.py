@@ -20,12 +20,33 @@ from pathlib import Path
 # name -> LlamaConfig overrides (random weights, written locally)
 SIZES = {
     "tiny": None,  # the built-in demo model
-    "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
-                 num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=False),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "100m": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
 }
 # (size, micro batch, seq len, gradient checkpointing)
 CPU_RUNS = [("tiny", 32, 32, True), ("100m", 4, 256, True), ("100m", 4, 256, False)]
@@ -51,11 +72,24 @@ def model_dir(size: str, root: Path, gpu: bool) -> str:
 
 
 def measure(model: str, mb: int, seq: int, gc: bool, out: Path, random_init: bool) -> dict:
-    cmd = [sys.executable, "-m", "launcher", "train", f"model.name={model}", f"train.output_dir={out}",
-           f"model.random_init={str(random_init).lower()}",
-           "train.max_steps=3", "train.warmup_steps=0", f"train.micro_batch_size={mb}", f"data.max_seq_len={seq}",
-           "data.packing=true", f"train.gradient_checkpointing={str(gc).lower()}", "train.eval_every=1000",
-           "data.eval_fraction=0", "data.max_samples=4000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher",
+        "train",
+        f"model.name={model}",
+        f"train.output_dir={out}",
+        f"model.random_init={str(random_init).lower()}",
+        "train.max_steps=3",
+        "train.warmup_steps=0",
+        f"train.micro_batch_size={mb}",
+        f"data.max_seq_len={seq}",
+        "data.packing=true",
+        f"train.gradient_checkpointing={str(gc).lower()}",
+        "train.eval_every=1000",
+        "data.eval_fraction=0",
+        "data.max_samples=4000",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(res.stderr[-3000:])
@@ -66,8 +100,15 @@ def planned(model: str, mb: int, seq: int, gc: bool, gpu: bool) -> float:
     from launcher import planner
     from launcher.recipe import load_recipe
 
-    recipe = load_recipe(None, [f"model.name={model}", f"train.micro_batch_size={mb}", f"data.max_seq_len={seq}",
-                                f"train.gradient_checkpointing={str(gc).lower()}"])
+    recipe = load_recipe(
+        None,
+        [
+            f"model.name={model}",
+            f"train.micro_batch_size={mb}",
+            f"data.max_seq_len={seq}",
+            f"train.gradient_checkpointing={str(gc).lower()}",
+        ],
+    )
     arch = planner.arch_for_recipe(recipe)
     setup = planner.setup_for_recipe(recipe, 1, 1, gpu=gpu)
     return planner.estimate(arch, "single", setup).device_total
@@ -93,10 +134,22 @@ def main() -> None:
 
                 measured += GPU_OVERHEAD_GB  # max_memory_allocated leaves out what this term covers
             plan = planned(model, mb, seq, gc, args.gpu)
-            print(json.dumps({"size": size, "params": summary["total_params"], "micro_batch": mb, "seq_len": seq,
-                              "gradient_checkpointing": gc, "measured_gb": round(measured, 3),
-                              "planned_gb": round(plan, 3), "ratio": round(plan / measured, 3),
-                              "reserved_gb": summary.get("peak_reserved_gb_per_rank")}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "size": size,
+                        "params": summary["total_params"],
+                        "micro_batch": mb,
+                        "seq_len": seq,
+                        "gradient_checkpointing": gc,
+                        "measured_gb": round(measured, 3),
+                        "planned_gb": round(plan, 3),
+                        "ratio": round(plan / measured, 3),
+                        "reserved_gb": summary.get("peak_reserved_gb_per_rank"),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -38,12 +38,35 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # Llama-architecture configs with random weights, built locally
     "tiny": None,  # the launcher's built-in 0.96M model
-    "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=12, max_position_embeddings=512, tie_word_embeddings=False),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False),
+    "100m": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    ),
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
 
@@ -60,13 +83,20 @@ def build_model(kind: str, where: Path, gpu: bool) -> str:
     from launcher.builtin import build_tokenizer
 
     tok = build_tokenizer()
-    cfg = LlamaConfig(**{"vocab_size": len(tok), **MODELS[kind]}, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        **{"vocab_size": len(tok), **MODELS[kind]},
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     cfg.save_pretrained(where)
     # made on the GPU in bf16 (seconds for 8B), fp32 on CPU
     model = random_model.build(str(where), None, torch.bfloat16 if gpu else torch.float32, {"": 0} if gpu else None)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, where / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        where / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     del model
     tok.save_pretrained(where)
     return str(where)
@@ -83,39 +113,75 @@ def long_samples(path: Path, n: int, seq_len: int, seed: int = 0) -> str:
                 a, b = rng.randint(0, 999), rng.randint(0, 999)
                 text += f"{a}+{b}={a + b}, "
             text = text[:length]
-            f.write(json.dumps({"prompt": text[:length // 4], "completion": text[length // 4:]}) + "\n")
+            f.write(json.dumps({"prompt": text[: length // 4], "completion": text[length // 4 :]}) + "\n")
     return str(path)
 
 
 def common(model: str, args, data_path: str | None) -> list[str]:
     """Recipe overrides both paths read (the HF script takes its settings from the same recipe)."""
     if args.data == "long":
-        return [f"model.name={model}", f"data.path={data_path}", f"data.max_seq_len={args.seq_len}", "train.epochs=1",
-                "train.max_steps=null",
-                f"data.max_samples={args.samples}", "train.warmup_steps=10", "train.log_every=50",
-                "train.eval_every=100000", "train.save_every=100000", "train.report_to=[]",
-                "train.optimizer=paged_adamw_32bit", "data.eval_fraction=0.05"]
-    return [f"model.name={model}", f"train.max_steps={args.steps}", "train.micro_batch_size=32",
-            "train.warmup_steps=10", "train.log_every=50", f"train.eval_every={args.steps}",
-            f"train.save_every={args.steps}", "data.max_samples=4000", "train.report_to=[]"]
+        return [
+            f"model.name={model}",
+            f"data.path={data_path}",
+            f"data.max_seq_len={args.seq_len}",
+            "train.epochs=1",
+            "train.max_steps=null",
+            f"data.max_samples={args.samples}",
+            "train.warmup_steps=10",
+            "train.log_every=50",
+            "train.eval_every=100000",
+            "train.save_every=100000",
+            "train.report_to=[]",
+            "train.optimizer=paged_adamw_32bit",
+            "data.eval_fraction=0.05",
+        ]
+    return [
+        f"model.name={model}",
+        f"train.max_steps={args.steps}",
+        "train.micro_batch_size=32",
+        "train.warmup_steps=10",
+        "train.log_every=50",
+        f"train.eval_every={args.steps}",
+        f"train.save_every={args.steps}",
+        "data.max_samples=4000",
+        "train.report_to=[]",
+    ]
 
 
 def run_launcher(overrides: list[str], packing: bool, long: bool, out: Path, nproc: int = 1) -> dict:
     extra = ["train.micro_batch_size=2"] if long else []
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "launcher", "train", f"train.output_dir={out}", *overrides, *extra,
-                          f"dist.nproc={nproc}", f"data.packing={'true' if packing else 'false'}"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher",
+            "train",
+            f"train.output_dir={out}",
+            *overrides,
+            *extra,
+            f"dist.nproc={nproc}",
+            f"data.packing={'true' if packing else 'false'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - start
     if res.returncode:
         raise SystemExit(f"launcher run failed:\n{res.stderr[-3000:]}")
     s = json.loads((out / "summary.json").read_text())
-    return {"tokens_per_s": s["tokens_per_s"], "wall_s": wall, "first_step_s": s["first_step_s"],
-            "peak_gb": s["peak_mem_gb_per_rank"][0], "reserved_gb": (s.get("peak_reserved_gb_per_rank") or [0])[0],
-            "eval_loss": s["eval_loss"], "steps": s["steps"]}
+    return {
+        "tokens_per_s": s["tokens_per_s"],
+        "wall_s": wall,
+        "first_step_s": s["first_step_s"],
+        "peak_gb": s["peak_mem_gb_per_rank"][0],
+        "reserved_gb": (s.get("peak_reserved_gb_per_rank") or [0])[0],
+        "eval_loss": s["eval_loss"],
+        "steps": s["steps"],
+    }
 
 
-HF_SCRIPT = r'''
+HF_SCRIPT = r"""
 import dataclasses, json, math, resource, sys, time
 import psutil, torch
 from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
@@ -174,7 +240,7 @@ if trainer.args.process_index == 0:
                       "first_step_s": timing["first_step_s"], "eval_loss": evals[-1], "peak_gb": peak,
                       "reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if gpu else 0,
                       "steps": trainer.state.global_step}))
-'''
+"""
 
 
 def run_hf(overrides: list[str], long: bool, out: Path, group_by_length: bool = False, nproc: int = 1) -> dict:
@@ -184,17 +250,31 @@ def run_hf(overrides: list[str], long: bool, out: Path, group_by_length: bool = 
     script = out.with_suffix(".py")
     script.write_text(HF_SCRIPT)
     # Several processes: torchrun, as a Trainer user would launch it (gloo DDP on CPU).
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"] \
-        if nproc > 1 else [sys.executable]
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+        if nproc > 1
+        else [sys.executable]
+    )
     start = time.perf_counter()
-    res = subprocess.run([*cmd, str(script), json.dumps(overrides), str(out), mb, "1" if group_by_length else "0"],
-                         capture_output=True, text=True, cwd=ROOT)
+    res = subprocess.run(
+        [*cmd, str(script), json.dumps(overrides), str(out), mb, "1" if group_by_length else "0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     wall = time.perf_counter() - start
     if res.returncode:
         raise SystemExit(f"HF run failed:\n{res.stderr[-3000:]}")
     r = json.loads(res.stdout.strip().splitlines()[-1])
-    return {"tokens_per_s": r["tokens"] / r["train_runtime"], "wall_s": wall, "first_step_s": r["first_step_s"],
-            "peak_gb": r["peak_gb"], "reserved_gb": r["reserved_gb"], "eval_loss": r["eval_loss"], "steps": r["steps"]}
+    return {
+        "tokens_per_s": r["tokens"] / r["train_runtime"],
+        "wall_s": wall,
+        "first_step_s": r["first_step_s"],
+        "peak_gb": r["peak_gb"],
+        "reserved_gb": r["reserved_gb"],
+        "eval_loss": r["eval_loss"],
+        "steps": r["steps"],
+    }
 
 
 def mfu(tokens_per_s: float, model_dir: str) -> float | None:
@@ -220,8 +300,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, help="--data long: max_seq_len (default 2048 on GPU, 512 on CPU)")
     ap.add_argument("--samples", type=int, default=1000, help="--data long: samples in the one epoch")
     ap.add_argument("--nproc", type=int, default=1, help="CPU: processes per run (DDP over gloo both ways)")
-    ap.add_argument("--hf-group-by-length", action="store_true",
-                    help="a stronger baseline: the Trainer batches samples of similar length (less padding)")
+    ap.add_argument(
+        "--hf-group-by-length",
+        action="store_true",
+        help="a stronger baseline: the Trainer batches samples of similar length (less padding)",
+    )
     args = ap.parse_args()
     if args.gpu:
         args.data = "long"
@@ -233,7 +316,9 @@ def main() -> None:
         data_path = long_samples(Path(tmp) / "data.jsonl", args.samples + 100, args.seq_len) if long else None
         overrides = common(model, args, data_path)
         for i in range(args.repeats):  # alternate so drift hits both the same
-            runs["launcher"].append(run_launcher(overrides, args.packing or long, long, Path(tmp) / f"l{i}", args.nproc))
+            runs["launcher"].append(
+                run_launcher(overrides, args.packing or long, long, Path(tmp) / f"l{i}", args.nproc)
+            )
             runs["hf"].append(run_hf(overrides, long, Path(tmp) / f"h{i}", args.hf_group_by_length, args.nproc))
             print(json.dumps({"repeat": i, **{k: v[-1] for k, v in runs.items()}}), flush=True)
         med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
@@ -245,9 +330,22 @@ def main() -> None:
             med["gpu"] = torch.cuda.get_device_name(0)
     ratio = {k: round(med["launcher"][k] / med["hf"][k], 3) for k in med["hf"] if med["hf"][k]}
     shape = {"samples": args.samples, "seq_len": args.seq_len} if long else {"steps": args.steps}
-    print(json.dumps({"model": args.model, "gpu": args.gpu, "nproc": args.nproc, "data": args.data, **shape,
-                      "hf_group_by_length": args.hf_group_by_length,
-                      "packing": args.packing or long, "median": med, "launcher_over_hf": ratio}, indent=1))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "gpu": args.gpu,
+                "nproc": args.nproc,
+                "data": args.data,
+                **shape,
+                "hf_group_by_length": args.hf_group_by_length,
+                "packing": args.packing or long,
+                "median": med,
+                "launcher_over_hf": ratio,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ unchanged; packed rows run one causal SDPA call per sample, so attention costs s
 flash-attention's varlen kernel does on GPU. Rows of short samples (mean under MIN_MEAN_LEN)
 take one call under a block-diagonal mask instead. Same math, same result up to rounding.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -38,18 +39,33 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, _mask)
 
 
-def _mask(*, attention_mask=None, q_length=None, kv_length=None, local_size=None, use_vmap=False, config=None, **kwargs):
+def _mask(
+    *, attention_mask=None, q_length=None, kv_length=None, local_size=None, use_vmap=False, config=None, **kwargs
+):
     """No 4-D mask for a plain causal mask over full-length or packed rows (packed_sdpa finds the
     samples from the position ids); transformers' SDPA mask for anything else: padding, a KV cache,
     a sliding window, a bidirectional or custom mask."""
     from transformers.masking_utils import sdpa_mask
 
-    plain = (attention_mask is None and q_length == kv_length and local_size is None and not use_vmap
-             and "allow_is_bidirectional_skip" not in kwargs and getattr(config, "is_causal", True))
+    plain = (
+        attention_mask is None
+        and q_length == kv_length
+        and local_size is None
+        and not use_vmap
+        and "allow_is_bidirectional_skip" not in kwargs
+        and getattr(config, "is_causal", True)
+    )
     if plain:
         return None
-    return sdpa_mask(attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, local_size=local_size,
-                     use_vmap=use_vmap, config=config, **kwargs)
+    return sdpa_mask(
+        attention_mask=attention_mask,
+        q_length=q_length,
+        kv_length=kv_length,
+        local_size=local_size,
+        use_vmap=use_vmap,
+        config=config,
+        **kwargs,
+    )
 
 
 def segments(position_ids: torch.Tensor) -> list[list[int]]:
@@ -70,11 +86,17 @@ def segments(position_ids: torch.Tensor) -> list[list[int]]:
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """query (batch, heads, len, dim), key/value (batch, kv_heads, len, dim) -> (batch, len, heads, dim)."""
     position_ids = kwargs.get("position_ids")
-    if (attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]
-            or not getattr(module, "is_causal", True)):
+    if (
+        attention_mask is not None
+        or position_ids is None
+        or query.shape[2] != key.shape[2]
+        or not getattr(module, "is_causal", True)
+    ):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     gqa = query.shape[1] != key.shape[1]
 
     def attend(q, k, v):
@@ -92,13 +114,16 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         seg = seg.expand(query.shape[0], -1)
         causal = torch.ones(width, width, dtype=torch.bool, device=query.device).tril()
         mask = (seg[:, None, :, None] == seg[:, None, None, :]) & causal
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                             enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa
+        )
     else:
         rows = []
         for b, bounds in enumerate(segs):
-            parts = [attend(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e])
-                     for s, e in zip(bounds[:-1], bounds[1:])]
+            parts = [
+                attend(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e])
+                for s, e in zip(bounds[:-1], bounds[1:])
+            ]
             rows.append(torch.cat(parts, dim=2))
         out = torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous(), None

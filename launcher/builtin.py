@@ -81,8 +81,12 @@ def write_random_llama(target: Path, seed: int = 0, dtype: str = "float32", **co
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer()
-    cfg = LlamaConfig(**{"vocab_size": len(tok), **config}, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        **{"vocab_size": len(tok), **config},
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
     target = Path(target)
@@ -91,8 +95,9 @@ def write_random_llama(target: Path, seed: int = 0, dtype: str = "float32", **co
     # Not model.save_pretrained: transformers skips it on ranks other than 0 when a process
     # group exists, and whichever rank gets the lock first must write the files.
     cfg.save_pretrained(tmp)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors", metadata={"format": "pt"}
+    )
     tok.save_pretrained(tmp)
     tmp.rename(target)
     return target

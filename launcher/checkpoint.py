@@ -35,8 +35,10 @@ class Progress:
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """Never silently train over an earlier run's checkpoints or metrics."""
     if not resume and ((run_dir / "metrics.jsonl").exists() or list_complete(run_dir)):
-        raise UserError(f"train.output_dir: {run_dir} already holds a run; add --resume to continue it, "
-                        "or choose another train.output_dir")
+        raise UserError(
+            f"train.output_dir: {run_dir} already holds a run; add --resume to continue it, "
+            "or choose another train.output_dir"
+        )
 
 
 def checkpoint_root(run_dir: Path) -> Path:

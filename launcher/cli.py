@@ -31,6 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _count(minimum: int):
     """An argparse type: an integer >= minimum (the flag is named by argparse's message)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -39,13 +40,18 @@ def _count(minimum: int):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
+
     parse.__name__ = f"integer >= {minimum}"
     return parse
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", nargs="*", metavar="[RECIPE] [key=value]",
-                   help="recipe YAML (default: the built-in demo) then dotted overrides; `launcher fields` lists keys")
+    p.add_argument(
+        "recipe",
+        nargs="*",
+        metavar="[RECIPE] [key=value]",
+        help="recipe YAML (default: the built-in demo) then dotted overrides; `launcher fields` lists keys",
+    )
 
 
 def _free_port() -> int:
@@ -64,8 +70,18 @@ def _spawn_command(recipe, recipe_args: list[str], strategy: str, gpu: bool, res
 
     out = Path(recipe.train.output_dir) / "launch"
     acc = configs.write(recipe, strategy, out, strategy, gpu, "the run's recipe")[0]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc),
-           "--main_process_port", str(_free_port()), "-m", "launcher.train", *recipe_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(acc),
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "launcher.train",
+        *recipe_args,
+    ]
     return cmd + (["--resume"] if resume else [])
 
 
@@ -77,8 +93,11 @@ def _interrupted_code(recipe) -> int:
 
     stopped = preempt.interrupted(Path(recipe.train.output_dir))
     if stopped:
-        print(f"interrupted by {stopped['signal']} at step {stopped['step']}; checkpoint saved. "
-              "Continue with: launcher train ... --resume", file=sys.stderr)
+        print(
+            f"interrupted by {stopped['signal']} at step {stopped['step']}; checkpoint saved. "
+            "Continue with: launcher train ... --resume",
+            file=sys.stderr,
+        )
         return 3
     return 0
 
@@ -92,8 +111,10 @@ def _dead_rank(failure, recipe, args) -> str:
     newest = checkpoint.newest(Path(recipe.train.output_dir))
     saved = f"newest complete checkpoint: {newest}" if newest else "no checkpoint was saved yet"
     again = shlex.join(["launcher", "train", *args.recipe, "--resume"])
-    return (f"error: rank {failure.rank} (pid {failure.pid} on {failure.host}) {failure.how()}; the other ranks were "
-            f"stopped; {saved}; continue with: {again}")
+    return (
+        f"error: rank {failure.rank} (pid {failure.pid} on {failure.host}) {failure.how()}; the other ranks were "
+        f"stopped; {saved}; continue with: {again}"
+    )
 
 
 def cmd_train(args) -> int:
@@ -122,7 +143,9 @@ def cmd_train(args) -> int:
     summary, _ = train(recipe, resume=args.resume)
     if summary.get("interrupted"):
         return _interrupted_code(recipe)
-    print(f"done: {summary['steps']} steps, eval_loss {summary['eval_loss']}, first eval_loss {summary.get('first_eval_loss')}")
+    print(
+        f"done: {summary['steps']} steps, eval_loss {summary['eval_loss']}, first eval_loss {summary.get('first_eval_loss')}"
+    )
     return 0
 
 
@@ -163,8 +186,11 @@ SLURM_FLAGS = tuple(name for name, f in SlurmCfg.model_fields.items() if name no
 def _slurm_flags(args) -> dict[str, tuple[str, object]]:
     """The Slurm flags as typed recipe values (a flag is never re-read as YAML: `--time 2:00:00`
     stays the text 2:00:00), keyed by the slurm.* field each one sets."""
-    flags = {f"slurm.{k}": (f"--{k.replace('_', '-')}", getattr(args, k)) for k in SLURM_FLAGS
-             if getattr(args, k) is not None}
+    flags = {
+        f"slurm.{k}": (f"--{k.replace('_', '-')}", getattr(args, k))
+        for k in SLURM_FLAGS
+        if getattr(args, k) is not None
+    }
     for item in args.sbatch or []:
         key, sep, value = item.partition("=")
         if not key or "." in key or (sep and not value):
@@ -214,8 +240,10 @@ def cmd_submit(args) -> int:
         print(f"# run directory: {p.run_dir} (recipe.yaml, launch/); nothing submitted")
         return 0
     job = slurm.submit(p)
-    print(f"submitted job {job.job_id}: {p.shape.nodes} node(s) x {p.shape.per_node} process(es), "
-          f"strategy {p.recipe.dist.strategy}")
+    print(
+        f"submitted job {job.job_id}: {p.shape.nodes} node(s) x {p.shape.per_node} process(es), "
+        f"strategy {p.recipe.dist.strategy}"
+    )
     print(f"run directory: {p.run_dir}")
     print(f"logs: {log_dir}/{job.job_id}_<task>_log.out and .err (appended across requeues)")
     return _finish([job.job_id], args.wait)
@@ -225,8 +253,9 @@ def cmd_sweep(args) -> int:
     from launcher.sweep import submit_sweep
 
     path, overrides, flags, _ = _slurm_recipe(args)
-    sweep_dir, job_ids = submit_sweep(path, overrides, args.grid, args.out, args.max_parallel, args.dry_run, flags=flags,
-                                      setup=args.setup or [])
+    sweep_dir, job_ids = submit_sweep(
+        path, overrides, args.grid, args.out, args.max_parallel, args.dry_run, flags=flags, setup=args.setup or []
+    )
     print(f"sweep directory: {sweep_dir}; when done: launcher report {sweep_dir}")
     return _finish(job_ids, args.wait)
 
@@ -254,8 +283,15 @@ def _add_slurm_args(p: argparse.ArgumentParser) -> None:
             kwargs["type"] = int
         g.add_argument(f"--{name.replace('_', '-')}", dest=name, **kwargs)
     g.add_argument("--sbatch", action="append", metavar="NAME=VALUE", help="extra sbatch option (repeatable)")
-    g.add_argument("--setup", action="append", metavar="LINE", help="shell line run before the launch, e.g. a module load (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and each node's launch; submit nothing")
+    g.add_argument(
+        "--setup",
+        action="append",
+        metavar="LINE",
+        help="shell line run before the launch, e.g. a module load (repeatable)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the sbatch script and each node's launch; submit nothing"
+    )
     p.add_argument("--wait", action="store_true", help="block until the job(s) end; exit non-zero unless all completed")
 
 
@@ -290,8 +326,11 @@ def cmd_plan(args) -> int:
     setup = planner.setup_for_recipe(recipe, per_node, args.nodes or recipe.dist.nnodes, gpu)
     plans = planner.plan_all(arch, setup, gpu_gb, cpu_gb)
     best, why = planner.recommend(plans)
-    print(planner.as_json(arch, setup, plans, best, why) if args.json
-          else planner.render(arch, setup, plans, why, gpu_gb, cpu_gb))
+    print(
+        planner.as_json(arch, setup, plans, best, why)
+        if args.json
+        else planner.render(arch, setup, plans, why, gpu_gb, cpu_gb)
+    )
     return 0
 
 
@@ -323,15 +362,23 @@ def cmd_merge(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="launcher", description="QLoRA fine-tuning from one recipe.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="launcher",
+        description="QLoRA fine-tuning from one recipe.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="fine-tune (several processes when dist.nproc > 1)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="recipe keys:\n" + describe_fields())
+    p = sub.add_parser(
+        "train",
+        help="fine-tune (several processes when dist.nproc > 1)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="recipe keys:\n" + describe_fields(),
+    )
     _add_recipe_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in train.output_dir")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest complete checkpoint in train.output_dir"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("preprocess", help="tokenize the recipe's data into the cache ahead of training")
@@ -352,8 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="submit a grid of recipe variants as Slurm job arrays")
     _add_slurm_args(p)
-    p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
-                   help="a recipe key (or model, nodes, gpus_per_node, strategy, micro_batch, seq_len, launch) and its values")
+    p.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="a recipe key (or model, nodes, gpus_per_node, strategy, micro_batch, seq_len, launch) and its values",
+    )
     p.add_argument("--out", help="sweep directory (default: the recipe's train.output_dir)")
     p.add_argument("--max-parallel", type=_count(1), default=8, help="at most this many jobs of an array run at once")
     p.set_defaults(func=cmd_sweep)

@@ -31,12 +31,21 @@ def deepspeed_config(recipe: Recipe, strategy: str, gpu: bool) -> dict:
     the training loop re-applies them at run time, so an override on the command line wins."""
     t = recipe.train
     mp = mixed_precision(t.mixed_precision, gpu)
-    zero: dict = {"stage": ZERO_STAGE[strategy], "overlap_comm": gpu, "contiguous_gradients": True,
-                  "reduce_bucket_size": "auto"}
+    zero: dict = {
+        "stage": ZERO_STAGE[strategy],
+        "overlap_comm": gpu,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+    }
     if ZERO_STAGE[strategy] == 3:
         # Without this the saved adapter is empty: the LoRA weights stay partitioned.
-        zero.update({"stage3_gather_16bit_weights_on_model_save": True,
-                     "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"})
+        zero.update(
+            {
+                "stage3_gather_16bit_weights_on_model_save": True,
+                "stage3_prefetch_bucket_size": "auto",
+                "stage3_param_persistence_threshold": "auto",
+            }
+        )
     if strategy in OFFLOAD:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
         zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
@@ -65,40 +74,79 @@ def accelerate_config(recipe: Recipe, strategy: str, gpu: bool, ds_file: str | N
         ("debug", False, None),
     ]
     if strategy in ZERO_STAGE:
-        ds = [("deepspeed_config_file", ds_file, "ZeRO settings live in the JSON (relative to the launch directory)"),
-              ("deepspeed_multinode_launcher", "standard", "torchrun-style: one launch per node, no pdsh/ssh")]
+        ds = [
+            ("deepspeed_config_file", ds_file, "ZeRO settings live in the JSON (relative to the launch directory)"),
+            ("deepspeed_multinode_launcher", "standard", "torchrun-style: one launch per node, no pdsh/ssh"),
+        ]
         if ZERO_STAGE[strategy] == 3:
-            ds.append(("zero3_init_flag", False, "zero.Init cannot split 4-bit layers as they load; the launcher "
-                       "loads on rank 0 only and DeepSpeed partitions from there"))
+            ds.append(
+                (
+                    "zero3_init_flag",
+                    False,
+                    "zero.Init cannot split 4-bit layers as they load; the launcher "
+                    "loads on rank 0 only and DeepSpeed partitions from there",
+                )
+            )
         items += [("distributed_type", "DEEPSPEED", None), ("deepspeed_config", ds, None)]
     elif strategy in FSDP:
         v2 = d.fsdp_version == 2
         fs: list[Item] = [
             ("fsdp_version", d.fsdp_version, "2: fully_shard, per-parameter DTensor sharding"),
-            ("fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-             "one unit per decoder layer (model._no_split_modules); the LoRA weights live inside"),
+            (
+                "fsdp_auto_wrap_policy",
+                "TRANSFORMER_BASED_WRAP",
+                "one unit per decoder layer (model._no_split_modules); the LoRA weights live inside",
+            ),
             ("fsdp_cpu_ram_efficient_loading", True, "rank 0 reads the checkpoint, the others start empty"),
             ("fsdp_offload_params", strategy in OFFLOAD, "parameters and optimizer state on CPU"),
             ("fsdp_state_dict_type", "SHARDED_STATE_DICT", "checkpoints are written shard by shard"),
-            ("fsdp_activation_checkpointing", False, "the recipe's train.gradient_checkpointing does it (non-reentrant)"),
+            (
+                "fsdp_activation_checkpointing",
+                False,
+                "the recipe's train.gradient_checkpointing does it (non-reentrant)",
+            ),
         ]
         if v2:
             fs.append(("fsdp_reshard_after_forward", True, None))
         else:
-            fs += [("fsdp_sharding_strategy", "FULL_SHARD", None),
-                   ("fsdp_use_orig_params", False, "with the peft-aware wrap policy: every unit has uniform requires_grad"),
-                   ("fsdp_sync_module_states", True, "broadcast rank 0's weights (needed with RAM-efficient loading)"),
-                   ("fsdp_backward_prefetch", "BACKWARD_PRE", None)]
-        items += [("distributed_type", "FSDP", "4-bit weights are stored in the parameter dtype "
-                   "(quant.storage_dtype auto) so FSDP can shard them"), ("fsdp_config", fs, None)]
+            fs += [
+                ("fsdp_sharding_strategy", "FULL_SHARD", None),
+                (
+                    "fsdp_use_orig_params",
+                    False,
+                    "with the peft-aware wrap policy: every unit has uniform requires_grad",
+                ),
+                ("fsdp_sync_module_states", True, "broadcast rank 0's weights (needed with RAM-efficient loading)"),
+                ("fsdp_backward_prefetch", "BACKWARD_PRE", None),
+            ]
+        items += [
+            (
+                "distributed_type",
+                "FSDP",
+                "4-bit weights are stored in the parameter dtype (quant.storage_dtype auto) so FSDP can shard them",
+            ),
+            ("fsdp_config", fs, None),
+        ]
     elif procs > 1:
-        items.append(("distributed_type", "MULTI_GPU", "DDP; on a CPU machine launcher.train sets ACCELERATE_USE_CPU "
-                      "so ranks use gloo" if not gpu else "DDP: one full 4-bit replica per GPU"))
+        items.append(
+            (
+                "distributed_type",
+                "MULTI_GPU",
+                "DDP; on a CPU machine launcher.train sets ACCELERATE_USE_CPU so ranks use gloo"
+                if not gpu
+                else "DDP: one full 4-bit replica per GPU",
+            )
+        )
     else:
         items.append(("distributed_type", "NO", None))
     if strategy not in ZERO_STAGE:  # with a DeepSpeed JSON, its bf16/fp16 blocks say it (accelerate insists)
-        items.append(("mixed_precision", mixed_precision(recipe.train.mixed_precision, gpu),
-                      "autocast; 4-bit layers compute in quant.compute_dtype"))
+        items.append(
+            (
+                "mixed_precision",
+                mixed_precision(recipe.train.mixed_precision, gpu),
+                "autocast; 4-bit layers compute in quant.compute_dtype",
+            )
+        )
     items += [
         ("num_machines", d.nnodes, None),
         ("num_processes", procs, f"{d.nproc} per node x {d.nnodes} node(s)"),
@@ -107,7 +155,11 @@ def accelerate_config(recipe: Recipe, strategy: str, gpu: bool, ds_file: str | N
         ("rdzv_backend", "static", None),
         ("same_network", True, None),
         ("gpu_ids", "all", None),
-        ("use_cpu", not gpu and strategy not in ZERO_STAGE, "DeepSpeed finds the CPU itself" if not gpu and strategy in ZERO_STAGE else None),
+        (
+            "use_cpu",
+            not gpu and strategy not in ZERO_STAGE,
+            "DeepSpeed finds the CPU itself" if not gpu and strategy in ZERO_STAGE else None,
+        ),
         ("downcast_bf16", "no", None),
         ("tpu_env", [], None),
         ("tpu_use_cluster", False, None),
@@ -141,9 +193,10 @@ def write(recipe: Recipe, strategy: str, out: Path, name: str, gpu: bool, source
         ds_path.write_text(json.dumps(deepspeed_config(recipe, strategy, gpu), indent=2) + "\n")
         written.append(ds_path)
         ds_file = str(ds_path)
-    header = [f"# Generated by `launcher configs` from {source_note}; strategy {strategy}, "
-              f"{'GPU' if gpu else 'CPU (gloo)'}.",
-              "# Launch: accelerate launch --config_file THIS_FILE -m launcher.train RECIPE [key=value ...]"]
+    header = [
+        f"# Generated by `launcher configs` from {source_note}; strategy {strategy}, {'GPU' if gpu else 'CPU (gloo)'}.",
+        "# Launch: accelerate launch --config_file THIS_FILE -m launcher.train RECIPE [key=value ...]",
+    ]
     acc_path = out / "accelerate_configs" / f"{name}.yaml"
     acc_path.parent.mkdir(parents=True, exist_ok=True)
     acc_path.write_text("\n".join(header + _render(accelerate_config(recipe, strategy, gpu, ds_file))) + "\n")

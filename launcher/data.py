@@ -40,8 +40,9 @@ def read_samples(path: str, split: str = "train", field: str = "data.path") -> l
     if p.is_dir():
         rows = _from_datasets(path, lambda ds: ds.load_from_disk(str(p)), split, field)
     elif p.suffix in (".csv", ".parquet"):
-        rows = _from_datasets(path, lambda ds: ds.load_dataset(p.suffix[1:], data_files=str(p), split="train"), split,
-                              field)
+        rows = _from_datasets(
+            path, lambda ds: ds.load_dataset(p.suffix[1:], data_files=str(p), split="train"), split, field
+        )
     elif p.is_file():
         rows = _read_json(p, field)
     elif path.startswith((".", "/", "~")) or p.suffix in (".json", ".jsonl"):
@@ -52,8 +53,10 @@ def read_samples(path: str, split: str = "train", field: str = "data.path") -> l
         raise UserError(f"{field}: {path} holds no samples")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise UserError(f"{field}: {path}: sample {i} is a JSON {type(row).__name__}; every sample must be "
-                            "a JSON object (one per line in .jsonl)")
+            raise UserError(
+                f"{field}: {path}: sample {i} is a JSON {type(row).__name__}; every sample must be "
+                "a JSON object (one per line in .jsonl)"
+            )
     return rows
 
 
@@ -65,8 +68,9 @@ def _read_json(p: Path, field: str) -> list:
     if isinstance(rows, dict) and isinstance(rows.get("data"), list):
         return rows["data"]
     if not isinstance(rows, list):
-        raise UserError(f"{field}: {p} must hold a JSON list of samples (or {{\"data\": [...]}}), "
-                        f"not a JSON {type(rows).__name__}")
+        raise UserError(
+            f'{field}: {p} must hold a JSON list of samples (or {{"data": [...]}}), not a JSON {type(rows).__name__}'
+        )
     return rows
 
 
@@ -96,8 +100,10 @@ def detect_format(row: dict, cfg: DataCfg) -> str:
         return "prompt_completion"
     if cfg.text_field in row:
         return "text"
-    raise UserError(f"data.format: cannot tell the format from fields {quote(sorted(row), 200)}; "
-                    "set data.format and its field names")
+    raise UserError(
+        f"data.format: cannot tell the format from fields {quote(sorted(row), 200)}; "
+        "set data.format and its field names"
+    )
 
 
 def _field(row: dict, name: str, i: int, hint: str):
@@ -113,36 +119,44 @@ def _text(row: dict, name: str, i: int, hint: str) -> str:
     if value is None:
         return ""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise UserError(f"data: sample {i}: field {quote(name)} holds a {type(value).__name__} "
-                        f"({quote(value)}); expected text ({hint})")
+        raise UserError(
+            f"data: sample {i}: field {quote(name)} holds a {type(value).__name__} "
+            f"({quote(value)}); expected text ({hint})"
+        )
     return str(value)
 
 
 def _messages(row: dict, cfg: DataCfg, i: int) -> list[dict]:
     """Chat messages: a list of {"role": str, "content": str}, the last one the assistant's."""
     messages = _field(row, cfg.messages_field, i, "data.messages_field")
-    shape = (f"data: sample {i}: field {quote(cfg.messages_field)} must be a list of "
-             '{"role": ..., "content": ...} objects')
+    shape = (
+        f'data: sample {i}: field {quote(cfg.messages_field)} must be a list of {{"role": ..., "content": ...}} objects'
+    )
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{shape}, got {quote(messages)}")
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content", ""), str):
             raise UserError(f"{shape}; one is {quote(m)}")
     if messages[-1]["role"] != "assistant":
-        raise UserError(f"data: sample {i}: the last chat message must be the assistant's, "
-                        f"not {quote(messages[-1]['role'])}")
+        raise UserError(
+            f"data: sample {i}: the last chat message must be the assistant's, not {quote(messages[-1]['role'])}"
+        )
     return messages
 
 
 def render(row: dict, fmt: str, cfg: DataCfg, tokenizer, i: int) -> tuple[str, str]:
     """(prompt, completion) strings; the prompt is masked out of the loss unless train_on_prompt."""
     if fmt == "prompt_completion":
-        return (_text(row, cfg.prompt_field, i, "data.prompt_field"),
-                _text(row, cfg.completion_field, i, "data.completion_field"))
+        return (
+            _text(row, cfg.prompt_field, i, "data.prompt_field"),
+            _text(row, cfg.completion_field, i, "data.completion_field"),
+        )
     if fmt == "alpaca":
         inp = _text(row, cfg.input_field, i, "data.input_field") if cfg.input_field in row else ""
-        prompt = ALPACA_PROMPT.format(instruction=_text(row, cfg.instruction_field, i, "data.instruction_field"),
-                                      input_block=f"### Input:\n{inp}\n\n" if inp else "")
+        prompt = ALPACA_PROMPT.format(
+            instruction=_text(row, cfg.instruction_field, i, "data.instruction_field"),
+            input_block=f"### Input:\n{inp}\n\n" if inp else "",
+        )
         return prompt, _text(row, cfg.output_field, i, "data.output_field")
     if fmt == "text":
         return "", _text(row, cfg.text_field, i, "data.text_field")
@@ -178,8 +192,10 @@ def tokenize_one(row: dict, i: int, fmt: str, cfg: DataCfg, tokenizer, counts: T
     labels = (p_ids if cfg.train_on_prompt else [IGNORE] * len(p_ids)) + c_ids
     if len(ids) > cfg.max_seq_len:
         if cfg.too_long == "error":
-            raise UserError(f"data: sample {i} has {len(ids)} tokens > data.max_seq_len={cfg.max_seq_len} "
-                            "(raise it, or set data.too_long=truncate/drop)")
+            raise UserError(
+                f"data: sample {i} has {len(ids)} tokens > data.max_seq_len={cfg.max_seq_len} "
+                "(raise it, or set data.too_long=truncate/drop)"
+            )
         if cfg.too_long == "drop" or len(p_ids) >= cfg.max_seq_len:
             counts.dropped_long += 1
             return None
@@ -197,9 +213,16 @@ def tokenize(rows: list[dict], cfg: DataCfg, tokenizer) -> Tokenized:
         if ex is not None:
             out.examples.append(ex)
     if not out.examples:
-        raise UserError(f"data: no usable samples in {cfg.path} (empty: {out.dropped_empty}, too long: {out.dropped_long})")
-    out.stats = {"format": fmt, "samples": len(out.examples), "dropped_empty": out.dropped_empty,
-                 "dropped_too_long": out.dropped_long, "truncated": out.truncated}
+        raise UserError(
+            f"data: no usable samples in {cfg.path} (empty: {out.dropped_empty}, too long: {out.dropped_long})"
+        )
+    out.stats = {
+        "format": fmt,
+        "samples": len(out.examples),
+        "dropped_empty": out.dropped_empty,
+        "dropped_too_long": out.dropped_long,
+        "truncated": out.truncated,
+    }
     return out
 
 
@@ -213,7 +236,10 @@ def split_eval(examples: list[dict], fraction: float, seed: int) -> tuple[list[d
     if n_eval >= len(examples):
         raise UserError(f"data.eval_fraction: {fraction} leaves no training samples out of {len(examples)}")
     eval_ids = set(order[:n_eval])
-    return ([e for i, e in enumerate(examples) if i not in eval_ids], [e for i, e in enumerate(examples) if i in eval_ids])
+    return (
+        [e for i, e in enumerate(examples) if i not in eval_ids],
+        [e for i, e in enumerate(examples) if i in eval_ids],
+    )
 
 
 class ShardSampler(Sampler):
@@ -225,8 +251,17 @@ class ShardSampler(Sampler):
     sample trains exactly once per epoch. With shuffle off the order is the file order.
     """
 
-    def __init__(self, n: int, rank: int, world: int, seed: int, shuffle: bool = True, remainder: str = "drop",
-                 lengths: list[int] | None = None, batch_size: int = 1):
+    def __init__(
+        self,
+        n: int,
+        rank: int,
+        world: int,
+        seed: int,
+        shuffle: bool = True,
+        remainder: str = "drop",
+        lengths: list[int] | None = None,
+        batch_size: int = 1,
+    ):
         self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
         self.remainder = remainder
         self.lengths, self.batch_size = lengths, batch_size  # lengths set: group by length
@@ -247,8 +282,8 @@ class ShardSampler(Sampler):
         per_rank = len(self)
         order += [-1] * (per_rank * self.world - len(order))  # fillers (pad mode only)
         if self.lengths is None:
-            return iter(order[self.rank * per_rank:(self.rank + 1) * per_rank])
-        return iter(self._by_length(order[:per_rank * self.world])[self.rank::self.world])
+            return iter(order[self.rank * per_rank : (self.rank + 1) * per_rank])
+        return iter(self._by_length(order[: per_rank * self.world])[self.rank :: self.world])
 
     def _by_length(self, order: list[int]) -> list[int]:
         """Sort by length within windows of 64 global batches, then shuffle the batches: similar
@@ -260,7 +295,7 @@ class ShardSampler(Sampler):
             chunk = sorted(range(start, min(start + window, len(order))), key=lambda j: -lengths[j])
             ranked += [order[j] for j in chunk]
         step = self.batch_size * self.world  # one global batch
-        batches = [ranked[i:i + step] for i in range(0, len(ranked), step)]
+        batches = [ranked[i : i + step] for i in range(0, len(ranked), step)]
         g = torch.Generator().manual_seed(self.seed + self.epoch + 1)
         return [i for b in (batches[k] for k in torch.randperm(len(batches), generator=g).tolist()) for i in b]
 
@@ -346,20 +381,35 @@ def pack(examples: list[dict], max_len: int, seed: int) -> list[dict]:
 def padding_efficiency(examples: list[dict], batch_size: int, seed: int, group_by_length: bool = False) -> float:
     """Real tokens / tokens computed over one epoch's batches (rows padded to the batch's longest)."""
     lengths = [len(e["input_ids"]) for e in examples]
-    order = list(ShardSampler(len(examples), 0, 1, seed, lengths=lengths if group_by_length else None,
-                              batch_size=batch_size))
-    chunks = [[lengths[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+    order = list(
+        ShardSampler(len(examples), 0, 1, seed, lengths=lengths if group_by_length else None, batch_size=batch_size)
+    )
+    chunks = [[lengths[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]
     return sum(lengths) / max(sum(max(c) * len(c) for c in chunks), 1)
 
 
-def make_loader(examples: list[dict], batch_size: int, rank: int, world: int, seed: int, pad_id: int,
-                shuffle: bool = True, remainder: str = "drop", group_by_length: bool = False) -> torch.utils.data.DataLoader:
+def make_loader(
+    examples: list[dict],
+    batch_size: int,
+    rank: int,
+    world: int,
+    seed: int,
+    pad_id: int,
+    shuffle: bool = True,
+    remainder: str = "drop",
+    group_by_length: bool = False,
+) -> torch.utils.data.DataLoader:
     lengths = [len(e["input_ids"]) for e in examples] if group_by_length else None
     sampler = ShardSampler(len(examples), rank, world, seed, shuffle, remainder, lengths, batch_size)
     # Its own generator: otherwise every new iterator draws a seed from the global RNG, and a
     # resumed run (which opens one more iterator) would get different dropout masks.
-    return torch.utils.data.DataLoader(Examples(examples), batch_size=batch_size, sampler=sampler,
-                                       collate_fn=PadCollator(pad_id), generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(
+        Examples(examples),
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=PadCollator(pad_id),
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def batches_per_epoch(n: int, world: int, batch_size: int, remainder: str = "drop") -> int:
@@ -380,12 +430,25 @@ def _fingerprint(path: str) -> str:
 
 def cache_path(cfg: DataCfg, tokenizer, seed: int) -> Path:
     """Keyed by the data, the tokenizer and every setting that changes the tokenized result."""
-    settings = cfg.model_dump(exclude={"packing", "remainder", "log_sample_ids", "cache_dir", "streaming", "group_by_length"})
+    settings = cfg.model_dump(
+        exclude={"packing", "remainder", "log_sample_ids", "cache_dir", "streaming", "group_by_length"}
+    )
     tok = getattr(tokenizer, "backend_tokenizer", None)
     tok_id = tok.to_str() if tok is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    key = json.dumps([settings, seed, _fingerprint(cfg.path), _fingerprint(cfg.eval_path or ""),
-                      tok_id, tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)],
-                     sort_keys=True, default=str)
+    key = json.dumps(
+        [
+            settings,
+            seed,
+            _fingerprint(cfg.path),
+            _fingerprint(cfg.eval_path or ""),
+            tok_id,
+            tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
+            getattr(tokenizer, "chat_template", None),
+        ],
+        sort_keys=True,
+        default=str,
+    )
     root = Path(cfg.cache_dir) if cfg.cache_dir else builtin.cache_dir() / "tokenized"
     return root / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pkl"
 
@@ -393,13 +456,17 @@ def cache_path(cfg: DataCfg, tokenizer, seed: int) -> Path:
 def _tokenize_all(cfg: DataCfg, tokenizer, seed: int) -> dict:
     train = tokenize(read_samples(cfg.path, cfg.split)[: cfg.max_samples], cfg, tokenizer)
     if cfg.eval_path:
-        evals = tokenize(read_samples(cfg.eval_path, cfg.eval_split or cfg.split, "data.eval_path"), cfg,
-                         tokenizer).examples
+        evals = tokenize(
+            read_samples(cfg.eval_path, cfg.eval_split or cfg.split, "data.eval_path"), cfg, tokenizer
+        ).examples
         train_ex = train.examples
     else:
         train_ex, evals = split_eval(train.examples, cfg.eval_fraction, seed)
-    return {"train": train_ex, "eval": evals, "stats": dict(train.stats, train_samples=len(train_ex),
-                                                            eval_samples=len(evals))}
+    return {
+        "train": train_ex,
+        "eval": evals,
+        "stats": dict(train.stats, train_samples=len(train_ex), eval_samples=len(evals)),
+    }
 
 
 def tokenized(cfg: DataCfg, tokenizer, seed: int) -> tuple[dict, bool, Path]:
@@ -428,7 +495,10 @@ def load_data(cfg: DataCfg, tokenizer, seed: int, micro_batch_size: int = 1) -> 
     train_ex, eval_ex = result["train"], result["eval"]
     stats = dict(result["stats"], cache="hit" if hit else "written")
     if cfg.packing:
-        train_ex, eval_ex = pack(train_ex, cfg.max_seq_len, seed), pack(eval_ex, cfg.max_seq_len, seed + 1) if eval_ex else []
+        train_ex, eval_ex = (
+            pack(train_ex, cfg.max_seq_len, seed),
+            pack(eval_ex, cfg.max_seq_len, seed + 1) if eval_ex else [],
+        )
         stats["packed_rows"] = len(train_ex)
     stats["padding_efficiency"] = round(padding_efficiency(train_ex, micro_batch_size, seed, cfg.group_by_length), 4)
     return train_ex, eval_ex, stats
@@ -490,5 +560,6 @@ class StreamShard(torch.utils.data.IterableDataset):
 
 
 def make_stream_loader(cfg: DataCfg, tokenizer, batch_size: int, rank: int, world: int):
-    return torch.utils.data.DataLoader(StreamShard(cfg, tokenizer, rank, world), batch_size=batch_size,
-                                       collate_fn=PadCollator(tokenizer.pad_token_id))
+    return torch.utils.data.DataLoader(
+        StreamShard(cfg, tokenizer, rank, world), batch_size=batch_size, collate_fn=PadCollator(tokenizer.pad_token_id)
+    )

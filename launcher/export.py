@@ -24,8 +24,10 @@ def _open_run(run_dir: str):
     if not any((run / f).is_file() for f in ADAPTER_WEIGHTS):
         missing.append(ADAPTER_WEIGHTS[0])
     if missing:
-        raise UserError(f"RUN_DIR: {run_dir} is not a finished run directory (missing {', '.join(missing)}; "
-                        "a run still training has only checkpoints/)")
+        raise UserError(
+            f"RUN_DIR: {run_dir} is not a finished run directory (missing {', '.join(missing)}; "
+            "a run still training has only checkpoints/)"
+        )
     read_json(run / "adapter_config.json", "RUN_DIR")
     recipe = load_recipe(str(run / "recipe.yaml"))
     return run, recipe, resolve_source(recipe.model)
@@ -38,8 +40,9 @@ def _with_adapter(base, run: Path):
     try:
         return PeftModel.from_pretrained(base, str(run))
     except Exception as e:  # safetensors, torch.load, peft's config and shape checks each raise their own type
-        raise UserError(f"RUN_DIR: {run}: cannot load the adapter ({first_line(e)}); "
-                        "was the run directory changed after training?") from None
+        raise UserError(
+            f"RUN_DIR: {run}: cannot load the adapter ({first_line(e)}); was the run directory changed after training?"
+        ) from None
 
 
 def load_with_adapter(run_dir: str):
@@ -59,9 +62,14 @@ def generate(run_dir: str, prompts: list[str], max_new_tokens: int = 32) -> list
     for prompt in prompts:
         ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
         ids = torch.tensor([ids + tok(prompt, add_special_tokens=False)["input_ids"]], device=model.device)
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id)
-        out.append(prompt + tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+        out.append(prompt + tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
     return out
 
 

@@ -45,8 +45,9 @@ class MetricsLog:
         if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        self.accelerator.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))},
-                             step=row["step"])
+        self.accelerator.log(
+            {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=row["step"]
+        )
 
 
 def read(path: Path) -> list[dict]:

@@ -90,8 +90,14 @@ def streaming_malloc():
         libc.mallopt(m_mmap_threshold, 32 << 20)
 
 
-def load_base_model(source: str, model: ModelCfg, quant: QuantCfg, device_map=None, storage: torch.dtype | None = None,
-                    dtype: torch.dtype | None = None):
+def load_base_model(
+    source: str,
+    model: ModelCfg,
+    quant: QuantCfg,
+    device_map=None,
+    storage: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
+):
     """from_pretrained with the recipe's quantization; `device_map` and `storage` come from the placement.
     Weights are quantized as they are read, tensor by tensor: no 16-bit copy of the model is held."""
     from transformers import AutoModelForCausalLM
@@ -149,13 +155,17 @@ def check_target_modules(model, target) -> None:
     names = [n for n, _ in model.named_modules()]
     if isinstance(target, str):
         if not any(re.fullmatch(target, n) for n in names):
-            raise UserError(f"peft.target_modules: regex {target!r} matches no module; linear layers: "
-                            f"{', '.join(linear_layer_names(model))}")
+            raise UserError(
+                f"peft.target_modules: regex {target!r} matches no module; linear layers: "
+                f"{', '.join(linear_layer_names(model))}"
+            )
         return
     missing = [t for t in target if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        raise UserError(f"peft.target_modules: {', '.join(missing)} not in the model; linear layers: "
-                        f"{', '.join(linear_layer_names(model))}")
+        raise UserError(
+            f"peft.target_modules: {', '.join(missing)} not in the model; linear layers: "
+            f"{', '.join(linear_layer_names(model))}"
+        )
 
 
 def peft_config(cfg: PeftCfg, total_steps: int | None = None):
@@ -165,14 +175,35 @@ def peft_config(cfg: PeftCfg, total_steps: int | None = None):
     explicit_targets = "target_modules" in cfg.model_fields_set
     common = dict(task_type="CAUSAL_LM")
     if cfg.method == "lora":
-        cls, kw = peft.LoraConfig, dict(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias=cfg.bias,
-                                        target_modules=cfg.target_modules, use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
+        cls, kw = (
+            peft.LoraConfig,
+            dict(
+                r=cfg.r,
+                lora_alpha=cfg.alpha,
+                lora_dropout=cfg.dropout,
+                bias=cfg.bias,
+                target_modules=cfg.target_modules,
+                use_dora=cfg.use_dora,
+                use_rslora=cfg.use_rslora,
+            ),
+        )
     elif cfg.method == "adalora":
-        cls, kw = peft.AdaLoraConfig, dict(init_r=max(cfg.r * 3 // 2, cfg.r), target_r=cfg.r, lora_alpha=cfg.alpha,
-                                           lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-                                           total_step=total_steps)
+        cls, kw = (
+            peft.AdaLoraConfig,
+            dict(
+                init_r=max(cfg.r * 3 // 2, cfg.r),
+                target_r=cfg.r,
+                lora_alpha=cfg.alpha,
+                lora_dropout=cfg.dropout,
+                target_modules=cfg.target_modules,
+                total_step=total_steps,
+            ),
+        )
     elif cfg.method == "loha":
-        cls, kw = peft.LoHaConfig, dict(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, target_modules=cfg.target_modules)
+        cls, kw = (
+            peft.LoHaConfig,
+            dict(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, target_modules=cfg.target_modules),
+        )
     elif cfg.method == "ia3":
         cls, kw = peft.IA3Config, dict(target_modules=cfg.target_modules if explicit_targets else None)
     elif cfg.method == "prompt_tuning":
@@ -189,15 +220,23 @@ def peft_config(cfg: PeftCfg, total_steps: int | None = None):
         raise UserError(f"peft: {cls.__name__}: {e}") from None
 
 
-def apply_peft(model, cfg: PeftCfg, *, quantized: bool, kbit_upcast: bool, gradient_checkpointing: bool,
-               total_steps: int | None = None):
+def apply_peft(
+    model,
+    cfg: PeftCfg,
+    *,
+    quantized: bool,
+    kbit_upcast: bool,
+    gradient_checkpointing: bool,
+    total_steps: int | None = None,
+):
     """k-bit preparation (skipped when sharding: its fp32 upcast mixes dtypes), checkpointing, adapter."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     gc_kwargs = {"use_reentrant": False}
     if quantized and kbit_upcast:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gc_kwargs)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+        )
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     if cfg.method in ("lora", "adalora", "loha"):
@@ -206,8 +245,10 @@ def apply_peft(model, cfg: PeftCfg, *, quantized: bool, kbit_upcast: bool, gradi
     try:
         return get_peft_model(model, config, autocast_adapter_dtype=kbit_upcast)
     except (ValueError, TypeError, NotImplementedError) as e:
-        raise UserError(f"peft.method: {cfg.method} cannot wrap this model "
-                        f"(quant.mode={'4/8-bit' if quantized else 'none'}): {first_line(e)}") from None
+        raise UserError(
+            f"peft.method: {cfg.method} cannot wrap this model "
+            f"(quant.mode={'4/8-bit' if quantized else 'none'}): {first_line(e)}"
+        ) from None
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -10,7 +10,6 @@ from launcher.recipe import TrainCfg
 from launcher.tables import OPTIMIZERS
 
 
-
 def build_optimizer(params, cfg: TrainCfg, name: str | None = None) -> torch.optim.Optimizer:
     """`name` overrides cfg.optimizer (the placement may substitute one)."""
     optimizer = OPTIMIZERS[name or cfg.optimizer]

@@ -49,8 +49,9 @@ def resolve_strategy(recipe: Recipe, machine: Machine, cfg: dict | None = None) 
     # The memory planner decides: the least communication that fits.
     arch = planner.Arch.from_config(cfg, recipe.model.name)
     setup = planner.setup_for_recipe(recipe, dist.nproc, dist.nnodes, gpu=True)
-    plans = planner.plan_all(arch, setup, machine.gpu_memory_gb, float("inf"),
-                             strategies=[s for s in planner.STRATEGIES if s != "single"])
+    plans = planner.plan_all(
+        arch, setup, machine.gpu_memory_gb, float("inf"), strategies=[s for s in planner.STRATEGIES if s != "single"]
+    )
     best, _ = planner.recommend(plans)
     return best.strategy if best else min(plans, key=lambda p: p.device_total).strategy
 
@@ -62,32 +63,43 @@ def placement_problems(recipe: Recipe, strategy: str, machine: Machine, cfg: dic
     m, q, dist = recipe.model, recipe.quant, recipe.dist
     procs = dist.nproc * dist.nnodes
     if m.device_map is not None and strategy in SHARDED:
-        problems.append(f"model.device_map: must be unset under dist.strategy={strategy} "
-                        "(ZeRO-3 and FSDP place the weights themselves)")
+        problems.append(
+            f"model.device_map: must be unset under dist.strategy={strategy} "
+            "(ZeRO-3 and FSDP place the weights themselves)"
+        )
     if m.device_map == "auto" and strategy in ("ddp", "zero2") and procs > 1:
-        problems.append(f"model.device_map: auto under {strategy} spreads one replica over the GPUs and silently "
-                        "collapses training to one process; unset it so each rank loads onto its own GPU")
+        problems.append(
+            f"model.device_map: auto under {strategy} spreads one replica over the GPUs and silently "
+            "collapses training to one process; unset it so each rank loads onto its own GPU"
+        )
     # Processes sharing this machine's GPUs: LOCAL_WORLD_SIZE inside a launch (1 when Slurm binds
     # one GPU per task), else the recipe's per-node count.
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", dist.nproc))
     if machine.gpus and local_procs > machine.gpus:
         problems.append(f"dist.nproc: {local_procs} processes per node but this node has {machine.gpus} GPU(s)")
     if strategy in FSDP and machine.gpus == 0:
-        problems.append(f"dist.strategy: {strategy} needs GPUs (accelerate refuses FSDP on CPU); "
-                        "on CPU use ddp, zero2 or zero3")
+        problems.append(
+            f"dist.strategy: {strategy} needs GPUs (accelerate refuses FSDP on CPU); on CPU use ddp, zero2 or zero3"
+        )
     if strategy in SHARDED:
         method = (cfg.get("quantization_config") or {}).get("quant_method")
         if method in ("gptq", "awq", "aqlm", "hqq", "eetq"):
-            problems.append(f"model.name: pre-quantized {method.upper()} weights cannot be sharded under "
-                            f"{strategy}; use ddp/zero2, or a 16-bit checkpoint with quant.mode=nf4")
+            problems.append(
+                f"model.name: pre-quantized {method.upper()} weights cannot be sharded under "
+                f"{strategy}; use ddp/zero2, or a 16-bit checkpoint with quant.mode=nf4"
+            )
         if q.mode == "int8":
             problems.append(f"quant.mode: int8 weights cannot be sharded under {strategy}; use nf4, or ddp/zero2")
         if q.storage_dtype == "uint8" and q.mode in ("nf4", "fp4"):
-            problems.append(f"quant.storage_dtype: uint8 4-bit weights cannot be flattened/sharded under {strategy}; "
-                            "set it to auto (the parameter dtype)")
+            problems.append(
+                f"quant.storage_dtype: uint8 4-bit weights cannot be flattened/sharded under {strategy}; "
+                "set it to auto (the parameter dtype)"
+            )
         elif q.storage_dtype not in ("auto", "uint8") and m.dtype != "auto" and q.storage_dtype != m.dtype:
-            problems.append(f"quant.storage_dtype: {q.storage_dtype} must equal model.dtype ({m.dtype}) under "
-                            f"{strategy}, or the packed weights are cast and corrupted")
+            problems.append(
+                f"quant.storage_dtype: {q.storage_dtype} must equal model.dtype ({m.dtype}) under "
+                f"{strategy}, or the packed weights are cast and corrupted"
+            )
     if strategy in FSDP and recipe.peft.method not in ("lora", "ia3"):
         problems.append(f"peft.method: {recipe.peft.method} is not supported under {strategy}; use lora (or ia3)")
     return problems
@@ -144,22 +156,28 @@ def check_launch(strategy: str, accelerator, world: int) -> None:
     """The recipe's strategy must be what accelerate was actually launched with."""
     launched = launched_strategy(accelerator)
     if world > 1 and launched is None:
-        raise UserError(f"{world} processes were launched but accelerate sees one, so gradients would not sync; "
-                        "on a CPU machine set ACCELERATE_USE_CPU=true, or launch with `launcher train`")
+        raise UserError(
+            f"{world} processes were launched but accelerate sees one, so gradients would not sync; "
+            "on a CPU machine set ACCELERATE_USE_CPU=true, or launch with `launcher train`"
+        )
     if launched == strategy or (launched is None and strategy in ("single", "ddp") and world == 1):
         return
     how = f"--config_file accelerate_configs/{strategy}.yaml" if strategy != "single" else "with no config"
-    raise UserError(f"dist.strategy: the recipe says {strategy} but this process was launched as "
-                    f"{launched or 'a single process'}; use `launcher train`, or `accelerate launch {how}` "
-                    "(`launcher configs` writes it)")
+    raise UserError(
+        f"dist.strategy: the recipe says {strategy} but this process was launched as "
+        f"{launched or 'a single process'}; use `launcher train`, or `accelerate launch {how}` "
+        "(`launcher configs` writes it)"
+    )
 
 
 def check_checkpointing(fsdp_activation_checkpointing: bool, gradient_checkpointing: bool) -> None:
     """Both FSDP's activation checkpointing and transformers' gradient checkpointing would wrap the
     same layers twice, which fails in backward; the generated configs leave FSDP's off."""
     if fsdp_activation_checkpointing and gradient_checkpointing:
-        raise UserError("train.gradient_checkpointing: the accelerate config also sets fsdp_activation_checkpointing; "
-                        "use one: set train.gradient_checkpointing=false or fsdp_activation_checkpointing: false")
+        raise UserError(
+            "train.gradient_checkpointing: the accelerate config also sets fsdp_activation_checkpointing; "
+            "use one: set train.gradient_checkpointing=false or fsdp_activation_checkpointing: false"
+        )
 
 
 def for_target(recipe: Recipe, device: str | None = None, need_model: bool = True) -> tuple[str, bool]:
@@ -234,11 +252,19 @@ def resolve(recipe: Recipe, accelerator, cfg: dict, machine: Machine | None = No
     dtype = recipe.model.dtype
     param_dtype = compute_dtype(recipe.quant) if dtype == "auto" else DTYPES[dtype]
     return Placement(
-        strategy=strategy, rank=rank, world=world, zero_stage=zero_stage, fsdp_version=fsdp_version,
-        offload=fsdp_offloads(fsdp) if fsdp is not None else strategy in OFFLOAD, rank0_reads=rank0_reads,
-        device_map=device_map_for(strategy, recipe.model.device_map, accelerator.device), param_dtype=param_dtype,
-        storage_dtype=storage_dtype(recipe, strategy, param_dtype), kbit_upcast=kbit_upcast(strategy),
-        optimizer=optimizer_for(strategy, recipe.train.optimizer, recipe.dist.fsdp_version))
+        strategy=strategy,
+        rank=rank,
+        world=world,
+        zero_stage=zero_stage,
+        fsdp_version=fsdp_version,
+        offload=fsdp_offloads(fsdp) if fsdp is not None else strategy in OFFLOAD,
+        rank0_reads=rank0_reads,
+        device_map=device_map_for(strategy, recipe.model.device_map, accelerator.device),
+        param_dtype=param_dtype,
+        storage_dtype=storage_dtype(recipe, strategy, param_dtype),
+        kbit_upcast=kbit_upcast(strategy),
+        optimizer=optimizer_for(strategy, recipe.train.optimizer, recipe.dist.fsdp_version),
+    )
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -148,8 +148,9 @@ def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
         host["loading_buffers"] = readers * min(5 * GB, arch.params * 2)
     else:  # a CPU "GPU" is the process itself: the device terms are host memory
         host["cpu_processes"] = sum(device.values()) * per_node
-    return Plan(strategy, {k: round(v / GB, 3) for k, v in device.items()},
-                {k: round(v / GB, 3) for k, v in host.items()})
+    return Plan(
+        strategy, {k: round(v / GB, 3) for k, v in device.items()}, {k: round(v / GB, 3) for k, v in host.items()}
+    )
 
 
 def largest_micro_batch(arch: Arch, strategy: str, s: Setup, gpu_gb: float, limit: int = 4096) -> int:
@@ -190,20 +191,26 @@ def recommend(plans: list[Plan]) -> tuple[Plan | None, str]:
     for name in PREFERENCE:
         if name in fitting:
             p = fitting[name]
-            reasons = {"single": "one process holds everything",
-                       "ddp": "a full 4-bit replica fits each GPU, and DDP only all-reduces the small LoRA gradients",
-                       "zero2": "replicas fit once gradients and optimizer state are split over the ranks",
-                       "fsdp": "the model fits only when its parameters are split over the GPUs",
-                       "zero3": "the model fits only when its parameters are split over the GPUs",
-                       "fsdp_offload": "even split over the GPUs it does not fit; parameters and optimizer state go to CPU RAM",
-                       "zero3_offload": "even split over the GPUs it does not fit; parameters and optimizer state go to CPU RAM"}
-            return p, (f"{name}: {reasons[name]} ({p.device_total:.1f} GB per GPU at this micro batch; "
-                       f"up to micro batch {p.max_micro_batch})")
+            reasons = {
+                "single": "one process holds everything",
+                "ddp": "a full 4-bit replica fits each GPU, and DDP only all-reduces the small LoRA gradients",
+                "zero2": "replicas fit once gradients and optimizer state are split over the ranks",
+                "fsdp": "the model fits only when its parameters are split over the GPUs",
+                "zero3": "the model fits only when its parameters are split over the GPUs",
+                "fsdp_offload": "even split over the GPUs it does not fit; parameters and optimizer state go to CPU RAM",
+                "zero3_offload": "even split over the GPUs it does not fit; parameters and optimizer state go to CPU RAM",
+            }
+            return p, (
+                f"{name}: {reasons[name]} ({p.device_total:.1f} GB per GPU at this micro batch; "
+                f"up to micro batch {p.max_micro_batch})"
+            )
     if not plans:
         return None, "no strategy applies"
     closest = min(plans, key=lambda p: p.device_total)
-    return None, (f"nothing fits: the smallest is {closest.strategy} at {closest.device_total:.1f} GB per GPU; "
-                  "add GPUs, lower train.micro_batch_size or data.max_seq_len, or enable gradient checkpointing")
+    return None, (
+        f"nothing fits: the smallest is {closest.strategy} at {closest.device_total:.1f} GB per GPU; "
+        "add GPUs, lower train.micro_batch_size or data.max_seq_len, or enable gradient checkpointing"
+    )
 
 
 def arch_for_recipe(recipe, preset: str | None = None) -> Arch:
@@ -220,19 +227,31 @@ def arch_for_recipe(recipe, preset: str | None = None) -> Arch:
 
 def setup_for_recipe(recipe, gpus_per_node: int, nodes: int, gpu: bool) -> Setup:
     t, q = recipe.train, recipe.quant
-    return Setup(micro_batch=t.micro_batch_size, seq_len=recipe.data.max_seq_len, lora_r=recipe.peft.r,
-                 targets=recipe.peft.target_modules, optimizer=t.optimizer,
-                 gradient_checkpointing=t.gradient_checkpointing, quant=q.mode, double_quant=q.double_quant,
-                 gpu=gpu, gpus_per_node=gpus_per_node, nodes=nodes)
+    return Setup(
+        micro_batch=t.micro_batch_size,
+        seq_len=recipe.data.max_seq_len,
+        lora_r=recipe.peft.r,
+        targets=recipe.peft.target_modules,
+        optimizer=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        quant=q.mode,
+        double_quant=q.double_quant,
+        gpu=gpu,
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+    )
 
 
 def render(arch: Arch, s: Setup, plans: list[Plan], choice: str, gpu_gb: float, cpu_gb: float) -> str:
     unit = "GPU" if s.gpu else "process"
-    lines = [f"{arch.name}: {arch.params / 1e9:.2f}B parameters ({arch.quantized_params / 1e9:.2f}B quantized), "
-             f"LoRA r={s.lora_r}: {arch.lora_params(s.lora_r, s.targets) / 1e6:.1f}M trainable",
-             f"{s.nodes} node(s) x {s.gpus_per_node} {unit}(s), {gpu_gb:g} GB per {unit}, {cpu_gb:g} GB CPU RAM per node; "
-             f"micro batch {s.micro_batch} x {s.seq_len} tokens, gradient checkpointing "
-             f"{'on' if s.gradient_checkpointing else 'off'}, {s.optimizer}", ""]
+    lines = [
+        f"{arch.name}: {arch.params / 1e9:.2f}B parameters ({arch.quantized_params / 1e9:.2f}B quantized), "
+        f"LoRA r={s.lora_r}: {arch.lora_params(s.lora_r, s.targets) / 1e6:.1f}M trainable",
+        f"{s.nodes} node(s) x {s.gpus_per_node} {unit}(s), {gpu_gb:g} GB per {unit}, {cpu_gb:g} GB CPU RAM per node; "
+        f"micro batch {s.micro_batch} x {s.seq_len} tokens, gradient checkpointing "
+        f"{'on' if s.gradient_checkpointing else 'off'}, {s.optimizer}",
+        "",
+    ]
     terms = list(plans[0].device) if plans else []
     head = f"{'GB per ' + unit:<22}" + "".join(f"{p.strategy:>14}" for p in plans)
     lines.append(head)
@@ -247,7 +266,17 @@ def render(arch: Arch, s: Setup, plans: list[Plan], choice: str, gpu_gb: float, 
 
 
 def as_json(arch: Arch, s: Setup, plans: list[Plan], best: Plan | None, choice: str) -> str:
-    return json.dumps({"model": asdict(arch), "params": arch.params, "setup": asdict(s),
-                       "plans": [{**asdict(p), "device_total_gb": round(p.device_total, 3),
-                                  "host_total_gb": round(p.host_total, 3)} for p in plans],
-                       "recommended": best.strategy if best else None, "why": choice}, indent=1)
+    return json.dumps(
+        {
+            "model": asdict(arch),
+            "params": arch.params,
+            "setup": asdict(s),
+            "plans": [
+                {**asdict(p), "device_total_gb": round(p.device_total, 3), "host_total_gb": round(p.host_total, 3)}
+                for p in plans
+            ],
+            "recommended": best.strategy if best else None,
+            "why": choice,
+        },
+        indent=1,
+    )

@@ -35,11 +35,21 @@ def preset_dir(name: str) -> Path:
     with FileLock(str(target) + ".lock"):
         if not (target / "config.json").exists():
             tok = builtin.build_tokenizer()
-            cfg = dict(model_type="qwen2" if a.qkv_bias else "llama", architectures=None, hidden_size=a.hidden,
-                       intermediate_size=a.intermediate, num_hidden_layers=a.layers, num_attention_heads=a.heads,
-                       num_key_value_heads=a.kv_heads, vocab_size=a.vocab, tie_word_embeddings=a.tied,
-                       max_position_embeddings=8192, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
+            cfg = dict(
+                model_type="qwen2" if a.qkv_bias else "llama",
+                architectures=None,
+                hidden_size=a.hidden,
+                intermediate_size=a.intermediate,
+                num_hidden_layers=a.layers,
+                num_attention_heads=a.heads,
+                num_key_value_heads=a.kv_heads,
+                vocab_size=a.vocab,
+                tie_word_embeddings=a.tied,
+                max_position_embeddings=8192,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
             tmp = target.with_name(target.name + ".tmp")
             tmp.mkdir(exist_ok=True)
             (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
@@ -84,17 +94,26 @@ def build(source: str, quantization_config, dtype: torch.dtype, device_map=None,
             for name, p in list(module.named_parameters(recurse=False)):
                 if isinstance(p, bnb.nn.Params4bit):
                     w = torch.empty(p.shape, dtype=dtype, device=device).normal_(0, std, generator=gen)
-                    q = bnb.nn.Params4bit(w, requires_grad=False, blocksize=p.blocksize, quant_type=p.quant_type,
-                                          compress_statistics=p.compress_statistics, quant_storage=p.quant_storage,
-                                          module=module)
+                    q = bnb.nn.Params4bit(
+                        w,
+                        requires_grad=False,
+                        blocksize=p.blocksize,
+                        quant_type=p.quant_type,
+                        compress_statistics=p.compress_statistics,
+                        quant_storage=p.quant_storage,
+                        module=module,
+                    )
                     setattr(module, name, q.to(device))  # quantizes; the 16-bit matrix is freed here
                 elif isinstance(p, bnb.nn.Int8Params):
                     w = torch.empty(p.shape, dtype=dtype, device=device).normal_(0, std, generator=gen)
                     w = w.to(device="cpu", dtype=torch.float16)  # Int8Params quantizes on the way to the GPU
                     setattr(module, name, bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to(device))
                 else:
-                    value = torch.ones(p.shape, dtype=dtype, device=device) if "norm" in type(module).__name__.lower() \
+                    value = (
+                        torch.ones(p.shape, dtype=dtype, device=device)
+                        if "norm" in type(module).__name__.lower()
                         else torch.empty(p.shape, dtype=dtype, device=device).normal_(0, std, generator=gen)
+                    )
                     setattr(module, name, torch.nn.Parameter(value, requires_grad=p.requires_grad))
             for name, b in list(module.named_buffers(recurse=False)):
                 module._buffers[name] = b.to(device)

@@ -66,7 +66,10 @@ class _StderrFilter:
     def _may_hold(start: bytes) -> bool:
         """Could this unfinished line still become held? (A traceback header, or an agent log line:
         `W1124 05:22:01...`, which is always finished with a newline, so it is safe to wait for.)"""
-        return _TRACEBACK.startswith(start[: len(_TRACEBACK)]) or re.match(rb"[IWE]\d{0,4}$|[IWE]\d{4} ", start) is not None
+        return (
+            _TRACEBACK.startswith(start[: len(_TRACEBACK)])
+            or re.match(rb"[IWE]\d{0,4}$|[IWE]\d{4} ", start) is not None
+        )
 
     @staticmethod
     def _starts_hold(line: bytes) -> bool:

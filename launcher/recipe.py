@@ -33,29 +33,42 @@ class ModelCfg(Section):
 
     name: str = Field(description="Local Hugging Face model directory, hub id, or builtin:tiny-llama.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    dtype: DType = Field("auto", description="dtype of the weights that stay unquantized; auto follows quant.compute_dtype.")
+    dtype: DType = Field(
+        "auto", description="dtype of the weights that stay unquantized; auto follows quant.compute_dtype."
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel. sdpa: torch SDPA, and packed rows attend one sample at a time (no work "
-        "across samples); eager; flash_attention_2 (needs flash-attn; packed rows run its varlen kernel)."
+        "sdpa",
+        description="Attention kernel. sdpa: torch SDPA, and packed rows attend one sample at a time (no work "
+        "across samples); eager; flash_attention_2 (needs flash-attn; packed rows run its varlen kernel).",
     )
     trust_remote_code: bool = Field(False, description="Allow custom modeling code from the model directory.")
     random_init: bool = Field(
-        False, description="Random weights created layer by layer on the device and quantized at once (scaling "
-        "experiments, no download): model.name is a planner preset such as llama-65b or a directory with a config.json."
+        False,
+        description="Random weights created layer by layer on the device and quantized at once (scaling "
+        "experiments, no download): model.name is a planner preset such as llama-65b or a directory with a config.json.",
     )
     device_map: Union[str, dict[str, Any], None] = Field(
-        None, description="Override the placement's device_map (normally unset: the strategy picks it; refused under ZeRO-3/FSDP)."
+        None,
+        description="Override the placement's device_map (normally unset: the strategy picks it; refused under ZeRO-3/FSDP).",
     )
 
 
 class QuantCfg(Section):
     """How the frozen base model is quantized (bitsandbytes)."""
 
-    mode: Literal["nf4", "fp4", "int8", "none"] = Field("nf4", description="nf4/fp4: 4-bit QLoRA; int8: 8-bit; none: plain LoRA on 16-bit.")
-    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (~0.37 bit/param saved).")
-    compute_dtype: DType = Field("auto", description="dtype the 4-bit layers compute in; auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU.")
+    mode: Literal["nf4", "fp4", "int8", "none"] = Field(
+        "nf4", description="nf4/fp4: 4-bit QLoRA; int8: 8-bit; none: plain LoRA on 16-bit."
+    )
+    double_quant: bool = Field(
+        True, description="Quantize the 4-bit quantization constants too (~0.37 bit/param saved)."
+    )
+    compute_dtype: DType = Field(
+        "auto",
+        description="dtype the 4-bit layers compute in; auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU.",
+    )
     storage_dtype: Literal[("auto", *STORAGE_DTYPES)] = Field(  # type: ignore[valid-type]
-        "auto", description="Container dtype of packed 4-bit weights; auto: uint8, or the parameter dtype when FSDP shards them."
+        "auto",
+        description="Container dtype of packed 4-bit weights; auto: uint8, or the parameter dtype when FSDP shards them.",
     )
 
 
@@ -66,7 +79,9 @@ class PeftCfg(Section):
         "lora", description="peft method."
     )
     r: int = Field(16, gt=0, description="LoRA/LoHa/AdaLoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha/r, or alpha/sqrt(r) with use_rslora).")
+    alpha: float = Field(
+        32, gt=0, description="LoRA scaling numerator (scale = alpha/r, or alpha/sqrt(r) with use_rslora)."
+    )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
     target_modules: Union[list[str], str] = Field(
@@ -75,13 +90,17 @@ class PeftCfg(Section):
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilized scaling alpha/sqrt(r).")
     num_virtual_tokens: int = Field(16, gt=0, description="Virtual tokens for prompt_tuning / prefix_tuning.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for peft's config class of this method.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for peft's config class of this method."
+    )
 
 
 class DataCfg(Section):
     """Training data."""
 
-    path: str = Field(description="JSONL/JSON/CSV/Parquet file, a datasets.save_to_disk directory, a hub dataset name, or builtin:arithmetic.")
+    path: str = Field(
+        description="JSONL/JSON/CSV/Parquet file, a datasets.save_to_disk directory, a hub dataset name, or builtin:arithmetic."
+    )
     format: Literal["auto", "prompt_completion", "alpaca", "chat", "text"] = Field(
         "auto", description="Sample format; auto detects it from the first sample's fields."
     )
@@ -92,23 +111,44 @@ class DataCfg(Section):
     instruction_field: str = Field("instruction", description="Alpaca: field holding the instruction.")
     input_field: str = Field("input", description="Alpaca: field holding the optional input.")
     output_field: str = Field("output", description="Alpaca: field holding the response.")
-    group_by_length: bool = Field(False, description="Batch samples of similar length together (less padding; order still seeded).")
-    train_on_prompt: bool = Field(False, description="Also train on prompt tokens (by default they are masked out of the loss).")
-    max_seq_len: int = Field(512, ge=8, description="Tokens per sequence.")
-    too_long: Literal["truncate", "drop", "error"] = Field("truncate", description="What to do with samples longer than max_seq_len (counted and reported).")
-    eval_path: str | None = Field(None, description="Separate eval source (any data.path kind); otherwise eval_fraction of the data is held out.")
-    eval_split: str | None = Field(None, description="Split of data.eval_path to read (default: data.split), e.g. test.")
-    eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share of samples held out for eval when eval_path is unset.")
-    max_samples: int | None = Field(None, gt=0, description="Use only the first N samples (quick experiments).")
-    packing: bool = Field(False, description="Pack several samples into each max_seq_len sequence (no attention across samples).")
-    remainder: Literal["drop", "pad"] = Field(
-        "drop", description="Samples left when the epoch does not split evenly over ranks: drop (skipped this epoch, "
-        "different ones each epoch) or pad (every sample trains once; short ranks get loss-free filler)."
+    group_by_length: bool = Field(
+        False, description="Batch samples of similar length together (less padding; order still seeded)."
     )
-    streaming: bool = Field(False, description="Stream the data (datasets IterableDataset) instead of loading it; needs train.max_steps.")
+    train_on_prompt: bool = Field(
+        False, description="Also train on prompt tokens (by default they are masked out of the loss)."
+    )
+    max_seq_len: int = Field(512, ge=8, description="Tokens per sequence.")
+    too_long: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="What to do with samples longer than max_seq_len (counted and reported)."
+    )
+    eval_path: str | None = Field(
+        None, description="Separate eval source (any data.path kind); otherwise eval_fraction of the data is held out."
+    )
+    eval_split: str | None = Field(
+        None, description="Split of data.eval_path to read (default: data.split), e.g. test."
+    )
+    eval_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Share of samples held out for eval when eval_path is unset."
+    )
+    max_samples: int | None = Field(None, gt=0, description="Use only the first N samples (quick experiments).")
+    packing: bool = Field(
+        False, description="Pack several samples into each max_seq_len sequence (no attention across samples)."
+    )
+    remainder: Literal["drop", "pad"] = Field(
+        "drop",
+        description="Samples left when the epoch does not split evenly over ranks: drop (skipped this epoch, "
+        "different ones each epoch) or pad (every sample trains once; short ranks get loss-free filler).",
+    )
+    streaming: bool = Field(
+        False, description="Stream the data (datasets IterableDataset) instead of loading it; needs train.max_steps."
+    )
     split: str = Field("train", description="Split to read from a hub dataset or a save_to_disk DatasetDict.")
-    cache_dir: str | None = Field(None, description="Where tokenized data is cached (default: LAUNCHER_CACHE/tokenized).")
-    log_sample_ids: bool = Field(False, description="Debug: each rank logs the sample ids it trains on to RUN/sample_ids/rankN.jsonl.")
+    cache_dir: str | None = Field(
+        None, description="Where tokenized data is cached (default: LAUNCHER_CACHE/tokenized)."
+    )
+    log_sample_ids: bool = Field(
+        False, description="Debug: each rank logs the sample ids it trains on to RUN/sample_ids/rankN.jsonl."
+    )
 
 
 class TrainCfg(Section):
@@ -124,28 +164,37 @@ class TrainCfg(Section):
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (added to warmup_ratio's share).")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warmup as a share of the total steps.")
-    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
     optimizer: Literal[tuple(OPTIMIZERS)] = Field(  # type: ignore[valid-type]
         "paged_adamw_32bit", description="Optimizer; paged ones fall back to non-paged on CPU."
     )
     max_grad_norm: float | None = Field(0.3, gt=0, description="Gradient clipping norm; null disables.")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="Autocast; auto: bf16 on GPUs that support it, else no.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="Autocast; auto: bf16 on GPUs that support it, else no."
+    )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (non-reentrant).")
     log_every: int = Field(10, gt=0, description="Optimizer steps between metric lines.")
     eval_every: int = Field(100, gt=0, description="Optimizer steps between evals (and one at the end).")
     eval_batches: int | None = Field(None, gt=0, description="Cap on eval micro batches per eval.")
     save_every: int = Field(200, gt=0, description="Optimizer steps between checkpoints (and one at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept on disk.")
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(["tensorboard"], description="Trackers besides metrics.jsonl.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        ["tensorboard"], description="Trackers besides metrics.jsonl."
+    )
 
 
 class DistCfg(Section):
     """How processes are placed."""
 
     strategy: Literal[("auto", *STRATEGIES)] = Field(  # type: ignore[valid-type]
-        "auto", description="Parallelism; auto: single for one process, else ddp when a replica fits a GPU, else fsdp (zero3 on CPU)."
+        "auto",
+        description="Parallelism; auto: single for one process, else ddp when a replica fits a GPU, else fsdp (zero3 on CPU).",
     )
-    fsdp_version: Literal[1, 2] = Field(2, description="FSDP2 (fully_shard, per-parameter sharding) or FSDP1 (flat parameters).")
+    fsdp_version: Literal[1, 2] = Field(
+        2, description="FSDP2 (fully_shard, per-parameter sharding) or FSDP1 (flat parameters)."
+    )
     nproc: int = Field(1, gt=0, description="Processes per node (one per GPU).")
     nnodes: int = Field(1, gt=0, description="Nodes.")
 
@@ -166,10 +215,16 @@ class SlurmCfg(Section):
     sbatch_extra: dict[str, Any] = Field(default_factory=dict, description="Extra sbatch options, name to value.")
     max_timeout_requeues: int = Field(3, ge=0, description="How often a job that hits its time limit is requeued.")
     launch: Literal["node", "task"] = Field(
-        "node", description="node: one `accelerate launch` per node starting dist.nproc processes; "
-                            "task: one Slurm task per GPU (or per CPU process), each bound to its own GPU.")
-    signal_delay_s: int = Field(120, ge=10, description="Seconds before the time limit that Slurm sends USR2 "
-                                                        "(time to finish a step and save a checkpoint).")
+        "node",
+        description="node: one `accelerate launch` per node starting dist.nproc processes; "
+        "task: one Slurm task per GPU (or per CPU process), each bound to its own GPU.",
+    )
+    signal_delay_s: int = Field(
+        120,
+        ge=10,
+        description="Seconds before the time limit that Slurm sends USR2 "
+        "(time to finish a step and save a checkpoint).",
+    )
     job_name: str | None = Field(None, description="Slurm job name (default: the run directory's name).")
 
     @field_validator("time", mode="before")
@@ -242,7 +297,9 @@ def _read_yaml(path: str | None) -> dict:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise UserError(f"{where}: a recipe is a mapping of sections (model, data, train, ...), got {type(raw).__name__}")
+        raise UserError(
+            f"{where}: a recipe is a mapping of sections (model, data, train, ...), got {type(raw).__name__}"
+        )
     return raw
 
 
@@ -328,7 +385,11 @@ def _format_error(err: dict) -> str:
         parent = _model_at(loc[:-1])
         valid = list(parent.model_fields) if parent else []
         near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
-        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), near[0]])}?" if near else f"; valid keys: {', '.join(valid)}"
+        hint = (
+            f"; did you mean {'.'.join([*map(str, loc[:-1]), near[0]])}?"
+            if near
+            else f"; valid keys: {', '.join(valid)}"
+        )
         return f"{quote(path) if not path.isprintable() or len(path) > 60 else path}: unknown key{hint}"
     msg = err["msg"]
     if err["type"] == "missing":
@@ -350,17 +411,23 @@ def _cross_checks(r: Recipe) -> list[str]:
     if r.peft.method == "loha" and r.quant.mode != "none":
         problems.append("peft.method: loha cannot adapt bitsandbytes-quantized layers; use lora, or quant.mode=none")
     if r.peft.method == "prefix_tuning" and r.train.gradient_checkpointing:
-        problems.append("peft.method: prefix_tuning does not work with gradient checkpointing; "
-                        "set train.gradient_checkpointing=false")
+        problems.append(
+            "peft.method: prefix_tuning does not work with gradient checkpointing; "
+            "set train.gradient_checkpointing=false"
+        )
     if r.quant.mode == "int8" and r.quant.storage_dtype not in ("auto", "uint8"):
         problems.append("quant.storage_dtype: only applies to 4-bit modes (nf4, fp4)")
     if r.dist.strategy == "single" and (r.dist.nproc > 1 or r.dist.nnodes > 1):
-        problems.append("dist.strategy: single runs one process; set dist.strategy=ddp (or zero2/zero3/fsdp) or dist.nproc=1")
+        problems.append(
+            "dist.strategy: single runs one process; set dist.strategy=ddp (or zero2/zero3/fsdp) or dist.nproc=1"
+        )
     if r.data.streaming and not r.train.max_steps:
         problems.append("data.streaming: a stream has no known length; set train.max_steps")
     if r.data.streaming and (r.data.packing or not r.data.eval_path and r.data.eval_fraction > 0):
-        problems.append("data.streaming: works with data.packing=false and an eval set from data.eval_path "
-                        "(or data.eval_fraction=0)")
+        problems.append(
+            "data.streaming: works with data.packing=false and an eval set from data.eval_path "
+            "(or data.eval_fraction=0)"
+        )
     if r.train.max_steps and r.train.warmup_steps >= r.train.max_steps:
         problems.append(f"train.warmup_steps: {r.train.warmup_steps} is not below train.max_steps={r.train.max_steps}")
     if "wandb" in r.train.report_to:
@@ -378,8 +445,9 @@ def split_args(items: list[str]) -> tuple[str | None, list[str]]:
     return None, list(items)
 
 
-def load_recipe(path: str | None = None, overrides: list[str] | tuple = (),
-                flags: dict[str, tuple[str, Any]] | None = None) -> Recipe:
+def load_recipe(
+    path: str | None = None, overrides: list[str] | tuple = (), flags: dict[str, tuple[str, Any]] | None = None
+) -> Recipe:
     """Read a recipe (the built-in demo when path is None), apply overrides, validate.
 
     `flags` maps dotted keys to (command-line flag, typed value): set as given, never read as
@@ -400,7 +468,7 @@ def load_recipe(path: str | None = None, overrides: list[str] | tuple = (),
     else:
         problems = _cross_checks(recipe)
     for key, (flag, _) in (flags or {}).items():
-        problems = [f"{flag} ({key}){p[len(key):]}" if p.startswith(key + ":") else p for p in problems]
+        problems = [f"{flag} ({key}){p[len(key) :]}" if p.startswith(key + ":") else p for p in problems]
     if problems:
         where = path or BUILTIN_RECIPE
         raise listing(f"{where}: {count(len(problems), 'problem')} in the recipe", problems)
@@ -419,7 +487,9 @@ def describe_fields() -> str:
         lines.append(f"{section}:  {model.__doc__.strip().splitlines()[0]}")
         for name, f in model.model_fields.items():
             ann = f.annotation
-            typ = "|".join(map(str, get_args(ann))) if get_origin(ann) is Literal else getattr(ann, "__name__", str(ann))
+            typ = (
+                "|".join(map(str, get_args(ann))) if get_origin(ann) is Literal else getattr(ann, "__name__", str(ann))
+            )
             default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
             lines.append(f"  {section}.{name} ({typ}; {default}): {f.description}")
     return "\n".join(lines)

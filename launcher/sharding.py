@@ -31,8 +31,10 @@ def fsdp2_shard(model, *, offload: bool = False, param_dtype: torch.dtype | None
 
     bad = [n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit" and not p.is_floating_point()]
     if bad:
-        raise UserError(f"quant.storage_dtype: {len(bad)} 4-bit weights are stored as {model.get_parameter(bad[0]).dtype}; "
-                        "FSDP needs them in the parameter dtype (set quant.storage_dtype=auto)")
+        raise UserError(
+            f"quant.storage_dtype: {len(bad)} 4-bit weights are stored as {model.get_parameter(bad[0]).dtype}; "
+            "FSDP needs them in the parameter dtype (set quant.storage_dtype=auto)"
+        )
     kwargs = {"mesh": mesh}
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
@@ -93,7 +95,9 @@ def quant_layout(model) -> dict:
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if type(weight).__name__ == "Params4bit":
-            packed = {k: v.cpu() if torch.is_tensor(v) else v for k, v in weight.quant_state.as_dict(packed=True).items()}
+            packed = {
+                k: v.cpu() if torch.is_tensor(v) else v for k, v in weight.quant_state.as_dict(packed=True).items()
+            }
             out[name] = (tuple(weight.shape), weight.dtype, packed)
     return out
 
@@ -107,9 +111,16 @@ def apply_quant_layout(skeleton, layout: dict, device, weights_on: str = "meta")
     for name, (shape, dtype, packed) in layout.items():
         module = skeleton.get_submodule(name)
         state = QuantState.from_dict(packed, torch.device(device))
-        module.weight = Params4bit(torch.empty(shape, dtype=dtype, device=weights_on), requires_grad=False,
-                                   quant_state=state, blocksize=state.blocksize, compress_statistics=state.nested,
-                                   quant_type=state.quant_type, quant_storage=dtype, bnb_quantized=True)
+        module.weight = Params4bit(
+            torch.empty(shape, dtype=dtype, device=weights_on),
+            requires_grad=False,
+            quant_state=state,
+            blocksize=state.blocksize,
+            compress_statistics=state.nested,
+            quant_type=state.quant_type,
+            quant_storage=dtype,
+            bnb_quantized=True,
+        )
         module.quant_state = state  # bitsandbytes restores it onto the weight FSDP rebuilds each forward
 
 
@@ -182,8 +193,11 @@ def load_zero3(load, wrap, *, device) -> torch.nn.Module:
         for module in model.modules():
             for name, p in list(module.named_parameters(recurse=False)):
                 if p.is_meta:
-                    setattr(module, name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
-                                                             requires_grad=p.requires_grad))
+                    setattr(
+                        module,
+                        name,
+                        torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad),
+                    )
     with torch.no_grad():  # buffers (rotary frequencies): DeepSpeed partitions parameters only
         for module in model.modules():
             for name, b in list(module.named_buffers(recurse=False)):

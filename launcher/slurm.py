@@ -37,9 +37,28 @@ from launcher.userio import quote
 
 PORT_BASE, PORT_SPAN = 20000, 20000
 # sbatch options the launcher sets itself; a recipe may not override them through sbatch_extra.
-OWNED = {"nodes", "ntasks", "ntasks-per-node", "gpus-per-node", "gpus-per-task", "gpus", "gres", "signal",
-         "output", "error", "open-mode", "array", "time", "partition", "account", "qos", "constraint",
-         "cpus-per-task", "mem", "job-name"}
+OWNED = {
+    "nodes",
+    "ntasks",
+    "ntasks-per-node",
+    "gpus-per-node",
+    "gpus-per-task",
+    "gpus",
+    "gres",
+    "signal",
+    "output",
+    "error",
+    "open-mode",
+    "array",
+    "time",
+    "partition",
+    "account",
+    "qos",
+    "constraint",
+    "cpus-per-task",
+    "mem",
+    "job-name",
+}
 
 
 # What may stand in an `#SBATCH --name=value` line. sbatch splits those lines at whitespace and
@@ -55,8 +74,10 @@ def sbatch_problem(field: str, value) -> str | None:
     bad = SBATCH_UNSAFE.search(text)
     if text == "" or bad:
         what = "is empty" if text == "" else f"contains {bad.group()!r}"
-        return (f"{field}: {quote(text)} {what}; an #SBATCH value may not hold whitespace, quotes, "
-                "backslashes, $, ; or control characters")
+        return (
+            f"{field}: {quote(text)} {what}; an #SBATCH value may not hold whitespace, quotes, "
+            "backslashes, $, ; or control characters"
+        )
     return None
 
 
@@ -71,8 +92,11 @@ def _script_problems(recipe: Recipe) -> list[str]:
     """Every recipe value that reaches an #SBATCH line, checked before anything is written."""
     s = recipe.slurm
     out_dir = recipe.train.output_dir
-    problems = [sbatch_problem(f"slurm.{k}", getattr(s, k)) for k in ("partition", "account", "qos", "constraint",
-                                                                      "mem", "job_name") if getattr(s, k) is not None]
+    problems = [
+        sbatch_problem(f"slurm.{k}", getattr(s, k))
+        for k in ("partition", "account", "qos", "constraint", "mem", "job_name")
+        if getattr(s, k) is not None
+    ]
     problems.append(sbatch_problem("train.output_dir", out_dir))  # it is --output, and the job name by default
     if "%" in out_dir:
         problems.append(f"train.output_dir: {quote(out_dir)} contains '%', a Slurm file-name pattern in --output")
@@ -80,8 +104,9 @@ def _script_problems(recipe: Recipe) -> list[str]:
         if not SBATCH_NAME.fullmatch(str(key)):
             problems.append(f"slurm.sbatch_extra: {quote(key)} is not an sbatch option name (letters, digits, -)")
         elif not isinstance(value, (str, int, float)) or value is False:
-            problems.append(f"slurm.sbatch_extra.{key}: {quote(value)} is not an option value (text, a number, "
-                            "or true for a flag)")
+            problems.append(
+                f"slurm.sbatch_extra.{key}: {quote(value)} is not an option value (text, a number, or true for a flag)"
+            )
         elif value is not True:
             problems.append(sbatch_problem(f"slurm.sbatch_extra.{key}", value))
     return [p for p in problems if p]
@@ -120,14 +145,18 @@ def resolve(recipe: Recipe) -> tuple[Recipe, Shape]:
     problems = []
     per_node = s.gpus_per_node or d.nproc
     if s.gpus_per_node and "nproc" in d.model_fields_set and d.nproc != s.gpus_per_node:
-        problems.append(f"dist.nproc: {d.nproc} processes per node but slurm.gpus_per_node={s.gpus_per_node}; "
-                        "one process per GPU: set them equal (or leave dist.nproc unset)")
+        problems.append(
+            f"dist.nproc: {d.nproc} processes per node but slurm.gpus_per_node={s.gpus_per_node}; "
+            "one process per GPU: set them equal (or leave dist.nproc unset)"
+        )
     if "nnodes" in d.model_fields_set and d.nnodes != s.nodes:
         problems.append(f"dist.nnodes: {d.nnodes} but slurm.nodes={s.nodes}; set one (slurm.nodes is used)")
     for key in s.sbatch_extra:
         if str(key).replace("_", "-") in OWNED:
-            problems.append(f"slurm.sbatch_extra.{key}: set by the launcher (from slurm.nodes, slurm.gpus_per_node, "
-                            "slurm.launch, slurm.time, ...); use those fields instead")
+            problems.append(
+                f"slurm.sbatch_extra.{key}: set by the launcher (from slurm.nodes, slurm.gpus_per_node, "
+                "slurm.launch, slurm.time, ...); use those fields instead"
+            )
     problems += _script_problems(recipe)
     if problems:
         raise listing("the recipe does not fit the Slurm allocation:", problems)
@@ -140,10 +169,15 @@ def resolve(recipe: Recipe) -> tuple[Recipe, Shape]:
 def executor_parameters(recipe: Recipe, shape: Shape) -> dict:
     """submitit SlurmExecutor parameters for the recipe."""
     s = recipe.slurm
-    params = {"job_name": s.job_name or Path(recipe.train.output_dir).name, "nodes": shape.nodes,
-              "ntasks_per_node": shape.tasks_per_node, "time": time_minutes(s.time),
-              "signal_delay_s": s.signal_delay_s, "setup": list(s.setup),
-              "additional_parameters": {"requeue": True, **s.sbatch_extra}}
+    params = {
+        "job_name": s.job_name or Path(recipe.train.output_dir).name,
+        "nodes": shape.nodes,
+        "ntasks_per_node": shape.tasks_per_node,
+        "time": time_minutes(s.time),
+        "signal_delay_s": s.signal_delay_s,
+        "setup": list(s.setup),
+        "additional_parameters": {"requeue": True, **s.sbatch_extra},
+    }
     if shape.gpus_per_node and shape.launch == "node":
         params["gpus_per_node"] = shape.gpus_per_node
     elif shape.gpus_per_node:  # task mode: Slurm binds one GPU to each task
@@ -156,10 +190,27 @@ def executor_parameters(recipe: Recipe, shape: Shape) -> dict:
 
 def launch_argv(run_dir: Path, config: Path, shape: Shape, machine_rank: str, addr: str, port: str) -> list[str]:
     """One `accelerate launch` of the run (the same on every node but for the machine rank)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-            "--num_machines", str(shape.machines), "--num_processes", str(shape.world),
-            "--machine_rank", machine_rank, "--main_process_ip", addr, "--main_process_port", port,
-            "-m", "launcher.train", str(run_dir / "recipe.yaml"), "--resume"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--num_machines",
+        str(shape.machines),
+        "--num_processes",
+        str(shape.world),
+        "--machine_rank",
+        machine_rank,
+        "--main_process_ip",
+        addr,
+        "--main_process_port",
+        port,
+        "-m",
+        "launcher.train",
+        str(run_dir / "recipe.yaml"),
+        "--resume",
+    ]
 
 
 def main_address(hostnames: list[str]) -> str:
@@ -170,8 +221,10 @@ def main_address(hostnames: list[str]) -> str:
     try:
         socket.getaddrinfo(hostnames[0], None)
     except (socket.gaierror, IndexError) as e:
-        raise RuntimeError(f"cannot resolve the main node {hostnames[:1]} from {socket.gethostname()}: {e}; "
-                           "the nodes of an allocation must resolve each other's names") from None
+        raise RuntimeError(
+            f"cannot resolve the main node {hostnames[:1]} from {socket.gethostname()}: {e}; "
+            "the nodes of an allocation must resolve each other's names"
+        ) from None
     return hostnames[0]
 
 
@@ -188,8 +241,12 @@ def stop_cause(signal_name: str, fields: dict, restarts_at_start: int) -> str:
     seen = str(fields.get("Restarts", ""))
     restarts = int(seen) if seen.isdigit() else restarts_at_start
     preempted_at = fields.get("PreemptTime", "None")
-    if (state == "UNKNOWN" or preempted_at not in ("None", "Unknown", "") or restarts > restarts_at_start
-            or state in ("PENDING", "REQUEUED", "PREEMPTED")):
+    if (
+        state == "UNKNOWN"
+        or preempted_at not in ("None", "Unknown", "")
+        or restarts > restarts_at_start
+        or state in ("PENDING", "REQUEUED", "PREEMPTED")
+    ):
         return "preemption"
     if fields.get("Reason") == "TimeLimit" or state in ("TIMEOUT", "DEADLINE"):
         return "time limit"
@@ -222,8 +279,11 @@ class NodeJob:
         job_id = os.environ.get("SLURM_JOB_ID", env.job_id)
         rank = env.node if self.shape.launch == "node" else env.global_rank
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-        print(f"[launcher] job {env.job_id} task {env.global_rank} node {env.node} ({env.hostname}) machine rank "
-              f"{rank} restart {restarts}", flush=True)
+        print(
+            f"[launcher] job {env.job_id} task {env.global_rank} node {env.node} ({env.hostname}) machine rank "
+            f"{rank} restart {restarts}",
+            flush=True,
+        )
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
         # Requeue only once training has saved; meanwhile make sure the ranks hear of the signal.
         signal.signal(signal.SIGUSR2, lambda signum, frame: preempt.request(run))
@@ -234,8 +294,9 @@ class NodeJob:
         if slurm_boot.EARLY:  # USR2 while this task was starting: stop at the first step, with a checkpoint
             print("[launcher] USR2 arrived while the task was starting; training will checkpoint and stop", flush=True)
             preempt.request(run)
-        argv = launch_argv(run, Path(self.config), self.shape, str(rank), main_address(env.hostnames),
-                           str(port_for(job_id)))
+        argv = launch_argv(
+            run, Path(self.config), self.shape, str(rank), main_address(env.hostnames), str(port_for(job_id))
+        )
         print("[launcher] " + shlex.join(argv), flush=True)
         started = time.time()
         proc = subprocess.Popen(argv, preexec_fn=_ignore_usr2, env={**os.environ, preempt.UNDER_JOB: "1"})
@@ -246,8 +307,11 @@ class NodeJob:
             print(f"[launcher] training stopped at step {stopped['step']} ({stopped['signal']})", flush=True)
             cause = stop_cause(stopped["signal"], job_state(job_id), restarts)
             if cause == "cancelled":  # scancel: the checkpoint stays, the job ends CANCELLED, no requeue
-                print(f"[launcher] job {job_id} was cancelled: checkpoint of step {stopped['step']} kept, not "
-                      f"requeued; continue with `launcher submit {run / 'recipe.yaml'} --resume`", flush=True)
+                print(
+                    f"[launcher] job {job_id} was cancelled: checkpoint of step {stopped['step']} kept, not "
+                    f"requeued; continue with `launcher submit {run / 'recipe.yaml'} --resume`",
+                    flush=True,
+                )
                 return {"interrupted": stopped, "cancelled": True}
             print(f"[launcher] stopped by {cause}: requeueing", flush=True)
             if env.global_rank == 0 and callable(requeue):
@@ -259,11 +323,19 @@ class NodeJob:
         if proc.returncode and finished:  # a TERM at the very end kills torchrun's agent, not the finished run
             print(f"[launcher] training finished; its launcher exited with {proc.returncode}", flush=True)
         elif proc.returncode:
-            raise RuntimeError(f"training exited with status {proc.returncode} on {env.hostname}; "
-                               f"see {run / 'slurm'} for the logs")
+            raise RuntimeError(
+                f"training exited with status {proc.returncode} on {env.hostname}; see {run / 'slurm'} for the logs"
+            )
         if env.global_rank == 0:
-            return write_result(run, {"job_id": env.job_id, "nodes": self.shape.nodes,
-                                      "gpus_per_node": self.shape.gpus_per_node, "launch": self.shape.launch})
+            return write_result(
+                run,
+                {
+                    "job_id": env.job_id,
+                    "nodes": self.shape.nodes,
+                    "gpus_per_node": self.shape.gpus_per_node,
+                    "launch": self.shape.launch,
+                },
+            )
         return {}
 
 
@@ -272,13 +344,25 @@ def write_result(run_dir: Path, extra: dict) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     recipe = load_recipe(str(run_dir / "recipe.yaml"))
     world = summary["processes"]
-    result = {"run": run_dir.name, "model": recipe.model.name, "params": summary["total_params"],
-              "strategy": summary["strategy"], "world": world, "micro_batch_size": recipe.train.micro_batch_size,
-              "grad_accum": recipe.train.grad_accum, "seq_len": recipe.data.max_seq_len,
-              "tokens_per_s": summary["tokens_per_s"], "tokens_per_s_per_gpu": round(summary["tokens_per_s"] / world, 1),
-              "peak_mem_gb": max(summary["peak_mem_gb_per_rank"]), "step_s": summary["step_s"],
-              "final_loss": summary["final_loss"], "eval_loss": summary["eval_loss"], "steps": summary["steps"],
-              "restarts": summary["restarts"], **extra}
+    result = {
+        "run": run_dir.name,
+        "model": recipe.model.name,
+        "params": summary["total_params"],
+        "strategy": summary["strategy"],
+        "world": world,
+        "micro_batch_size": recipe.train.micro_batch_size,
+        "grad_accum": recipe.train.grad_accum,
+        "seq_len": recipe.data.max_seq_len,
+        "tokens_per_s": summary["tokens_per_s"],
+        "tokens_per_s_per_gpu": round(summary["tokens_per_s"] / world, 1),
+        "peak_mem_gb": max(summary["peak_mem_gb_per_rank"]),
+        "step_s": summary["step_s"],
+        "final_loss": summary["final_loss"],
+        "eval_loss": summary["eval_loss"],
+        "steps": summary["steps"],
+        "restarts": summary["restarts"],
+        **extra,
+    }
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -297,10 +381,10 @@ def make_executor(folder: Path, params: dict, max_timeout_requeues: int):
     import submitit
 
     if shutil.which("sbatch") is None or shutil.which("srun") is None:
-        raise UserError("sbatch not found: submitting runs on a Slurm login node "
-                        "(add --dry-run to see the script without Slurm)")
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_timeout_requeues,
-                                      python=slurm_boot.command())
+        raise UserError(
+            "sbatch not found: submitting runs on a Slurm login node (add --dry-run to see the script without Slurm)"
+        )
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_timeout_requeues, python=slurm_boot.command())
     executor.update_parameters(**params)
     return executor
 
@@ -330,9 +414,12 @@ def sbatch_text(p: Prepared) -> str:
 
 def node_commands(p: Prepared) -> list[str]:
     """Each machine's launch as it will run; address and port are known once Slurm allocates."""
-    return [shlex.join(launch_argv(p.run_dir, p.config, p.shape, str(r), "<first node>", "<port>"))
-            .replace("'<first node>'", "<first node>").replace("'<port>'", f"<{PORT_BASE}+job_id%{PORT_SPAN}>")
-            for r in range(p.shape.machines)]
+    return [
+        shlex.join(launch_argv(p.run_dir, p.config, p.shape, str(r), "<first node>", "<port>"))
+        .replace("'<first node>'", "<first node>")
+        .replace("'<port>'", f"<{PORT_BASE}+job_id%{PORT_SPAN}>")
+        for r in range(p.shape.machines)
+    ]
 
 
 def plain_sbatch(recipe: Recipe, shape: Shape, run_dir: Path, config: Path) -> str:
@@ -343,20 +430,37 @@ def plain_sbatch(recipe: Recipe, shape: Shape, run_dir: Path, config: Path) -> s
     opts = [("job-name", s.job_name or run_dir.name), ("nodes", shape.nodes), ("ntasks-per-node", shape.tasks_per_node)]
     if shape.gpus_per_node:
         opts.append(("gpus-per-node", shape.gpus_per_node) if shape.launch == "node" else ("gpus-per-task", 1))
-    opts += [(k.replace("_", "-"), getattr(s, k)) for k in ("cpus_per_task", "mem", "partition", "account", "qos",
-                                                             "constraint") if getattr(s, k) is not None]
-    opts += [("time", s.time), ("output", f"{run_dir}/slurm/%j_plain.out"), ("open-mode", "append"),
-             ("signal", f"USR2@{s.signal_delay_s}"), ("requeue", True), *s.sbatch_extra.items()]
+    opts += [
+        (k.replace("_", "-"), getattr(s, k))
+        for k in ("cpus_per_task", "mem", "partition", "account", "qos", "constraint")
+        if getattr(s, k) is not None
+    ]
+    opts += [
+        ("time", s.time),
+        ("output", f"{run_dir}/slurm/%j_plain.out"),
+        ("open-mode", "append"),
+        ("signal", f"USR2@{s.signal_delay_s}"),
+        ("requeue", True),
+        *s.sbatch_extra.items(),
+    ]
     rank_var = "$SLURM_NODEID" if shape.launch == "node" else "$SLURM_PROCID"
     launch = shlex.join(launch_argv(run_dir, config, shape, "RANK", "ADDR", "PORT"))
-    launch = launch.replace(" RANK ", f" {rank_var} ").replace(" ADDR ", " $MAIN_ADDR ").replace(" PORT ", " $MAIN_PORT ")
+    launch = (
+        launch.replace(" RANK ", f" {rank_var} ").replace(" ADDR ", " $MAIN_ADDR ").replace(" PORT ", " $MAIN_PORT ")
+    )
     template = resources.files("launcher").joinpath("assets/plain.sbatch").read_text()
     return template.format(
-        run_dir=run_dir, header=f"{shape.nodes} node(s) x {shape.per_node} process(es), launch={shape.launch}, "
-               f"strategy {recipe.dist.strategy}",
-        sbatch="\n".join(sbatch_line(k, v) for k, v in opts), setup="\n".join(s.setup) or "# (no setup lines)",
-        port_base=PORT_BASE, port_span=PORT_SPAN, srun_launch=shlex.quote('trap "" USR2; exec ' + launch),  # the launcher ignores USR2, ranks handle it
-        marker=shlex.quote(str(run_dir / preempt.MARKER)), max_requeues=s.max_timeout_requeues)
+        run_dir=run_dir,
+        header=f"{shape.nodes} node(s) x {shape.per_node} process(es), launch={shape.launch}, "
+        f"strategy {recipe.dist.strategy}",
+        sbatch="\n".join(sbatch_line(k, v) for k, v in opts),
+        setup="\n".join(s.setup) or "# (no setup lines)",
+        port_base=PORT_BASE,
+        port_span=PORT_SPAN,
+        srun_launch=shlex.quote('trap "" USR2; exec ' + launch),  # the launcher ignores USR2, ranks handle it
+        marker=shlex.quote(str(run_dir / preempt.MARKER)),
+        max_requeues=s.max_timeout_requeues,
+    )
 
 
 def submit(p: Prepared):
@@ -380,8 +484,18 @@ def job_state(job_id: str) -> dict:
     return fields
 
 
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-            "BOOT_FAIL", "DEADLINE", "UNKNOWN"}
+FINISHED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "UNKNOWN",
+}
 
 
 def wait(job_ids: list[str], poll_s: float = 2.0, say=print) -> dict[str, str]:

@@ -26,8 +26,10 @@ def resolve_source(model: ModelCfg) -> str:
         if model.name in PRESETS:
             return str(random_model.preset_dir(model.name))
         if not (Path(model.name).expanduser() / "config.json").is_file():
-            raise UserError(f"model.name: with model.random_init, give a preset ({', '.join(PRESETS)}) "
-                            f"or a directory with a config.json; {quote(model.name)} is neither")
+            raise UserError(
+                f"model.name: with model.random_init, give a preset ({', '.join(PRESETS)}) "
+                f"or a directory with a config.json; {quote(model.name)} is neither"
+            )
     path = Path(model.name).expanduser()
     looks_local = model.name.startswith((".", "/", "~")) or path.exists()
     if looks_local:
@@ -44,7 +46,7 @@ def check_config(path: Path) -> dict:
     """A model directory's config.json: a JSON object naming its model_type, or a one-line error."""
     cfg = read_json(path, "model.name")
     if not isinstance(cfg.get("model_type"), str):
-        raise UserError(f"model.name: {path} has no \"model_type\" (not a transformers config.json)")
+        raise UserError(f'model.name: {path} has no "model_type" (not a transformers config.json)')
     return cfg
 
 
@@ -56,7 +58,8 @@ def model_config(source: str, trust_remote_code: bool = False, local_only: bool 
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                          local_files_only=local_only).to_dict()
+        return AutoConfig.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=local_only
+        ).to_dict()
     except (OSError, ValueError) as e:
         raise UserError(f"model.name: cannot read the config of {quote(source)}: {first_line(e)}") from None

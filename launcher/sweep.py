@@ -21,12 +21,35 @@ from launcher.recipe import load_recipe
 from launcher.userio import quote, read_json
 
 # Short grid keys for what scaling experiments vary; any dotted recipe key works too.
-ALIASES = {"model": "model.name", "nodes": "slurm.nodes", "gpus_per_node": "slurm.gpus_per_node",
-           "strategy": "dist.strategy", "micro_batch": "train.micro_batch_size", "seq_len": "data.max_seq_len",
-           "launch": "slurm.launch"}
-COLUMNS = ["run", "model", "params", "strategy", "nodes", "gpus_per_node", "world", "micro_batch_size", "seq_len",
-           "tokens_per_s", "tokens_per_s_per_gpu", "scaling_efficiency", "peak_mem_gb", "step_s", "final_loss",
-           "eval_loss", "steps", "restarts"]
+ALIASES = {
+    "model": "model.name",
+    "nodes": "slurm.nodes",
+    "gpus_per_node": "slurm.gpus_per_node",
+    "strategy": "dist.strategy",
+    "micro_batch": "train.micro_batch_size",
+    "seq_len": "data.max_seq_len",
+    "launch": "slurm.launch",
+}
+COLUMNS = [
+    "run",
+    "model",
+    "params",
+    "strategy",
+    "nodes",
+    "gpus_per_node",
+    "world",
+    "micro_batch_size",
+    "seq_len",
+    "tokens_per_s",
+    "tokens_per_s_per_gpu",
+    "scaling_efficiency",
+    "peak_mem_gb",
+    "step_s",
+    "final_loss",
+    "eval_loss",
+    "steps",
+    "restarts",
+]
 
 
 def parse_grid(items: list[str], flags: dict | None = None) -> dict[str, list[str]]:
@@ -65,9 +88,17 @@ def _label(overrides: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join(parts))[:80]
 
 
-def submit_sweep(recipe_path: str | None, overrides: list[str], grid_items: list[str], out: str | None,
-                 max_parallel: int, dry_run: bool, say=print, flags: dict | None = None,
-                 setup: list[str] = ()) -> tuple[Path, list[str]]:
+def submit_sweep(
+    recipe_path: str | None,
+    overrides: list[str],
+    grid_items: list[str],
+    out: str | None,
+    max_parallel: int,
+    dry_run: bool,
+    say=print,
+    flags: dict | None = None,
+    setup: list[str] = (),
+) -> tuple[Path, list[str]]:
     """Validate every point first, then write run dirs and submit; returns (sweep dir, job ids)."""
     grid = parse_grid(grid_items, flags)
     combos = points(grid)
@@ -88,8 +119,12 @@ def submit_sweep(recipe_path: str | None, overrides: list[str], grid_items: list
         recipe.train.output_dir = str(sweep_dir / f"p{i:03d}-{_label(combo)}")
         prepared.append(slurm.prepare(recipe))
     (sweep_dir / "slurm").mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.json").write_text(json.dumps({"grid": grid, "points": [
-        {"run": p.run_dir.name, "overrides": c} for p, c in zip(prepared, combos)]}, indent=1))
+    (sweep_dir / "sweep.json").write_text(
+        json.dumps(
+            {"grid": grid, "points": [{"run": p.run_dir.name, "overrides": c} for p, c in zip(prepared, combos)]},
+            indent=1,
+        )
+    )
     groups: dict[str, list] = {}
     for p in prepared:
         params = {**p.params, "job_name": sweep_dir.name}  # one name for the sweep's arrays
@@ -100,8 +135,11 @@ def submit_sweep(recipe_path: str | None, overrides: list[str], grid_items: list
         if dry_run:
             say(f"array of {len(members)}: {', '.join(m.run_dir.name for m in members)}")
             continue
-        ex = slurm.make_executor(sweep_dir / "slurm", {**json.loads(key), "array_parallelism": max_parallel},
-                                 members[0].recipe.slurm.max_timeout_requeues)
+        ex = slurm.make_executor(
+            sweep_dir / "slurm",
+            {**json.loads(key), "array_parallelism": max_parallel},
+            members[0].recipe.slurm.max_timeout_requeues,
+        )
         with ex.batch():
             jobs = [ex.submit(slurm.NodeJob(str(m.run_dir), str(m.config), m.shape)) for m in members]
         for m, job in zip(members, jobs):
@@ -111,8 +149,17 @@ def submit_sweep(recipe_path: str | None, overrides: list[str], grid_items: list
 
 
 # What a report reads of each result.json, and the type each must have.
-RESULT_FIELDS = {"model": str, "strategy": str, "world": int, "micro_batch_size": int, "seq_len": int, "params": (int, float),
-                 "tokens_per_s": (int, float), "tokens_per_s_per_gpu": (int, float), "peak_mem_gb": (int, float)}
+RESULT_FIELDS = {
+    "model": str,
+    "strategy": str,
+    "world": int,
+    "micro_batch_size": int,
+    "seq_len": int,
+    "params": (int, float),
+    "tokens_per_s": (int, float),
+    "tokens_per_s_per_gpu": (int, float),
+    "peak_mem_gb": (int, float),
+}
 
 
 def _result(path: Path) -> dict:
@@ -120,8 +167,10 @@ def _result(path: Path) -> dict:
     for key, typ in RESULT_FIELDS.items():
         if not isinstance(row.get(key), typ) or isinstance(row.get(key), bool):
             got = "missing" if key not in row else quote(row[key])
-            raise UserError(f"report: {path}: field {key!r} is {got}; expected "
-                            f"{'text' if typ is str else 'a number'} (rerun or remove that run's result.json)")
+            raise UserError(
+                f"report: {path}: field {key!r} is {got}; expected "
+                f"{'text' if typ is str else 'a number'} (rerun or remove that run's result.json)"
+            )
     return row
 
 
@@ -135,8 +184,9 @@ def collect(sweep_dir: Path) -> list[dict]:
     for r in sorted(rows, key=lambda r: r["world"]):
         key = (r["model"], r["strategy"], r["micro_batch_size"], r["seq_len"])
         b = base.setdefault(key, r)
-        r["scaling_efficiency"] = round(r["tokens_per_s_per_gpu"] / b["tokens_per_s_per_gpu"], 3) \
-            if b["tokens_per_s_per_gpu"] else None
+        r["scaling_efficiency"] = (
+            round(r["tokens_per_s_per_gpu"] / b["tokens_per_s_per_gpu"], 3) if b["tokens_per_s_per_gpu"] else None
+        )
     return sorted(rows, key=lambda r: (r["model"], r["strategy"], r["world"], r["micro_batch_size"], r["seq_len"]))
 
 

@@ -27,15 +27,18 @@ class Strategy:
         return self.fsdp or self.zero_stage >= 2
 
 
-STRATEGIES = {s.name: s for s in (
-    Strategy("single"),
-    Strategy("ddp"),
-    Strategy("zero2", zero_stage=2),
-    Strategy("zero3", zero_stage=3),
-    Strategy("zero3_offload", zero_stage=3, offload=True),
-    Strategy("fsdp", fsdp=True),
-    Strategy("fsdp_offload", fsdp=True, offload=True),
-)}
+STRATEGIES = {
+    s.name: s
+    for s in (
+        Strategy("single"),
+        Strategy("ddp"),
+        Strategy("zero2", zero_stage=2),
+        Strategy("zero3", zero_stage=3),
+        Strategy("zero3_offload", zero_stage=3, offload=True),
+        Strategy("fsdp", fsdp=True),
+        Strategy("fsdp_offload", fsdp=True, offload=True),
+    )
+}
 ZERO_STAGE = {s.name: s.zero_stage for s in STRATEGIES.values() if s.zero_stage}
 FSDP = tuple(s.name for s in STRATEGIES.values() if s.fsdp)
 SHARDED = tuple(s.name for s in STRATEGIES.values() if s.shards_params)
@@ -49,13 +52,16 @@ class Optimizer:
     state_bytes: int  # optimizer state per trainable parameter (AdamW: two fp32 moments; 8-bit: two bytes)
 
 
-OPTIMIZERS = {o.name: o for o in (
-    Optimizer("paged_adamw_8bit", "PagedAdamW8bit", 2),
-    Optimizer("paged_adamw_32bit", "PagedAdamW32bit", 8),
-    Optimizer("paged_lion_8bit", "PagedLion8bit", 1),
-    Optimizer("adamw_8bit", "AdamW8bit", 2),
-    Optimizer("adamw_torch", None, 8),
-)}
+OPTIMIZERS = {
+    o.name: o
+    for o in (
+        Optimizer("paged_adamw_8bit", "PagedAdamW8bit", 2),
+        Optimizer("paged_adamw_32bit", "PagedAdamW32bit", 8),
+        Optimizer("paged_lion_8bit", "PagedLion8bit", 1),
+        Optimizer("adamw_8bit", "AdamW8bit", 2),
+        Optimizer("adamw_torch", None, 8),
+    )
+}
 BNB_OPTIMIZERS = tuple(o.name for o in OPTIMIZERS.values() if o.bnb_class)
 
 

@@ -20,8 +20,14 @@ import torch
 
 from launcher import checkpoint, configs, data, metrics, placement, preempt, sharding
 from launcher.errors import UserError
-from launcher.model import (apply_peft, count_parameters, load_base_model, load_tokenizer,
-                            resolve_source, streaming_malloc)
+from launcher.model import (
+    apply_peft,
+    count_parameters,
+    load_base_model,
+    load_tokenizer,
+    resolve_source,
+    streaming_malloc,
+)
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.recipe import Recipe, load_recipe, save_recipe, split_args
 from launcher.userio import first_line
@@ -46,9 +52,12 @@ def _fill_deepspeed_batch(accelerator, cfg, world: int) -> None:
     if plugin is None:
         return
     ds = plugin.deepspeed_config
-    want = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.grad_accum,
-            "gradient_clipping": cfg.max_grad_norm or 0.0,
-            "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world}
+    want = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.max_grad_norm or 0.0,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world,
+    }
     for key, value in want.items():
         if ds.get(key, "auto") not in ("auto", value) and accelerator.is_main_process:
             print(f"note: DeepSpeed config {key}={ds[key]} replaced by the recipe's {value}", file=sys.stderr)
@@ -64,8 +73,9 @@ def _save_adapter(model, adapter: dict, run_dir: Path) -> None:
     model.save_pretrained(run_dir, state_dict=adapter)
     path = run_dir / "adapter_model.safetensors"
     if adapter and not load_file(path):
-        save_file({k.replace(".default", ""): v.contiguous() for k, v in adapter.items()}, path,
-                  metadata={"format": "pt"})
+        save_file(
+            {k.replace(".default", ""): v.contiguous() for k, v in adapter.items()}, path, metadata={"format": "pt"}
+        )
 
 
 def _gather(value, world: int) -> list:
@@ -143,16 +153,29 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     train_dl, eval_dl, base_dl = make_loaders(recipe, d, tokenizer, pl)
     progress = restore(accelerator, run_dir, scheduler, pl, resume)
     start_run_dir(accelerator, recipe, run_dir, tokenizer)
-    run = fit(recipe, model, optimizer, scheduler, train_dl, eval_dl if d.eval_ex else None, progress, stop, pl,
-              accelerator, d.total_steps)
+    run = fit(
+        recipe,
+        model,
+        optimizer,
+        scheduler,
+        train_dl,
+        eval_dl if d.eval_ex else None,
+        progress,
+        stop,
+        pl,
+        accelerator,
+        d.total_steps,
+    )
     if run.interrupted:  # the checkpoint holds everything; the adapter is written when the run ends
         if accelerator.is_main_process:
             preempt.mark(run_dir, progress.step, stop.signum)
-        accelerator.print(f"stopped at step {progress.step} on a stop signal; checkpoint saved, resume continues "
-                          "from it")
+        accelerator.print(
+            f"stopped at step {progress.step} on a stop signal; checkpoint saved, resume continues from it"
+        )
         accelerator.end_training()
-        return {"steps": progress.step, "interrupted": True, "restarts": progress.restarts}, \
-            accelerator.unwrap_model(model)
+        return {"steps": progress.step, "interrupted": True, "restarts": progress.restarts}, accelerator.unwrap_model(
+            model
+        )
     return finish(recipe, model, pl, accelerator, progress, run, loaded, base_dl)
 
 
@@ -166,8 +189,11 @@ def make_accelerator(cfg, run_dir: Path):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
-        mixed_precision=None if deepspeed else configs.mixed_precision(  # under DeepSpeed its JSON says it
-            cfg.mixed_precision, torch.cuda.is_available(), torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+        mixed_precision=None
+        if deepspeed
+        else configs.mixed_precision(  # under DeepSpeed its JSON says it
+            cfg.mixed_precision, torch.cuda.is_available(), torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        ),
         log_with=cfg.report_to or None,
         project_dir=str(run_dir),
         kwargs_handlers=handlers,
@@ -188,8 +214,9 @@ def setup_data(recipe: Recipe, tokenizer, world: int) -> Data:
     if recipe.data.streaming:
         evals = []
         if recipe.data.eval_path:
-            rows = data.read_samples(recipe.data.eval_path, recipe.data.eval_split or recipe.data.split,
-                                     "data.eval_path")
+            rows = data.read_samples(
+                recipe.data.eval_path, recipe.data.eval_split or recipe.data.split, "data.eval_path"
+            )
             evals = data.tokenize(rows, recipe.data, tokenizer).examples
         return Data(None, evals, {"streaming": True}, cfg.max_steps)
     train_ex, eval_ex, stats = data.load_data(recipe.data, tokenizer, cfg.seed, cfg.micro_batch_size)
@@ -207,12 +234,19 @@ def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerato
     load_start, rss_before = time.perf_counter(), metrics.host_rss_gb()
 
     def load(device_map):
-        return load_base_model(source, recipe.model, recipe.quant, dtype=pl.param_dtype, device_map=device_map,
-                               storage=pl.storage_dtype)
+        return load_base_model(
+            source, recipe.model, recipe.quant, dtype=pl.param_dtype, device_map=device_map, storage=pl.storage_dtype
+        )
 
     def wrap(base):
-        return apply_peft(base, recipe.peft, quantized=recipe.quant.mode != "none", kbit_upcast=pl.kbit_upcast,
-                          gradient_checkpointing=recipe.train.gradient_checkpointing, total_steps=total_steps)
+        return apply_peft(
+            base,
+            recipe.peft,
+            quantized=recipe.quant.mode != "none",
+            kbit_upcast=pl.kbit_upcast,
+            gradient_checkpointing=recipe.train.gradient_checkpointing,
+            total_steps=total_steps,
+        )
 
     if pl.fsdp2_rank0_reads:
         model = sharding.load_fsdp2(load, wrap, offload=pl.offload, device=accelerator.device)
@@ -223,10 +257,16 @@ def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerato
     else:
         model = wrap(load(pl.device_map))
     trainable, total = count_parameters(model)
-    accelerator.print(f"model {recipe.model.name}: trainable {trainable:,} / total {total:,} parameters "
-                      f"({100 * trainable / total:.3f}%), strategy {pl.strategy}, {pl.world} process(es)")
-    return model, {"trainable": trainable, "total": total, "load_s": time.perf_counter() - load_start,
-                   "load_rss_gb": metrics.host_rss_gb(peak=True) - rss_before}  # host memory the load added at peak
+    accelerator.print(
+        f"model {recipe.model.name}: trainable {trainable:,} / total {total:,} parameters "
+        f"({100 * trainable / total:.3f}%), strategy {pl.strategy}, {pl.world} process(es)"
+    )
+    return model, {
+        "trainable": trainable,
+        "total": total,
+        "load_s": time.perf_counter() - load_start,
+        "load_rss_gb": metrics.host_rss_gb(peak=True) - rss_before,
+    }  # host memory the load added at peak
 
 
 def setup_optimizer(cfg, model, pl: placement.Placement, accelerator, total_steps: int):
@@ -252,10 +292,26 @@ def make_loaders(recipe: Recipe, d: Data, tokenizer, pl: placement.Placement):
     if recipe.data.streaming:
         base = data.make_stream_loader(recipe.data, tokenizer, cfg.micro_batch_size, pl.rank, pl.world)
     else:
-        base = data.make_loader(d.train_ex, cfg.micro_batch_size, pl.rank, pl.world, cfg.seed, tokenizer.pad_token_id,
-                                remainder=recipe.data.remainder, group_by_length=recipe.data.group_by_length)
-    eval_dl = data.make_loader(d.eval_ex, cfg.micro_batch_size, pl.rank, pl.world, cfg.seed, tokenizer.pad_token_id,
-                               shuffle=False, remainder="pad")  # every eval sample counts once
+        base = data.make_loader(
+            d.train_ex,
+            cfg.micro_batch_size,
+            pl.rank,
+            pl.world,
+            cfg.seed,
+            tokenizer.pad_token_id,
+            remainder=recipe.data.remainder,
+            group_by_length=recipe.data.group_by_length,
+        )
+    eval_dl = data.make_loader(
+        d.eval_ex,
+        cfg.micro_batch_size,
+        pl.rank,
+        pl.world,
+        cfg.seed,
+        tokenizer.pad_token_id,
+        shuffle=False,
+        remainder="pad",
+    )  # every eval sample counts once
     return prepare_data_loader(base, num_processes=1, process_index=0), eval_dl, base
 
 
@@ -299,9 +355,10 @@ class Meter:
 
     def row(self, accelerator, world: int) -> dict:
         elapsed = time.perf_counter() - self.start
-        both = accelerator.reduce(torch.stack([self.loss / self.micro,
-                                               torch.tensor(float(self.tokens), device=accelerator.device)]),
-                                  reduction="sum")
+        both = accelerator.reduce(
+            torch.stack([self.loss / self.micro, torch.tensor(float(self.tokens), device=accelerator.device)]),
+            reduction="sum",
+        )
         self.loss.zero_()
         self.micro = self.tokens = 0
         self.start = time.perf_counter()
@@ -322,8 +379,19 @@ class Fitted:
     ids_log: metrics.SampleIdLog | None = None
 
 
-def fit(recipe: Recipe, model, optimizer, scheduler, train_dl, eval_dl, progress, stop, pl: placement.Placement,
-        accelerator, total_steps: int) -> Fitted:
+def fit(
+    recipe: Recipe,
+    model,
+    optimizer,
+    scheduler,
+    train_dl,
+    eval_dl,
+    progress,
+    stop,
+    pl: placement.Placement,
+    accelerator,
+    total_steps: int,
+) -> Fitted:
     """The loop, as in accelerate's complete example: accumulate, backward, clip, step; a log line,
     an eval and a checkpoint on their schedules; a stop signal ends it at a step boundary."""
     from tqdm.auto import tqdm
@@ -338,8 +406,11 @@ def fit(recipe: Recipe, model, optimizer, scheduler, train_dl, eval_dl, progress
     out, meter, grad_norm = Fitted(start_step=progress.step), Meter(accelerator.device), None
     loop_start = time.perf_counter()
     while progress.step < total_steps and not out.interrupted:
-        epoch_dl = accelerator.skip_first_batches(train_dl, progress.batches_in_epoch) \
-            if progress.batches_in_epoch else train_dl
+        epoch_dl = (
+            accelerator.skip_first_batches(train_dl, progress.batches_in_epoch)
+            if progress.batches_in_epoch
+            else train_dl
+        )
         # accelerate's loader re-seeds the sampler from its own epoch counter on every
         # iteration, so tell the loader (not just our sampler) which epoch this is.
         epoch_dl.set_epoch(progress.epoch)
@@ -370,9 +441,17 @@ def fit(recipe: Recipe, model, optimizer, scheduler, train_dl, eval_dl, progress
             if step % cfg.log_every == 0 or step == total_steps:
                 window = meter.row(accelerator, pl.world)
                 out.last_loss = window["loss"]
-                log.write({"step": step, "epoch": progress.epoch, "loss": out.last_loss, "lr": scheduler.get_last_lr()[0],
-                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                           "tokens_per_s": window["tokens_per_s"], "peak_mem_gb": metrics.peak_memory_gb(accelerator.device)})
+                log.write(
+                    {
+                        "step": step,
+                        "epoch": progress.epoch,
+                        "loss": out.last_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "tokens_per_s": window["tokens_per_s"],
+                        "peak_mem_gb": metrics.peak_memory_gb(accelerator.device),
+                    }
+                )
                 bar.set_postfix(loss=f"{out.last_loss:.3f}")
             if eval_dl is not None and (step % cfg.eval_every == 0 or step == total_steps):
                 out.eval_loss = evaluate(model, eval_dl, accelerator, cfg.eval_batches)
@@ -380,9 +459,14 @@ def fit(recipe: Recipe, model, optimizer, scheduler, train_dl, eval_dl, progress
                 accelerator.print(f"step {step}: eval_loss {out.eval_loss:.4f}")
             out.interrupted = step < total_steps and stop.agreed(accelerator, pl.world)
             if out.interrupted or step % cfg.save_every == 0 or step == total_steps:
-                checkpoint.save(accelerator, run_dir, step, cfg.keep_checkpoints,
-                                {"step": step, "epoch": progress.epoch, "eval_loss": out.eval_loss},
-                                deepspeed=pl.deepspeed)
+                checkpoint.save(
+                    accelerator,
+                    run_dir,
+                    step,
+                    cfg.keep_checkpoints,
+                    {"step": step, "epoch": progress.epoch, "eval_loss": out.eval_loss},
+                    deepspeed=pl.deepspeed,
+                )
             if out.interrupted or step >= total_steps:
                 break
         else:  # epoch finished
@@ -394,8 +478,9 @@ def fit(recipe: Recipe, model, optimizer, scheduler, train_dl, eval_dl, progress
     return out
 
 
-def finish(recipe: Recipe, model, pl: placement.Placement, accelerator, progress, run: Fitted, loaded: dict,
-           base_dl) -> tuple[dict, torch.nn.Module]:
+def finish(
+    recipe: Recipe, model, pl: placement.Placement, accelerator, progress, run: Fitted, loaded: dict, base_dl
+) -> tuple[dict, torch.nn.Module]:
     """Gather and save the adapter, then the summary (one gather of every rank's figures)."""
     run_dir = Path(recipe.train.output_dir)
     accelerator.wait_for_everyone()
@@ -406,50 +491,75 @@ def finish(recipe: Recipe, model, pl: placement.Placement, accelerator, progress
         _save_adapter(unwrapped, adapter, run_dir)
     accelerator.wait_for_everyone()
     device = accelerator.device
-    mine = {"peak_mem_gb": round(metrics.peak_memory_gb(device), 3), "load_host_gb": round(loaded["load_rss_gb"], 3),
-            "tokens": run.tokens}
+    mine = {
+        "peak_mem_gb": round(metrics.peak_memory_gb(device), 3),
+        "load_host_gb": round(loaded["load_rss_gb"], 3),
+        "tokens": run.tokens,
+    }
     if device.type == "cuda":  # what the allocator held (allocated + cache): what nvidia-smi sees, less the context
         mine["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
     ranks = _gather(mine, pl.world)
     loop_s = max(run.loop_s, 1e-9)
-    summary = {"steps": progress.step, "eval_loss": run.eval_loss, "trainable_params": loaded["trainable"],
-               "total_params": loaded["total"], "processes": pl.world, "strategy": pl.strategy,
-               "optimizer": pl.optimizer, "restarts": progress.restarts,
-               "peak_mem_gb_per_rank": [r["peak_mem_gb"] for r in ranks],
-               "load_host_gb_per_rank": [r["load_host_gb"] for r in ranks],
-               "load_s": round(loaded["load_s"], 2), "first_step_s": run.first_step_s and round(run.first_step_s, 2),
-               "train_loop_s": round(run.loop_s, 2), "tokens_per_s_rank0": round(run.tokens / loop_s, 1),
-               "tokens_per_s": round(sum(r["tokens"] for r in ranks) / loop_s, 1),
-               "step_s": round(run.loop_s / max(progress.step - run.start_step, 1), 4), "final_loss": run.last_loss}
+    summary = {
+        "steps": progress.step,
+        "eval_loss": run.eval_loss,
+        "trainable_params": loaded["trainable"],
+        "total_params": loaded["total"],
+        "processes": pl.world,
+        "strategy": pl.strategy,
+        "optimizer": pl.optimizer,
+        "restarts": progress.restarts,
+        "peak_mem_gb_per_rank": [r["peak_mem_gb"] for r in ranks],
+        "load_host_gb_per_rank": [r["load_host_gb"] for r in ranks],
+        "load_s": round(loaded["load_s"], 2),
+        "first_step_s": run.first_step_s and round(run.first_step_s, 2),
+        "train_loop_s": round(run.loop_s, 2),
+        "tokens_per_s_rank0": round(run.tokens / loop_s, 1),
+        "tokens_per_s": round(sum(r["tokens"] for r in ranks) / loop_s, 1),
+        "step_s": round(run.loop_s / max(progress.step - run.start_step, 1), 4),
+        "final_loss": run.last_loss,
+    }
     if device.type == "cuda":
         summary["peak_reserved_gb_per_rank"] = [r["peak_reserved_gb"] for r in ranks]
     if recipe.data.streaming:  # drops are only known as the stream is read: report them at the end
         c = base_dl.dataset.counts
-        summary["stream_rank0"] = {"dropped_empty": c.dropped_empty, "dropped_too_long": c.dropped_long,
-                                   "truncated": c.truncated}
-        accelerator.print(f"stream (rank 0): {json.dumps(summary['stream_rank0'])} (dropped samples trained as "
-                          "loss-free fillers)")
+        summary["stream_rank0"] = {
+            "dropped_empty": c.dropped_empty,
+            "dropped_too_long": c.dropped_long,
+            "truncated": c.truncated,
+        }
+        accelerator.print(
+            f"stream (rank 0): {json.dumps(summary['stream_rank0'])} (dropped samples trained as loss-free fillers)"
+        )
     if accelerator.is_main_process:
         first_eval = next((r["eval_loss"] for r in metrics.read(run_dir / "metrics.jsonl") if "eval_loss" in r), None)
         summary["first_eval_loss"] = first_eval
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         metrics.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
-        accelerator.print(f"adapter saved to {run_dir} (adapter_config.json, adapter_model.safetensors); "
-                          f"loss curve {run_dir / 'loss.png'}")
+        accelerator.print(
+            f"adapter saved to {run_dir} (adapter_config.json, adapter_model.safetensors); "
+            f"loss curve {run_dir / 'loss.png'}"
+        )
     accelerator.end_training()
     return summary, unwrapped
 
 
 # What gloo and NCCL say when the other end of a collective has died (seen: gloo's "Connection
 # closed by peer ... typically caused by a remote worker crashing").
-PEER_GONE = re.compile(r"closed by peer|reset by peer|remote worker|Broken pipe|communicator was aborted|"
-                       r"NCCL error.*remote process exited", re.IGNORECASE)
+PEER_GONE = re.compile(
+    r"closed by peer|reset by peer|remote worker|Broken pipe|communicator was aborted|"
+    r"NCCL error.*remote process exited",
+    re.IGNORECASE,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Per-process entry for `accelerate launch -m launcher.train [RECIPE] [key=value ...] [--resume]`."""
-    if (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1
-            and not placement.launched_with_deepspeed()):
+    if (
+        not torch.cuda.is_available()
+        and int(os.environ.get("WORLD_SIZE", 1)) > 1
+        and not placement.launched_with_deepspeed()
+    ):
         # accelerate's multi-GPU launcher does not pass use_cpu on; without it DDP ranks see no
         # distribution. (Not for DeepSpeed: use_cpu would silently turn it into plain DDP.)
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
@@ -464,8 +574,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # a collective whose peer is gone: the launcher reports the dead rank itself
         if int(os.environ.get("WORLD_SIZE", 1)) == 1 or not PEER_GONE.search(str(e)):
             raise
-        print(f"rank {os.environ.get('RANK', '?')}: stopping, another rank is gone ({first_line(e)[:160]})",
-              file=sys.stderr)
+        print(
+            f"rank {os.environ.get('RANK', '?')}: stopping, another rank is gone ({first_line(e)[:160]})",
+            file=sys.stderr,
+        )
         return 1
     finally:
         import torch.distributed as dist

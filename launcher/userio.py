@@ -44,8 +44,9 @@ def read_text(path: str | Path, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{what}: {path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
-                        "save the file as UTF-8") from None
+        raise UserError(
+            f"{what}: {path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8"
+        ) from None
 
 
 def parse_json(text: str, where: str) -> Any:
@@ -104,8 +105,9 @@ def load_yaml(text: str, where: str) -> Any:
         for event in y.parse(text):
             if isinstance(event, AliasEvent):
                 line = event.start_mark.line + 1 if event.start_mark else "?"
-                raise UserError(f"{where} line {line}: YAML aliases (*{event.anchor}) are not accepted; "
-                                "write the value out")
+                raise UserError(
+                    f"{where} line {line}: YAML aliases (*{event.anchor}) are not accepted; write the value out"
+                )
         return y.load(text)
     except UserError:
         raise

@@ -28,8 +28,9 @@ def _in_a_temporary_directory(tmp_path, monkeypatch):
 
 def run_cli(*args, cwd=None, timeout=600, module="launcher"):
     """Run `python -m launcher ARGS` in a fresh process; returns CompletedProcess (text)."""
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def gpu_available() -> bool:

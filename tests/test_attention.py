@@ -1,5 +1,6 @@
 """launcher_sdpa: packed rows attend one sample at a time, with the same result as transformers'
 block-diagonal SDPA and as running every sample alone."""
+
 import pytest
 import torch
 
@@ -9,8 +10,14 @@ from launcher import attention
 def _models():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)  # grouped-query, as Llama-3
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # grouped-query, as Llama-3
     out = []
     for impl in ("sdpa", attention.implementation("sdpa")):
         torch.manual_seed(0)
@@ -44,8 +51,11 @@ def test_packed_rows_match_block_diagonal_sdpa_and_each_sample_alone(monkeypatch
     a = ref(input_ids=ids, position_ids=pos).logits
     calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(attention, "MIN_MEAN_LEN", 1)  # these samples are short: split them anyway
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
-                        lambda q, k, v, **kw: calls.append((q.shape[2], kw.get("attn_mask"))) or sdpa(q, k, v, **kw))
+    monkeypatch.setattr(
+        attention.F,
+        "scaled_dot_product_attention",
+        lambda q, k, v, **kw: calls.append((q.shape[2], kw.get("attn_mask"))) or sdpa(q, k, v, **kw),
+    )
     b = ours(input_ids=ids, position_ids=pos).logits
     assert calls == [(5, None), (4, None), (3, None), (7, None), (5, None)] * 2  # per sample, unmasked, both layers
     monkeypatch.undo()
@@ -61,8 +71,11 @@ def test_short_samples_take_one_masked_call_with_the_same_result(monkeypatch):
     ref, ours = _models()
     ids, pos = _packed_batch()
     calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
-                        lambda q, k, v, **kw: calls.append(kw.get("attn_mask") is not None) or sdpa(q, k, v, **kw))
+    monkeypatch.setattr(
+        attention.F,
+        "scaled_dot_product_attention",
+        lambda q, k, v, **kw: calls.append(kw.get("attn_mask") is not None) or sdpa(q, k, v, **kw),
+    )
     b = ours(input_ids=ids, position_ids=pos).logits  # mean sample length 4.8 < MIN_MEAN_LEN
     monkeypatch.undo()
     assert calls == [True, True]  # one masked call per layer
@@ -99,6 +112,7 @@ def test_recipe_attention_reaches_the_loaded_model(tmp_path, impl):
     from launcher.model import load_base_model
     from launcher.recipe import ModelCfg, QuantCfg
 
-    model = load_base_model(str(builtin.ensure_tiny_llama()), ModelCfg(name="builtin:tiny-llama", attn_implementation=impl),
-                            QuantCfg())
+    model = load_base_model(
+        str(builtin.ensure_tiny_llama()), ModelCfg(name="builtin:tiny-llama", attn_implementation=impl), QuantCfg()
+    )
     assert model.config._attn_implementation == attention.implementation(impl)

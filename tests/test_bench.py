@@ -13,11 +13,28 @@ pytestmark = pytest.mark.slow
 
 def test_vs_hf_long_data_runs_both_paths_on_the_same_samples():
     """Two processes a side: the launcher's DDP and the Trainer under torchrun."""
-    res = subprocess.run([sys.executable, str(ROOT / "bench/vs_hf.py"), "--data", "long", "--samples", "96",
-                          "--seq-len", "128", "--repeats", "1", "--nproc", "2"], capture_output=True, text=True,
-                         timeout=900, cwd=ROOT)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench/vs_hf.py"),
+            "--data",
+            "long",
+            "--samples",
+            "96",
+            "--seq-len",
+            "128",
+            "--repeats",
+            "1",
+            "--nproc",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout[res.stdout.index("{\n"):])
+    out = json.loads(res.stdout[res.stdout.index("{\n") :])
     launcher, hf = out["median"]["launcher"], out["median"]["hf"]
     assert out["packing"] and out["seq_len"] == 128 and out["nproc"] == 2
     for side in (launcher, hf):

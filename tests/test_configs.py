@@ -14,8 +14,14 @@ from conftest import ROOT
 
 def test_committed_configs_are_regenerated_exactly(tmp_path):
     env_bin = str(Path(sys.executable).parent)
-    res = subprocess.run(["bash", "accelerate_configs/regenerate.sh", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env={**__import__("os").environ, "PATH": env_bin + ":/usr/bin:/bin"})
+    res = subprocess.run(
+        ["bash", "accelerate_configs/regenerate.sh", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "PATH": env_bin + ":/usr/bin:/bin"},
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     for sub in ("accelerate_configs", "ds_configs"):
         committed = sorted(p.name for p in (ROOT / sub).iterdir() if p.suffix in (".yaml", ".json"))
@@ -25,7 +31,9 @@ def test_committed_configs_are_regenerated_exactly(tmp_path):
         # DeepSpeed paths inside the YAML differ by the output directory only
         for name in mismatch:
             a = (ROOT / sub / name).read_text().replace("ds_configs/", str(tmp_path / "ds_configs") + "/")
-            assert a == (tmp_path / sub / name).read_text(), f"{sub}/{name} is stale: run accelerate_configs/regenerate.sh"
+            assert a == (tmp_path / sub / name).read_text(), (
+                f"{sub}/{name} is stale: run accelerate_configs/regenerate.sh"
+            )
         assert not errors
 
 
@@ -34,8 +42,15 @@ def test_committed_accelerate_configs_load_in_accelerate(name):
     from accelerate.commands.config.config_args import load_config_from_file
 
     cfg = load_config_from_file(str(ROOT / "accelerate_configs" / f"{name}.yaml"))
-    expected = {"ddp": "MULTI_GPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "zero3_offload": "DEEPSPEED",
-                "fsdp": "FSDP", "fsdp1": "FSDP", "fsdp_offload": "FSDP"}[name]
+    expected = {
+        "ddp": "MULTI_GPU",
+        "zero2": "DEEPSPEED",
+        "zero3": "DEEPSPEED",
+        "zero3_offload": "DEEPSPEED",
+        "fsdp": "FSDP",
+        "fsdp1": "FSDP",
+        "fsdp_offload": "FSDP",
+    }[name]
     assert cfg.distributed_type.value == expected
     if expected == "DEEPSPEED":
         ds_file = ROOT / cfg.deepspeed_config["deepspeed_config_file"]

@@ -1,6 +1,5 @@
 """Data: prompt masking per format, disjoint rank shards, padding."""
 
-
 import pytest
 
 from launcher import builtin, data
@@ -37,8 +36,9 @@ def test_train_on_prompt_keeps_labels(tok):
 def test_formats(tok):
     alpaca = data.tokenize([{"instruction": "add", "input": "1+1", "output": "2"}], _cfg(), tok)
     assert alpaca.stats["format"] == "alpaca"
-    chat = data.tokenize([{"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}],
-                         _cfg(), tok)
+    chat = data.tokenize(
+        [{"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}], _cfg(), tok
+    )
     ex = chat.examples[0]
     assert chat.stats["format"] == "chat" and sum(t != data.IGNORE for t in ex["labels"]) == 2  # "2" + EOS
     text = data.tokenize([{"text": "abc"}], _cfg(), tok).examples[0]
@@ -50,8 +50,11 @@ def test_bad_data_is_a_clear_error(tmp_path, tok):
         data.tokenize([{"prompt": "a"}], _cfg(format="prompt_completion"), tok)
     with pytest.raises(UserError, match="data.max_seq_len"):
         data.tokenize([{"prompt": "1" * 50, "completion": "2"}], _cfg(too_long="error", max_seq_len=16), tok)
-    out = data.tokenize([{"prompt": "1", "completion": "2" * 50}, {"prompt": "1", "completion": "2"}],
-                        _cfg(too_long="truncate", max_seq_len=16), tok)
+    out = data.tokenize(
+        [{"prompt": "1", "completion": "2" * 50}, {"prompt": "1", "completion": "2"}],
+        _cfg(too_long="truncate", max_seq_len=16),
+        tok,
+    )
     assert out.truncated == 1 and len(out.examples[0]["input_ids"]) == 16
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": 1}\nnot json\n')
@@ -74,7 +77,9 @@ def test_shards_are_disjoint_and_equal(n, world):
 
 
 def test_collator_pads_and_masks(tok):
-    exs = data.tokenize([{"prompt": "1+1=", "completion": "2"}, {"prompt": "10+10=", "completion": "20"}], _cfg(), tok).examples
+    exs = data.tokenize(
+        [{"prompt": "1+1=", "completion": "2"}, {"prompt": "10+10=", "completion": "20"}], _cfg(), tok
+    ).examples
     batch = data.PadCollator(tok.pad_token_id)(exs)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     short = len(exs[0]["input_ids"])

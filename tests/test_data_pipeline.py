@@ -17,8 +17,10 @@ def tok():
 
 
 def _examples(n):
-    return [{"id": i, "input_ids": [1] + [5 + i % 7] * (1 + i % 5), "labels": [-100] + [5 + i % 7] * (1 + i % 5)}
-            for i in range(n)]
+    return [
+        {"id": i, "input_ids": [1] + [5 + i % 7] * (1 + i % 5), "labels": [-100] + [5 + i % 7] * (1 + i % 5)}
+        for i in range(n)
+    ]
 
 
 def _epoch_ids(n, world, remainder, batch, epoch=0, skip=0):
@@ -61,7 +63,7 @@ def test_mid_epoch_resume_continues_exactly(world):
     full = _epoch_ids(n, world, "pad", batch)
     rest = _epoch_ids(n, world, "pad", batch, skip=done)
     for r in range(world):
-        assert full[r][done * batch:] == rest[r]  # resumes where it stopped, same order
+        assert full[r][done * batch :] == rest[r]  # resumes where it stopped, same order
 
 
 def test_order_is_deterministic_from_the_seed():
@@ -77,8 +79,12 @@ def test_filler_batches_carry_no_loss():
 
     def fake(input_ids, labels, attention_mask, use_cache, num_items_in_batch):
         logits = model.w.sum() * torch.ones(*labels.shape, 4)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 4), labels[:, 1:].reshape(-1),
-                                                 ignore_index=-100, reduction="sum") / num_items_in_batch
+        loss = (
+            torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, 4), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            / num_items_in_batch
+        )
         return type("Out", (), {"loss": loss})
 
     loader = data.make_loader(_examples(3), 1, rank=1, world=2, seed=0, pad_id=0, remainder="pad")
@@ -136,8 +142,11 @@ def test_second_load_does_not_tokenize(tmp_path, tok, monkeypatch):
     b = data.load_data(cfg, tok, seed=1)
     assert calls == [1] and b[2]["cache"] == "hit"  # read back, not tokenized again
     assert a[0] == b[0] and a[1] == b[1]
-    c = data.load_data(load_recipe(None, ["data.max_samples=200", f"data.cache_dir={tmp_path}",
-                                          "data.max_seq_len=16"]).data, tok, seed=1)
+    c = data.load_data(
+        load_recipe(None, ["data.max_samples=200", f"data.cache_dir={tmp_path}", "data.max_seq_len=16"]).data,
+        tok,
+        seed=1,
+    )
     assert calls == [1, 1] and c[2]["cache"] == "written"  # a setting that changes tokens changes the key
 
 
@@ -183,7 +192,7 @@ def test_packed_rows_do_not_attend_across_samples(tok):
             for sid in p["id"]:
                 ids = by_id[sid]["input_ids"]
                 alone = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
-                worst = max(worst, (logits[row, start:start + len(ids)] - alone).abs().max().item())
+                worst = max(worst, (logits[row, start : start + len(ids)] - alone).abs().max().item())
                 start += len(ids)
     assert worst < 1e-4
 
@@ -226,10 +235,21 @@ def test_best_fit_packing_fills_rows():
 def test_stream_shards_cover_the_stream(world, n, remainder, tmp_path, tok):
     path = tmp_path / "s.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"{i}+0=", "completion": str(i)}) for i in range(n)))
-    cfg = load_recipe(None, [f"data.path={path}", f"data.remainder={remainder}", "data.streaming=true",
-                             "train.max_steps=10", "data.eval_fraction=0", "train.warmup_steps=0"]).data
-    ids = {r: [i for b in data.make_stream_loader(cfg, tok, 2, r, world) for i in b["sample_ids"].tolist()]
-           for r in range(world)}
+    cfg = load_recipe(
+        None,
+        [
+            f"data.path={path}",
+            f"data.remainder={remainder}",
+            "data.streaming=true",
+            "train.max_steps=10",
+            "data.eval_fraction=0",
+            "train.warmup_steps=0",
+        ],
+    ).data
+    ids = {
+        r: [i for b in data.make_stream_loader(cfg, tok, 2, r, world) for i in b["sample_ids"].tolist()]
+        for r in range(world)
+    }
     counts = {r: sum(len(b["input_ids"]) for b in data.make_stream_loader(cfg, tok, 2, r, world)) for r in range(world)}
     flat = [i for r in ids.values() for i in r]
     assert len(flat) == len(set(flat))
@@ -242,9 +262,17 @@ def test_streaming_run_trains(tmp_path):
     rows = [{"prompt": f"{i % 50}+{i % 7}=", "completion": str(i % 50 + i % 7)} for i in range(300)]
     rows[4]["completion"] = " "  # an empty sample: dropped, counted, and its place filled
     src.write_text("\n".join(json.dumps(r) for r in rows))
-    res = run_cli("train", f"data.path={src}", "data.streaming=true", "data.eval_fraction=0", "train.max_steps=12",
-                  "train.warmup_steps=0", "train.micro_batch_size=16", f"train.output_dir={tmp_path / 'run'}",
-                  "data.log_sample_ids=true")
+    res = run_cli(
+        "train",
+        f"data.path={src}",
+        "data.streaming=true",
+        "data.eval_fraction=0",
+        "train.max_steps=12",
+        "train.warmup_steps=0",
+        "train.micro_batch_size=16",
+        f"train.output_dir={tmp_path / 'run'}",
+        "data.log_sample_ids=true",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run/sample_ids/rank0.jsonl").read_text().splitlines()]
     seen = [i for r in rows[:-1] for i in r["ids"]]
@@ -266,8 +294,10 @@ def test_length_grouping_keeps_exact_coverage(world, remainder):
         ids[r] = [i for b in loader for i in b["sample_ids"].tolist()]
     flat = [i for v in ids.values() for i in v]
     assert len(flat) == len(set(flat)) == (n if remainder == "pad" else n - n % world)
-    lens = {len(data.make_loader(examples, 4, r, world, 5, 0, remainder=remainder, group_by_length=True))
-            for r in range(world)}
+    lens = {
+        len(data.make_loader(examples, 4, r, world, 5, 0, remainder=remainder, group_by_length=True))
+        for r in range(world)
+    }
     assert len(lens) == 1
 
 
@@ -279,12 +309,15 @@ def test_length_grouping_pads_less(tok):
     assert grouped > plain
 
 
-@pytest.mark.parametrize("fmt,row", [
-    ("prompt_completion", {"prompt": "12+3=", "completion": "15"}),
-    ("alpaca", {"instruction": "add", "input": "1+1", "output": "2"}),
-    ("alpaca", {"instruction": "say hi", "output": "hi"}),
-    ("chat", {"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}),
-])
+@pytest.mark.parametrize(
+    "fmt,row",
+    [
+        ("prompt_completion", {"prompt": "12+3=", "completion": "15"}),
+        ("alpaca", {"instruction": "add", "input": "1+1", "output": "2"}),
+        ("alpaca", {"instruction": "say hi", "output": "hi"}),
+        ("chat", {"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}),
+    ],
+)
 def test_labels_are_ignored_exactly_on_prompt_tokens(fmt, row, tok):
     cfg = load_recipe(None, [f"data.format={fmt}", "data.max_seq_len=256"]).data
     ex = data.tokenize([row], cfg, tok).examples[0]
@@ -301,8 +334,16 @@ def test_text_format_trains_on_everything_but_bos(tok):
 
 
 def test_alpaca_field_names_are_configurable(tok):
-    cfg = load_recipe(None, ["data.format=auto", "data.max_seq_len=256", "data.instruction_field=q", "data.output_field=a",
-                             "data.input_field=ctx"]).data
+    cfg = load_recipe(
+        None,
+        [
+            "data.format=auto",
+            "data.max_seq_len=256",
+            "data.instruction_field=q",
+            "data.output_field=a",
+            "data.input_field=ctx",
+        ],
+    ).data
     ex = data.tokenize([{"q": "add", "ctx": "1+1", "a": "2"}], cfg, tok)
     assert ex.stats["format"] == "alpaca"
 
@@ -311,11 +352,20 @@ def test_eval_split_from_the_same_dataset_dict(tmp_path, tok):
     import datasets
 
     rows = _rows()
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:15]),
-                          "test": datasets.Dataset.from_list(rows[15:])}).save_to_disk(str(tmp_path / "dd"))
-    cfg = load_recipe(None, [f"data.path={tmp_path / 'dd'}", f"data.eval_path={tmp_path / 'dd'}",
-                             "data.eval_split=test", "data.eval_fraction=0", f"data.cache_dir={tmp_path / 'c'}",
-                             "data.max_seq_len=64"]).data
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:15]), "test": datasets.Dataset.from_list(rows[15:])}
+    ).save_to_disk(str(tmp_path / "dd"))
+    cfg = load_recipe(
+        None,
+        [
+            f"data.path={tmp_path / 'dd'}",
+            f"data.eval_path={tmp_path / 'dd'}",
+            "data.eval_split=test",
+            "data.eval_fraction=0",
+            f"data.cache_dir={tmp_path / 'c'}",
+            "data.max_seq_len=64",
+        ],
+    ).data
     train_ex, eval_ex, stats = data.load_data(cfg, tok, seed=0)
     assert stats["train_samples"] == 15 and stats["eval_samples"] == 5
 
@@ -325,8 +375,16 @@ def test_stream_resume_skips_exactly_the_consumed_batches(tmp_path, tok):
 
     path = tmp_path / "s.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"{i}+0=", "completion": str(i)}) for i in range(40)))
-    cfg = load_recipe(None, [f"data.path={path}", "data.streaming=true", "train.max_steps=10", "data.eval_fraction=0",
-                             "train.warmup_steps=0"]).data
+    cfg = load_recipe(
+        None,
+        [
+            f"data.path={path}",
+            "data.streaming=true",
+            "train.max_steps=10",
+            "data.eval_fraction=0",
+            "train.warmup_steps=0",
+        ],
+    ).data
     for rank in (0, 1):
         full = [b["sample_ids"].tolist() for b in data.make_stream_loader(cfg, tok, 3, rank, 2)]
         rest = [b["sample_ids"].tolist() for b in skip_first_batches(data.make_stream_loader(cfg, tok, 3, rank, 2), 2)]

@@ -11,8 +11,13 @@ pytestmark = [pytest.mark.gpu, requires_gpu]
 
 def test_gpu_demo_run_with_paged_optimizer(tmp_path):
     run = tmp_path / "gpu"
-    res = run_cli("train", f"train.output_dir={run}", "train.max_steps=50", "train.optimizer=paged_adamw_8bit",
-                  "train.eval_every=50")
+    res = run_cli(
+        "train",
+        f"train.output_dir={run}",
+        "train.max_steps=50",
+        "train.optimizer=paged_adamw_8bit",
+        "train.eval_every=50",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
@@ -20,8 +25,16 @@ def test_gpu_demo_run_with_paged_optimizer(tmp_path):
 
 
 def _train(run, *extra):
-    res = run_cli("train", f"train.output_dir={run}", "train.max_steps=40", "train.eval_every=20", "train.save_every=20",
-                  "data.max_samples=2000", "train.warmup_steps=0", *extra)
+    res = run_cli(
+        "train",
+        f"train.output_dir={run}",
+        "train.max_steps=40",
+        "train.eval_every=20",
+        "train.save_every=20",
+        "data.max_samples=2000",
+        "train.warmup_steps=0",
+        *extra,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     return json.loads((run / "summary.json").read_text())
 
@@ -32,8 +45,9 @@ def _nproc() -> int:
     return min(2, torch.cuda.device_count())
 
 
-@pytest.mark.parametrize("strategy,extra", [("fsdp", []), ("fsdp", ["dist.fsdp_version=1"]), ("zero3", []),
-                                            ("zero2", [])])
+@pytest.mark.parametrize(
+    "strategy,extra", [("fsdp", []), ("fsdp", ["dist.fsdp_version=1"]), ("zero3", []), ("zero2", [])]
+)
 def test_sharded_strategies_through_accelerate_on_gpu(strategy, extra, tmp_path):
     """`launcher train` spawns accelerate with the generated config; the adapter loads with plain peft and
     trains as well as a single-GPU run of the same recipe (bf16 storage under sharding, so not bit-equal)."""
@@ -56,9 +70,18 @@ def test_sharded_strategies_through_accelerate_on_gpu(strategy, extra, tmp_path)
 def test_fsdp_resume_on_gpu(tmp_path):
     run = tmp_path / "fsdp"
     _train(run, "dist.strategy=fsdp", f"dist.nproc={_nproc()}", "train.max_steps=20")
-    res = run_cli("train", f"train.output_dir={run}", "train.max_steps=40", "train.eval_every=20", "train.save_every=20",
-                  "data.max_samples=2000", "train.warmup_steps=0", "dist.strategy=fsdp", f"dist.nproc={_nproc()}",
-                  "--resume")
+    res = run_cli(
+        "train",
+        f"train.output_dir={run}",
+        "train.max_steps=40",
+        "train.eval_every=20",
+        "train.save_every=20",
+        "data.max_samples=2000",
+        "train.warmup_steps=0",
+        "dist.strategy=fsdp",
+        f"dist.nproc={_nproc()}",
+        "--resume",
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["restarts"] == 1 and summary["steps"] == 40
@@ -77,13 +100,33 @@ def test_65b_random_weights_train_on_one_gpu_within_the_plan(tmp_path):
     if plan > total * 0.95:
         pytest.skip(f"llama-65b needs ~{plan:.0f} GB; this GPU has {total:.0f} GB")
     run = tmp_path / "65b"
-    res = run_cli("train", "model.name=llama-65b", "model.random_init=true", "data.max_seq_len=512",
-                  "data.packing=true", "train.micro_batch_size=1", "train.max_steps=3", "train.warmup_steps=0",
-                  "data.eval_fraction=0", "train.optimizer=paged_adamw_32bit", f"train.output_dir={run}")
+    res = run_cli(
+        "train",
+        "model.name=llama-65b",
+        "model.random_init=true",
+        "data.max_seq_len=512",
+        "data.packing=true",
+        "train.micro_batch_size=1",
+        "train.max_steps=3",
+        "train.warmup_steps=0",
+        "data.eval_fraction=0",
+        "train.optimizer=paged_adamw_32bit",
+        f"train.output_dir={run}",
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     s = json.loads((run / "summary.json").read_text())
     measured = s["peak_mem_gb_per_rank"][0] + planner.GPU_OVERHEAD_GB
-    print(json.dumps({"planned_gb": round(plan, 2), "measured_gb": round(measured, 2), "load_s": s["load_s"],
-                      "step_s": s["step_s"], "reserved_gb": s["peak_reserved_gb_per_rank"], "params": s["total_params"]}))
+    print(
+        json.dumps(
+            {
+                "planned_gb": round(plan, 2),
+                "measured_gb": round(measured, 2),
+                "load_s": s["load_s"],
+                "step_s": s["step_s"],
+                "reserved_gb": s["peak_reserved_gb_per_rank"],
+                "params": s["total_params"],
+            }
+        )
+    )
     assert s["steps"] == 3 and s["total_params"] > 60e9
     assert abs(measured - plan) / measured < 0.15, (measured, plan)

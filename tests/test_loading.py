@@ -14,12 +14,24 @@ pytestmark = pytest.mark.slow
 def test_4bit_load_peak_stays_well_below_the_16bit_size(tmp_path):
     from launcher.builtin import write_random_llama
 
-    model = write_random_llama(tmp_path / "m", dtype="bfloat16", hidden_size=1024, intermediate_size=2816,
-                               num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
-                               vocab_size=8000, tie_word_embeddings=False)
+    model = write_random_llama(
+        tmp_path / "m",
+        dtype="bfloat16",
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=8000,
+        tie_word_embeddings=False,
+    )
     size16 = (model / "model.safetensors").stat().st_size / 2**30  # 0.60 GB
-    res = subprocess.run([sys.executable, str(ROOT / "tests/helpers/load_peak.py"), str(model)], capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "tests/helpers/load_peak.py"), str(model)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads(res.stdout.strip().splitlines()[-1])
     added = m["anon_peak_gb"] - m["anon_before_gb"]  # heap and tensors; the mmap'd file is page cache
@@ -38,16 +50,27 @@ def _config_only(path, **config):
     return path
 
 
-BIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
-           num_key_value_heads=16, vocab_size=8000, tie_word_embeddings=False)
+BIG = dict(
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    vocab_size=8000,
+    tie_word_embeddings=False,
+)
 
 
 def test_random_init_builds_layer_by_layer_without_a_16bit_copy(tmp_path):
     """model.random_init: each weight is created and quantized at once, so the peak is the 4-bit
     model plus about one 16-bit matrix (here 11 MB), never the 0.60 GB 16-bit model."""
     model = _config_only(tmp_path / "m", **BIG)
-    res = subprocess.run([sys.executable, str(ROOT / "tests/helpers/load_peak.py"), str(model), "model.random_init=true"],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "tests/helpers/load_peak.py"), str(model), "model.random_init=true"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads(res.stdout.strip().splitlines()[-1])
     added = m["anon_peak_gb"] - m["anon_before_gb"]
@@ -64,15 +87,27 @@ def test_zero3_load_reads_on_rank0_only(tmp_path):
 
     model = write_random_llama(tmp_path / "m", dtype="bfloat16", **dict(BIG, num_hidden_layers=12))  # 0.33 GB
     run = tmp_path / "run"
-    res = run_cli("train", f"model.name={model}", "dist.strategy=zero3", "dist.nproc=2", f"train.output_dir={run}",
-                  "train.max_steps=1", "train.warmup_steps=0", "data.max_samples=64", "train.micro_batch_size=2",
-                  "data.eval_fraction=0", "data.log_sample_ids=true")
+    res = run_cli(
+        "train",
+        f"model.name={model}",
+        "dist.strategy=zero3",
+        "dist.nproc=2",
+        f"train.output_dir={run}",
+        "train.max_steps=1",
+        "train.warmup_steps=0",
+        "data.max_samples=64",
+        "train.micro_batch_size=2",
+        "data.eval_fraction=0",
+        "data.log_sample_ids=true",
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     s = json.loads((run / "summary.json").read_text())
     rank0, rank1 = s["load_host_gb_per_rank"]
     # measured: rank 0 0.54 GB (4-bit model in fp32 containers, fp32 embeddings, the mmap'd file), rank 1 0.07 GB
     assert rank1 < 0.15 and rank1 < 0.25 * rank0, s  # before: each rank loaded the whole model
-    ids = [json.loads(line) for r in (0, 1) for line in (run / "sample_ids" / f"rank{r}.jsonl").read_text().splitlines()]
+    ids = [
+        json.loads(line) for r in (0, 1) for line in (run / "sample_ids" / f"rank{r}.jsonl").read_text().splitlines()
+    ]
     digests = {row["adapter_sha256"] for row in ids if "adapter_sha256" in row}
     assert len(digests) == 1 and s["steps"] == 1  # both ranks trained the same adapter from rank 0's weights
 
@@ -95,8 +130,9 @@ def test_random_init_is_deterministic_and_shaped_like_a_loaded_model(tmp_path):
     a, b = (load_base_model(source, recipe.model, recipe.quant) for _ in range(2))
     loaded = load_base_model(str(tiny), recipe.model.model_copy(update={"random_init": False}), recipe.quant)
     assert [(n, type(m)) for n, m in a.named_modules()] == [(n, type(m)) for n, m in loaded.named_modules()]
-    assert [(n, p.shape, p.dtype) for n, p in a.named_parameters()] == \
-        [(n, p.shape, p.dtype) for n, p in loaded.named_parameters()]
+    assert [(n, p.shape, p.dtype) for n, p in a.named_parameters()] == [
+        (n, p.shape, p.dtype) for n, p in loaded.named_parameters()
+    ]
     x = torch.randint(0, 50, (2, 12))
     torch.testing.assert_close(a(x).logits, b(x).logits, rtol=0, atol=0)  # same weights on every rank
     assert a.is_loaded_in_4bit

@@ -28,19 +28,34 @@ def test_target_module_that_matches_nothing_lists_linear_layers():
         apply_peft(model, r.peft, quantized=True, kbit_upcast=True, gradient_checkpointing=False)
 
 
-@pytest.mark.parametrize("method, extra", [("prompt_tuning", []), ("ia3", []), ("adalora", []),
-                                           ("prefix_tuning", ["train.gradient_checkpointing=false"]),
-                                           ("loha", ["quant.mode=none"]), ("lora", ["peft.use_dora=true"]),
-                                           ("lora", ["quant.mode=int8"]), ("lora", ["quant.mode=fp4"]),
-                                           ("lora", ["quant.mode=none", "peft.use_rslora=true"])])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("prompt_tuning", []),
+        ("ia3", []),
+        ("adalora", []),
+        ("prefix_tuning", ["train.gradient_checkpointing=false"]),
+        ("loha", ["quant.mode=none"]),
+        ("lora", ["peft.use_dora=true"]),
+        ("lora", ["quant.mode=int8"]),
+        ("lora", ["quant.mode=fp4"]),
+        ("lora", ["quant.mode=none", "peft.use_rslora=true"]),
+    ],
+)
 def test_peft_methods_train_a_step(method, extra):
     from launcher.model import apply_peft, count_parameters, load_base_model, resolve_source
     from launcher.recipe import load_recipe
 
     r = load_recipe(None, [f"peft.method={method}", *extra])
     model = load_base_model(resolve_source(r.model), r.model, r.quant)
-    model = apply_peft(model, r.peft, quantized=r.quant.mode != "none", kbit_upcast=True,
-                       gradient_checkpointing=r.train.gradient_checkpointing, total_steps=10)
+    model = apply_peft(
+        model,
+        r.peft,
+        quantized=r.quant.mode != "none",
+        kbit_upcast=True,
+        gradient_checkpointing=r.train.gradient_checkpointing,
+        total_steps=10,
+    )
     trainable, total = count_parameters(model)
     assert 0 < trainable < total
     x = torch.randint(4, 40, (2, 10))

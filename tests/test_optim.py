@@ -17,10 +17,10 @@ def test_optimizer_steps(name):
     opt = build_optimizer([p, frozen], TrainCfg(optimizer=name, lr=1e-2))
     assert all(q is not frozen for g in opt.param_groups for q in g["params"])
     before = p.detach().clone()
-    (p ** 2).sum().backward()
+    (p**2).sum().backward()
     opt.step()
     assert not torch.equal(before, p.detach())
-    assert (p.detach().norm() < before.norm())  # moved downhill
+    assert p.detach().norm() < before.norm()  # moved downhill
 
 
 def _lrs(cfg, total):

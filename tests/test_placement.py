@@ -15,10 +15,15 @@ from launcher.recipe import load_recipe
 
 GPU8 = placement.Machine(gpus=8, gpu_memory_gb=80)
 CPU = placement.Machine(0)
-TINY = {"hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128, "vocab_size": 64,
-        "num_attention_heads": 4}
-LLAMA_70B = {"hidden_size": 8192, "num_hidden_layers": 80, "intermediate_size": 28672, "vocab_size": 32000,
-             "num_attention_heads": 64, "num_key_value_heads": 8}
+TINY = {"hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128, "vocab_size": 64, "num_attention_heads": 4}
+LLAMA_70B = {
+    "hidden_size": 8192,
+    "num_hidden_layers": 80,
+    "intermediate_size": 28672,
+    "vocab_size": 32000,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+}
 
 
 def problems(*overrides, machine=GPU8, cfg=TINY):
@@ -56,20 +61,52 @@ def test_storage_dtype_follows_sharding():
     assert placement.storage_dtype(r, "zero3", torch.float32) == torch.float32
 
 
-@pytest.mark.parametrize("overrides,machine,cfg,needle", [
-    (["dist.strategy=zero3", "dist.nproc=2", "model.device_map=auto"], GPU8, TINY, "model.device_map: must be unset"),
-    (["dist.strategy=fsdp", "dist.nproc=2", "model.device_map={'': 0}"], GPU8, TINY, "model.device_map: must be unset"),
-    (["dist.strategy=ddp", "dist.nproc=2", "model.device_map=auto"], GPU8, TINY, "silently collapses"),
-    (["dist.strategy=ddp", "dist.nproc=4"], placement.Machine(2, 80), TINY, "dist.nproc: 4 processes per node but this node has 2"),
-    (["dist.strategy=fsdp", "dist.nproc=2"], CPU, TINY, "needs GPUs"),
-    (["dist.strategy=zero3", "dist.nproc=2"], GPU8, {**TINY, "quantization_config": {"quant_method": "gptq"}}, "pre-quantized GPTQ"),
-    (["dist.strategy=fsdp", "dist.nproc=2"], GPU8, {**TINY, "quantization_config": {"quant_method": "awq"}}, "pre-quantized AWQ"),
-    (["dist.strategy=zero3", "dist.nproc=2", "quant.mode=int8"], GPU8, TINY, "quant.mode: int8"),
-    (["dist.strategy=fsdp", "dist.nproc=2", "quant.storage_dtype=uint8"], GPU8, TINY, "quant.storage_dtype: uint8"),
-    (["dist.strategy=fsdp", "dist.nproc=2", "quant.storage_dtype=float16", "model.dtype=bfloat16"], GPU8, TINY,
-     "must equal model.dtype"),
-    (["dist.strategy=fsdp", "dist.nproc=2", "peft.method=prompt_tuning"], GPU8, TINY, "peft.method: prompt_tuning"),
-])
+@pytest.mark.parametrize(
+    "overrides,machine,cfg,needle",
+    [
+        (
+            ["dist.strategy=zero3", "dist.nproc=2", "model.device_map=auto"],
+            GPU8,
+            TINY,
+            "model.device_map: must be unset",
+        ),
+        (
+            ["dist.strategy=fsdp", "dist.nproc=2", "model.device_map={'': 0}"],
+            GPU8,
+            TINY,
+            "model.device_map: must be unset",
+        ),
+        (["dist.strategy=ddp", "dist.nproc=2", "model.device_map=auto"], GPU8, TINY, "silently collapses"),
+        (
+            ["dist.strategy=ddp", "dist.nproc=4"],
+            placement.Machine(2, 80),
+            TINY,
+            "dist.nproc: 4 processes per node but this node has 2",
+        ),
+        (["dist.strategy=fsdp", "dist.nproc=2"], CPU, TINY, "needs GPUs"),
+        (
+            ["dist.strategy=zero3", "dist.nproc=2"],
+            GPU8,
+            {**TINY, "quantization_config": {"quant_method": "gptq"}},
+            "pre-quantized GPTQ",
+        ),
+        (
+            ["dist.strategy=fsdp", "dist.nproc=2"],
+            GPU8,
+            {**TINY, "quantization_config": {"quant_method": "awq"}},
+            "pre-quantized AWQ",
+        ),
+        (["dist.strategy=zero3", "dist.nproc=2", "quant.mode=int8"], GPU8, TINY, "quant.mode: int8"),
+        (["dist.strategy=fsdp", "dist.nproc=2", "quant.storage_dtype=uint8"], GPU8, TINY, "quant.storage_dtype: uint8"),
+        (
+            ["dist.strategy=fsdp", "dist.nproc=2", "quant.storage_dtype=float16", "model.dtype=bfloat16"],
+            GPU8,
+            TINY,
+            "must equal model.dtype",
+        ),
+        (["dist.strategy=fsdp", "dist.nproc=2", "peft.method=prompt_tuning"], GPU8, TINY, "peft.method: prompt_tuning"),
+    ],
+)
 def test_refusals_name_the_field(overrides, machine, cfg, needle):
     found = problems(*overrides, machine=machine, cfg=cfg)
     assert any(needle in p for p in found), found
@@ -115,14 +152,17 @@ def _fake_gptq_model(tmp_path: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["dist.strategy=zero3", "dist.nproc=2", "model.device_map=auto"], "model.device_map: must be unset"),
-    (["dist.strategy=ddp", "dist.nproc=2", "model.device_map=auto"], "silently collapses"),
-    (["dist.strategy=fsdp", "dist.nproc=2"], "needs GPUs"),
-    (["dist.strategy=zero3", "dist.nproc=2", "quant.mode=int8"], "quant.mode: int8"),
-    (["dist.strategy=single", "dist.nproc=2"], "dist.strategy: single runs one process"),
-    (["dist.strategy=zero3", "dist.nproc=2", "GPTQ"], "pre-quantized GPTQ"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["dist.strategy=zero3", "dist.nproc=2", "model.device_map=auto"], "model.device_map: must be unset"),
+        (["dist.strategy=ddp", "dist.nproc=2", "model.device_map=auto"], "silently collapses"),
+        (["dist.strategy=fsdp", "dist.nproc=2"], "needs GPUs"),
+        (["dist.strategy=zero3", "dist.nproc=2", "quant.mode=int8"], "quant.mode: int8"),
+        (["dist.strategy=single", "dist.nproc=2"], "dist.strategy: single runs one process"),
+        (["dist.strategy=zero3", "dist.nproc=2", "GPTQ"], "pre-quantized GPTQ"),
+    ],
+)
 def test_cli_refuses_before_loading(args, needle, tmp_path):
     if "GPTQ" in args:
         args = [a for a in args if a != "GPTQ"] + [f"model.name={_fake_gptq_model(tmp_path)}"]

@@ -13,8 +13,18 @@ from launcher import planner
 from launcher.planner import PRESETS, Setup, estimate
 
 # Published parameter counts (billions).
-PUBLISHED = {"llama-7b": 6.74, "llama-13b": 13.02, "llama-33b": 32.53, "llama-65b": 65.29, "llama-2-70b": 68.98,
-             "llama-3-8b": 8.03, "llama-3-70b": 70.55, "mistral-7b": 7.24, "qwen2.5-7b": 7.62, "qwen2.5-72b": 72.71}
+PUBLISHED = {
+    "llama-7b": 6.74,
+    "llama-13b": 13.02,
+    "llama-33b": 32.53,
+    "llama-65b": 65.29,
+    "llama-2-70b": 68.98,
+    "llama-3-8b": 8.03,
+    "llama-3-70b": 70.55,
+    "mistral-7b": 7.24,
+    "qwen2.5-7b": 7.62,
+    "qwen2.5-72b": 72.71,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -27,13 +37,17 @@ def test_qlora_paper_7b_base_reference():
     p = estimate(PRESETS["llama-7b"], "single", Setup())
     base_bytes = (p.device["weights_4bit"] + p.device["unquantized_params"]) * 2**30
     assert base_bytes / 5048e6 == pytest.approx(1.0, abs=0.15)
-    assert p.device["weights_4bit"] * 2**30 * 8 / PRESETS["llama-7b"].quantized_params == pytest.approx(4.127, abs=0.001)
+    assert p.device["weights_4bit"] * 2**30 * 8 / PRESETS["llama-7b"].quantized_params == pytest.approx(
+        4.127, abs=0.001
+    )
 
 
 @pytest.mark.parametrize("strategy", planner.STRATEGIES)
 def test_monotone_in_model_size_batch_and_sequence(strategy):
     s = Setup(gpus_per_node=4)
-    sizes = [estimate(PRESETS[n], strategy, s).device_total for n in ("llama-7b", "llama-13b", "llama-33b", "llama-65b")]
+    sizes = [
+        estimate(PRESETS[n], strategy, s).device_total for n in ("llama-7b", "llama-13b", "llama-33b", "llama-65b")
+    ]
     assert sizes == sorted(sizes) and len(set(sizes)) == 4
     arch = PRESETS["llama-13b"]
     batches = [estimate(arch, strategy, replace(s, micro_batch=b)).device_total for b in (1, 2, 4, 8)]
@@ -80,12 +94,15 @@ def test_largest_micro_batch_is_the_boundary():
     assert estimate(arch, "single", replace(s, micro_batch=best + 1)).device_total > 24.0
 
 
-@pytest.mark.parametrize("preset, gpus, gb, expected", [
-    ("llama-7b", 8, 80, "ddp"),  # a replica fits: least communication
-    ("llama-65b", 1, 48, "single"),  # the QLoRA paper's 65B on one 48 GB GPU
-    ("llama-2-70b", 2, 24, "fsdp"),  # does not fit one 24 GB GPU; split over two it does
-    ("llama-2-70b", 1, 24, "fsdp_offload"),  # only with the weights in CPU RAM
-])
+@pytest.mark.parametrize(
+    "preset, gpus, gb, expected",
+    [
+        ("llama-7b", 8, 80, "ddp"),  # a replica fits: least communication
+        ("llama-65b", 1, 48, "single"),  # the QLoRA paper's 65B on one 48 GB GPU
+        ("llama-2-70b", 2, 24, "fsdp"),  # does not fit one 24 GB GPU; split over two it does
+        ("llama-2-70b", 1, 24, "fsdp_offload"),  # only with the weights in CPU RAM
+    ],
+)
 def test_recommendations(preset, gpus, gb, expected):
     s = Setup(gpus_per_node=gpus, micro_batch=1, seq_len=512)
     best, why = planner.recommend(planner.plan_all(PRESETS[preset], s, gb, 512))
@@ -100,8 +117,17 @@ def test_nothing_fits_says_what_to_change():
 
 
 def test_plan_command_text_and_json():
-    res = run_cli("plan", "--model", "llama-65b", "--gpus-per-node", "1", "--gpu-memory", "48GB",
-                  "train.micro_batch_size=1", "data.max_seq_len=512")
+    res = run_cli(
+        "plan",
+        "--model",
+        "llama-65b",
+        "--gpus-per-node",
+        "1",
+        "--gpu-memory",
+        "48GB",
+        "train.micro_batch_size=1",
+        "data.max_seq_len=512",
+    )
     assert res.returncode == 0, res.stderr
     for word in ("weights_4bit", "activations", "optimizer_states", "largest micro batch", "recommended: single"):
         assert word in res.stdout
@@ -125,8 +151,14 @@ def test_auto_strategy_uses_the_planner():
     from launcher import placement
     from launcher.recipe import load_recipe
 
-    cfg = {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
-           "num_key_value_heads": 8, "vocab_size": 32000}
+    cfg = {
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+    }
     two = load_recipe(None, ["dist.nproc=2", "train.micro_batch_size=1", "data.max_seq_len=512"])
     assert placement.resolve_strategy(two, placement.Machine(2, 80), cfg) == "ddp"
     assert placement.resolve_strategy(two, placement.Machine(2, 24), cfg) == "fsdp"
@@ -134,8 +166,9 @@ def test_auto_strategy_uses_the_planner():
 
 @pytest.mark.slow
 def test_planned_within_15_percent_of_measured_on_cpu():
-    res = subprocess.run([sys.executable, str(ROOT / "bench/plan_vs_measured.py")], capture_output=True, text=True,
-                         timeout=900)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "bench/plan_vs_measured.py")], capture_output=True, text=True, timeout=900
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert {r["size"] for r in rows} == {"tiny", "100m"}

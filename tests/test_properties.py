@@ -23,14 +23,34 @@ from launcher.userio import dump_yaml
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 GOOD = "model:\n  name: builtin:tiny-llama\ndata:\n  path: builtin:arithmetic\n"
 # Text that reaches the edges: controls, quotes, shell and YAML syntax, non-ASCII, surrogates excluded.
-NASTY = st.text(st.one_of(st.sampled_from(list("\n\r\t\x00\x0b\x1b '\"\\`$;&|<>(){}[]*!#%:,-=.~@ ")),
-                          st.characters(codec="utf-8")), max_size=40)
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                    max_leaves=12)
-KEYS = st.sampled_from(["model.name", "train.lr", "train.epochs", "slurm.time", "slurm.constraint", "peft.r",
-                        "data.path", "train.output_dir", "slurm.sbatch_extra.x", "peft.target_modules", "lora.r",
-                        "dist.strategy", "train.max_grad_norm", "slurm.partition", "model.device_map"])
+NASTY = st.text(
+    st.one_of(st.sampled_from(list("\n\r\t\x00\x0b\x1b '\"\\`$;&|<>(){}[]*!#%:,-=.~@ ")), st.characters(codec="utf-8")),
+    max_size=40,
+)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+KEYS = st.sampled_from(
+    [
+        "model.name",
+        "train.lr",
+        "train.epochs",
+        "slurm.time",
+        "slurm.constraint",
+        "peft.r",
+        "data.path",
+        "train.output_dir",
+        "slurm.sbatch_extra.x",
+        "peft.target_modules",
+        "lora.r",
+        "dist.strategy",
+        "train.max_grad_norm",
+        "slurm.partition",
+        "model.device_map",
+    ]
+)
 
 
 def _recipe_or_user_error(fn):
@@ -62,8 +82,11 @@ def test_any_recipe_bytes_are_a_recipe_or_a_user_error(tmp_path, blob):
 
 
 @SETTINGS
-@given(tree=st.dictionaries(st.sampled_from(["model", "data", "train", "slurm", "peft", "lora", "dist", "x"]), JSON,
-                            max_size=5))
+@given(
+    tree=st.dictionaries(
+        st.sampled_from(["model", "data", "train", "slurm", "peft", "lora", "dist", "x"]), JSON, max_size=5
+    )
+)
 def test_any_yaml_structure_is_a_recipe_or_a_user_error(tmp_path, tree):
     path = tmp_path / "r.yaml"
     path.write_text(dump_yaml({"model": {"name": "m"}, "data": {"path": "p"}, **tree}))
@@ -97,10 +120,19 @@ def tokenizer():
 
 
 @SETTINGS
-@given(rows=st.lists(st.dictionaries(st.sampled_from(["prompt", "completion", "messages", "text", "instruction",
-                                                      "output", "input"]), JSON, min_size=1, max_size=4),
-                     min_size=1, max_size=4),
-       fmt=st.sampled_from(["auto", "prompt_completion", "alpaca", "chat", "text"]))
+@given(
+    rows=st.lists(
+        st.dictionaries(
+            st.sampled_from(["prompt", "completion", "messages", "text", "instruction", "output", "input"]),
+            JSON,
+            min_size=1,
+            max_size=4,
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    fmt=st.sampled_from(["auto", "prompt_completion", "alpaca", "chat", "text"]),
+)
 def test_any_samples_tokenize_or_give_a_user_error(tokenizer, rows, fmt):
     cfg = DataCfg(path="x.jsonl", format=fmt, max_seq_len=64)
     try:
@@ -114,8 +146,18 @@ def test_any_samples_tokenize_or_give_a_user_error(tokenizer, rows, fmt):
 
 # --- generated scripts ------------------------------------------------------------------------
 
-SCRIPT_FIELDS = ["slurm.partition", "slurm.account", "slurm.qos", "slurm.constraint", "slurm.mem", "slurm.job_name",
-                 "slurm.time", "train.output_dir", "slurm.sbatch_extra.comment", "slurm.sbatch_extra"]
+SCRIPT_FIELDS = [
+    "slurm.partition",
+    "slurm.account",
+    "slurm.qos",
+    "slurm.constraint",
+    "slurm.mem",
+    "slurm.job_name",
+    "slurm.time",
+    "train.output_dir",
+    "slurm.sbatch_extra.comment",
+    "slurm.sbatch_extra",
+]
 SAFE = {"slurm.time": "01:00:00", "train.output_dir": "/tmp/safe-run", "slurm.sbatch_extra": {"comment": "x"}}
 
 
@@ -147,8 +189,11 @@ def _shape_of(script: str) -> list:
 
 
 @SETTINGS
-@given(field=st.sampled_from(SCRIPT_FIELDS), value=NASTY | st.text(string.printable, max_size=30),
-       setup=st.lists(st.sampled_from(["module load cuda", "source env.sh; echo 'a b'"]), max_size=2))
+@given(
+    field=st.sampled_from(SCRIPT_FIELDS),
+    value=NASTY | st.text(string.printable, max_size=30),
+    setup=st.lists(st.sampled_from(["module load cuda", "source env.sh; echo 'a b'"]), max_size=2),
+)
 def test_rendered_scripts_never_gain_a_line_or_a_word(field, value, setup):
     if field == "slurm.sbatch_extra":
         value = {value: "1"}

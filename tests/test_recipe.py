@@ -1,6 +1,5 @@
 """Schema: examples validate, broken recipes fail at once with exit 2 and the dotted path."""
 
-
 import pytest
 
 from conftest import ROOT, run_cli
@@ -25,7 +24,9 @@ def test_there_are_examples():
 
 
 def test_overrides_apply_with_types():
-    r = load_recipe(None, ["train.lr=1e-4", "peft.r=32", "peft.target_modules=[q_proj,v_proj]", "data.max_samples=null"])
+    r = load_recipe(
+        None, ["train.lr=1e-4", "peft.r=32", "peft.target_modules=[q_proj,v_proj]", "data.max_samples=null"]
+    )
     assert r.train.lr == 1e-4 and r.peft.r == 32 and r.peft.target_modules == ["q_proj", "v_proj"]
     assert r.data.max_samples is None
 
@@ -63,7 +64,11 @@ def test_missing_required_and_bad_literal(tmp_path):
 
 
 def test_cross_field_checks(tmp_path):
-    msg = _problems(tmp_path, BASE, "peft.method=prefix_tuning", )
+    msg = _problems(
+        tmp_path,
+        BASE,
+        "peft.method=prefix_tuning",
+    )
     assert "train.gradient_checkpointing=false" in msg
     assert "quant.mode=none" in _problems(tmp_path, BASE, "peft.method=loha")
     assert "dist.strategy" in _problems(tmp_path, BASE, "dist.strategy=single", "dist.nproc=2")
@@ -85,12 +90,15 @@ def test_fields_describe_every_key():
         assert key in text
 
 
-@pytest.mark.parametrize("args, path", [
-    (["train", "train.lr=-1"], "train.lr"),
-    (["train", "train.mirco_batch_size=1"], "did you mean train.micro_batch_size?"),
-    (["validate", "missing.yaml"], "recipe file not found"),
-    (["train", "peft.method=loha"], "peft.method"),
-])
+@pytest.mark.parametrize(
+    "args, path",
+    [
+        (["train", "train.lr=-1"], "train.lr"),
+        (["train", "train.mirco_batch_size=1"], "did you mean train.micro_batch_size?"),
+        (["validate", "missing.yaml"], "recipe file not found"),
+        (["train", "peft.method=loha"], "peft.method"),
+    ],
+)
 def test_cli_exit_2_one_line_and_nothing_written(tmp_path, args, path):
     res = run_cli(*args, f"train.output_dir={tmp_path / 'out'}" if args[0] == "train" else "train.seed=1", cwd=tmp_path)
     assert res.returncode == 2, res.stderr

@@ -11,8 +11,16 @@ from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["train.max_steps=40", "train.save_every=20", "train.keep_checkpoints=5", "train.eval_every=20",
-          "train.grad_accum=2", "train.micro_batch_size=16", "peft.dropout=0.1", "data.max_samples=600"]
+COMMON = [
+    "train.max_steps=40",
+    "train.save_every=20",
+    "train.keep_checkpoints=5",
+    "train.eval_every=20",
+    "train.grad_accum=2",
+    "train.micro_batch_size=16",
+    "peft.dropout=0.1",
+    "data.max_samples=600",
+]
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
@@ -34,22 +42,38 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-5)
     summary = json.loads((b / "summary.json").read_text())
     assert summary["restarts"] == 1 and summary["steps"] == 40
-    steps = [json.loads(line)["step"] for line in (b / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (b / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert steps == [30, 40]  # continues the numbering, no repeated steps
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
-    res = run_cli("train", f"train.output_dir={tmp_path / 'r'}", "train.max_steps=3", "train.warmup_steps=0",
-                  "data.max_samples=200", "--resume")
+    res = run_cli(
+        "train",
+        f"train.output_dir={tmp_path / 'r'}",
+        "train.max_steps=3",
+        "train.warmup_steps=0",
+        "data.max_samples=200",
+        "--resume",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "r/summary.json").read_text())["restarts"] == 0
 
 
 def test_two_process_ddp_on_cpu(tmp_path):
     run = tmp_path / "ddp"
-    res = run_cli("train", "dist.nproc=2", f"train.output_dir={run}", "train.max_steps=6", "train.warmup_steps=0",
-                  "train.eval_every=6", "data.max_samples=400")
+    res = run_cli(
+        "train",
+        "dist.nproc=2",
+        f"train.output_dir={run}",
+        "train.max_steps=6",
+        "train.warmup_steps=0",
+        "train.eval_every=6",
+        "data.max_samples=400",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["strategy"] == "ddp" and summary["steps"] == 6
@@ -64,9 +88,19 @@ def test_usr2_checkpoints_and_exits_3_then_resume_finishes(tmp_path):
     import time
 
     run = tmp_path / "r"
-    args = [sys.executable, "-m", "launcher", "train", f"train.output_dir={run}", "train.max_steps=400",
-            "train.log_every=1", "train.save_every=1000", "train.eval_every=1000", "train.warmup_steps=0",
-            "data.max_samples=300"]
+    args = [
+        sys.executable,
+        "-m",
+        "launcher",
+        "train",
+        f"train.output_dir={run}",
+        "train.max_steps=400",
+        "train.log_every=1",
+        "train.save_every=1000",
+        "train.eval_every=1000",
+        "train.warmup_steps=0",
+        "data.max_samples=300",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not ((run / "metrics.jsonl").exists() and '"loss"' in (run / "metrics.jsonl").read_text()):
@@ -79,12 +113,20 @@ def test_usr2_checkpoints_and_exits_3_then_resume_finishes(tmp_path):
     assert stopped["signal"] == "SIGUSR2" and 1 <= stopped["step"] < 400
     assert "--resume" in err and "Traceback" not in err
     assert (run / "checkpoints" / f"step_{stopped['step']:07d}" / "COMPLETE").exists()
-    res = run_cli("train", f"train.output_dir={run}", f"train.max_steps={stopped['step'] + 2}", "train.log_every=1",
-                  "train.save_every=1000", "train.eval_every=1000", "train.warmup_steps=0", "data.max_samples=300",
-                  "--resume")
+    res = run_cli(
+        "train",
+        f"train.output_dir={run}",
+        f"train.max_steps={stopped['step'] + 2}",
+        "train.log_every=1",
+        "train.save_every=1000",
+        "train.eval_every=1000",
+        "train.warmup_steps=0",
+        "data.max_samples=300",
+        "--resume",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert not (run / "interrupted.json").exists()
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "\"loss\"" in line]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert steps == list(range(1, stopped["step"] + 3))
 
 
@@ -102,17 +144,28 @@ def test_a_killed_rank_is_one_line_naming_it_the_checkpoint_and_the_resume_comma
     from launcher import checkpoint
 
     run = tmp_path / "run"
-    args = ["dist.nproc=2", f"train.output_dir={run}", "train.max_steps=5000", "train.save_every=4",
-            "train.warmup_steps=0", "train.eval_every=5000", "data.max_samples=400"]
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = [
+        "dist.nproc=2",
+        f"train.output_dir={run}",
+        "train.max_steps=5000",
+        "train.save_every=4",
+        "train.warmup_steps=0",
+        "train.eval_every=5000",
+        "data.max_samples=400",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 300
         while checkpoint.newest(run) is None and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
         assert checkpoint.newest(run) is not None, proc.communicate(timeout=60)[1][-3000:]
-        victim = next(p for p in psutil.Process(proc.pid).children(recursive=True)
-                      if "launcher.train" in " ".join(p.cmdline()) and p.environ().get("LOCAL_RANK") == "1")
+        victim = next(
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "launcher.train" in " ".join(p.cmdline()) and p.environ().get("LOCAL_RANK") == "1"
+        )
         victim.send_signal(signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
     finally:

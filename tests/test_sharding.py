@@ -14,8 +14,17 @@ def test_fsdp2_wrapping_of_4bit_lora_on_cpu(tmp_path):
     """torch fully_shard over gloo, 2 ranks, 3 steps; equals an unsharded run on both ranks' batches."""
     from launcher.cli import _free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(ROOT / "tests/helpers/fsdp_cpu.py"), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "tests/helpers/fsdp_cpu.py"),
+        str(tmp_path),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -40,8 +49,18 @@ def test_fsdp2_ram_efficient_load(big, tmp_path):
 
         build_model(tmp_path / "model", 16, 1024)
         model_dir = [str(tmp_path / "model")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(ROOT / "tests/helpers/fsdp_lowmem.py"), str(tmp_path), *model_dir]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "tests/helpers/fsdp_lowmem.py"),
+        str(tmp_path),
+        *model_dir,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

@@ -22,8 +22,15 @@ import slurm_cluster  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
-TRAIN = ["train.warmup_steps=0", "data.max_samples=240", "train.micro_batch_size=8", "--gpus-per-node", "0",
-         "--time", "15"]
+TRAIN = [
+    "train.warmup_steps=0",
+    "data.max_samples=240",
+    "train.micro_batch_size=8",
+    "--gpus-per-node",
+    "0",
+    "--time",
+    "15",
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +70,17 @@ def _train_steps(run: Path) -> list[int]:
 
 def test_two_node_ddp_job(cluster, tmp_path):
     run = tmp_path / "run"
-    res = run_cli("submit", f"train.output_dir={run}", "train.max_steps=4", "train.eval_every=4", *TRAIN,
-                  "--nodes", "2", "--wait", timeout=900)
+    res = run_cli(
+        "submit",
+        f"train.output_dir={run}",
+        "train.max_steps=4",
+        "train.eval_every=4",
+        *TRAIN,
+        "--nodes",
+        "2",
+        "--wait",
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:] + _logs(run)[-4000:]
     assert "submitted job" in res.stdout and "COMPLETED" in res.stdout
     logs = _logs(run)
@@ -90,8 +106,20 @@ def test_two_node_ddp_job(cluster, tmp_path):
 
 def test_array_sweep_and_report(cluster, tmp_path):
     sweep = tmp_path / "sweep"
-    res = run_cli("sweep", "train.max_steps=3", "train.eval_every=3", *TRAIN, "--launch", "task",
-                  "--grid", "micro_batch=4,8", "--out", sweep, "--wait", timeout=900)
+    res = run_cli(
+        "sweep",
+        "train.max_steps=3",
+        "train.eval_every=3",
+        *TRAIN,
+        "--launch",
+        "task",
+        "--grid",
+        "micro_batch=4,8",
+        "--out",
+        sweep,
+        "--wait",
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "2 runs in 1 array(s)" in res.stdout
     results = sorted(json.loads(p.read_text())["micro_batch_size"] for p in sweep.glob("p*/result.json"))
@@ -121,9 +149,18 @@ def _interrupted_run_finishes(tmp_path, interrupt, total: int = 60) -> tuple[Pat
     from launcher import slurm
 
     run = tmp_path / "run"
-    res = run_cli("submit", f"train.output_dir={run}", f"train.max_steps={total}", "train.log_every=1",
-                  "train.save_every=1000", "train.eval_every=1000", "data.log_sample_ids=true", *TRAIN,
-                  "--nodes", "2")
+    res = run_cli(
+        "submit",
+        f"train.output_dir={run}",
+        f"train.max_steps={total}",
+        "train.log_every=1",
+        "train.save_every=1000",
+        "train.eval_every=1000",
+        "data.log_sample_ids=true",
+        *TRAIN,
+        "--nodes",
+        "2",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     job = _job_ids(run)[0]
     _wait_for(lambda: (run / "metrics.jsonl").exists() and len(_train_steps(run)) >= 3, 300, "3 training steps")
@@ -163,17 +200,22 @@ def _interrupted_run_finishes(tmp_path, interrupt, total: int = 60) -> tuple[Pat
 def test_time_limit_signal_requeues_and_resumes(cluster, tmp_path):
     """USR2 as Slurm sends it before the time limit (`--signal=USR2@T` delivers it to every
     process of the job): checkpoint, requeue through submitit, resume, finish."""
-    _, logs = _interrupted_run_finishes(tmp_path, lambda job: subprocess.run(["scancel", "--signal=USR2", job],
-                                                                             check=True))
+    _, logs = _interrupted_run_finishes(
+        tmp_path, lambda job: subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    )
     assert "(SIGUSR2)" in logs and "Requeued job" in logs
 
 
 def test_preemption_requeues_and_resumes(cluster, tmp_path):
     """A job in partition `urgent` preempts ours (PreemptMode=REQUEUE): Slurm sends SIGTERM, the
     ranks checkpoint within the grace time, and the requeued job resumes."""
+
     def preempt(job):
-        out = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N", "2", "--exclusive", "-o", "/dev/null",
-                              "--wrap", "sleep 5"], capture_output=True, text=True)
+        out = subprocess.run(
+            ["sbatch", "--parsable", "-p", "urgent", "-N", "2", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 5"],
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 0, out.stderr
 
     _, logs = _interrupted_run_finishes(tmp_path, preempt, total=150)  # Slurm takes seconds to preempt
@@ -183,8 +225,16 @@ def test_preemption_requeues_and_resumes(cluster, tmp_path):
 def test_plain_sbatch_script_runs_two_nodes(cluster, tmp_path):
     """The plain sbatch equivalent (what users who prefer sbatch get) trains across both nodes."""
     run = tmp_path / "plain"
-    res = run_cli("submit", f"train.output_dir={run}", "train.max_steps=3", "train.eval_every=3", *TRAIN,
-                  "--nodes", "2", "--dry-run")
+    res = run_cli(
+        "submit",
+        f"train.output_dir={run}",
+        "train.max_steps=3",
+        "train.eval_every=3",
+        *TRAIN,
+        "--nodes",
+        "2",
+        "--dry-run",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     out = subprocess.run(["sbatch", "--parsable", str(run / "slurm/plain.sbatch")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -204,20 +254,40 @@ def test_time_limit_requeues_are_bounded_and_nothing_is_lost(cluster, tmp_path):
     job ends FAILED after checkpointing; `submit --resume` then finishes the run from there."""
 
     run = tmp_path / "run"
-    common = [f"train.output_dir={run}", "train.log_every=1", "train.save_every=1000", "train.eval_every=1000",
-              "train.warmup_steps=0", "data.max_samples=240", "train.micro_batch_size=8", "--gpus-per-node", "0"]
+    common = [
+        f"train.output_dir={run}",
+        "train.log_every=1",
+        "train.save_every=1000",
+        "train.eval_every=1000",
+        "train.warmup_steps=0",
+        "data.max_samples=240",
+        "train.micro_batch_size=8",
+        "--gpus-per-node",
+        "0",
+    ]
     # The run is far longer than the limit whatever the machine's speed (400 steps once finished in 12 s,
     # before Slurm's periodic limit check sent the signal); USR2 comes 110 s before the limit, and a
     # USR2 lost in start-up still leaves the limit's own SIGTERM (Reason=TimeLimit), handled the same way.
-    res = run_cli("submit", *common, "train.max_steps=100000", "slurm.signal_delay_s=110", "--time", "2",
-                  "--max-timeout-requeues", "0", "--wait", timeout=400)
+    res = run_cli(
+        "submit",
+        *common,
+        "train.max_steps=100000",
+        "slurm.signal_delay_s=110",
+        "--time",
+        "2",
+        "--max-timeout-requeues",
+        "0",
+        "--wait",
+        timeout=400,
+    )
     logs = _logs(run)
     assert res.returncode == 1 and "FAILED" in res.stdout + res.stderr, res.stdout + res.stderr + logs[-3000:]
     assert "timed-out too many times" in logs and "Requeued job" not in logs
     stopped = json.loads((run / "interrupted.json").read_text())["step"]
     assert (run / "checkpoints" / f"step_{stopped:07d}" / "COMPLETE").exists()
-    res = run_cli("submit", *common, f"train.max_steps={stopped + 3}", "--time", "10", "--resume", "--wait",
-                  timeout=400)
+    res = run_cli(
+        "submit", *common, f"train.max_steps={stopped + 3}", "--time", "10", "--resume", "--wait", timeout=400
+    )
     assert res.returncode == 0, res.stdout + res.stderr + _logs(run)[-3000:]
     assert json.loads((run / "summary.json").read_text())["restarts"] == 1
     assert _train_steps(run) == list(range(1, stopped + 4))
@@ -230,8 +300,7 @@ def test_scancel_ends_the_job_cancelled_with_its_checkpoint(cluster, tmp_path):
     from launcher import slurm
 
     run = tmp_path / "run"
-    common = [f"train.output_dir={run}", "train.log_every=1", "train.save_every=1000", "train.eval_every=1000",
-              *TRAIN]
+    common = [f"train.output_dir={run}", "train.log_every=1", "train.save_every=1000", "train.eval_every=1000", *TRAIN]
     res = run_cli("submit", *common, "train.max_steps=3000", "--nodes", "2")
     assert res.returncode == 0, res.stderr[-2000:]
     job = _job_ids(run)[0]
@@ -247,8 +316,9 @@ def test_scancel_ends_the_job_cancelled_with_its_checkpoint(cluster, tmp_path):
     stopped = json.loads((run / "interrupted.json").read_text())
     assert stopped["signal"] == "SIGTERM"
     assert (run / "checkpoints" / f"step_{stopped['step']:07d}" / "COMPLETE").exists()
-    res = run_cli("submit", *common, f"train.max_steps={stopped['step'] + 2}", "--nodes", "2", "--resume", "--wait",
-                  timeout=600)
+    res = run_cli(
+        "submit", *common, f"train.max_steps={stopped['step'] + 2}", "--nodes", "2", "--resume", "--wait", timeout=600
+    )
     assert res.returncode == 0, res.stdout + res.stderr + _logs(run)[-3000:]
     assert _train_steps(run) == list(range(1, stopped["step"] + 3))
 
@@ -260,16 +330,31 @@ def test_usr2_while_the_task_starts_is_not_lost(cluster, tmp_path):
     from launcher import slurm
 
     run = tmp_path / "run"
-    res = run_cli("submit", f"train.output_dir={run}", "train.max_steps=3000", "train.log_every=1",
-                  "train.save_every=1000", "train.eval_every=1000", "data.max_samples=240", "train.warmup_steps=0",
-                  "train.micro_batch_size=8", "--gpus-per-node", "0", "--time", "3", "--max-timeout-requeues", "0")
+    res = run_cli(
+        "submit",
+        f"train.output_dir={run}",
+        "train.max_steps=3000",
+        "train.log_every=1",
+        "train.save_every=1000",
+        "train.eval_every=1000",
+        "data.max_samples=240",
+        "train.warmup_steps=0",
+        "train.micro_batch_size=8",
+        "--gpus-per-node",
+        "0",
+        "--time",
+        "3",
+        "--max-timeout-requeues",
+        "0",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     job = _job_ids(run)[0]
 
     def step_started():
         out = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i"], capture_output=True, text=True).stdout
-        return any(line.strip().startswith(f"{job}.") and not line.strip().endswith(".batch")
-                   for line in out.splitlines())
+        return any(
+            line.strip().startswith(f"{job}.") and not line.strip().endswith(".batch") for line in out.splitlines()
+        )
 
     _wait_for(step_started, 120, "the job's first step")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)

@@ -23,10 +23,35 @@ def _launch_lines(out: str) -> list[str]:
 
 
 def test_dry_run_four_nodes_eight_gpus(tmp_path):
-    out = _dry(tmp_path, "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--time", "1-00:00:00",
-               "--account", "proj", "--setup", "module load cuda/12.4", "--sbatch", "exclusive=true")
-    for flag in ("--nodes=4", "--gpus-per-node=8", "--ntasks-per-node=1", "--partition=gpu", "--account=proj",
-                 "--time=1440", "--open-mode=append", "--signal=USR2@120", "--requeue", "--exclusive"):
+    out = _dry(
+        tmp_path,
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--partition",
+        "gpu",
+        "--time",
+        "1-00:00:00",
+        "--account",
+        "proj",
+        "--setup",
+        "module load cuda/12.4",
+        "--sbatch",
+        "exclusive=true",
+    )
+    for flag in (
+        "--nodes=4",
+        "--gpus-per-node=8",
+        "--ntasks-per-node=1",
+        "--partition=gpu",
+        "--account=proj",
+        "--time=1440",
+        "--open-mode=append",
+        "--signal=USR2@120",
+        "--requeue",
+        "--exclusive",
+    ):
         assert f"#SBATCH {flag}\n" in out, flag
     assert "module load cuda/12.4" in out
     launches = _launch_lines(out)
@@ -63,14 +88,17 @@ def test_dry_run_one_task_per_gpu(tmp_path):
     assert "$SLURM_PROCID" in (tmp_path / "run/slurm/plain.sbatch").read_text()
 
 
-@pytest.mark.parametrize("args, field", [
-    (["dist.nproc=4", "--gpus-per-node", "8"], "dist.nproc"),
-    (["dist.nnodes=3", "--nodes", "2"], "dist.nnodes"),
-    (["--sbatch", "ntasks-per-node=4"], "slurm.sbatch_extra.ntasks-per-node"),
-    (["--time", "soon"], "slurm.time"),
-    (["--launch", "node", "--nodes", "0"], "slurm.nodes"),
-    (["--sbatch", "=x"], "--sbatch"),
-])
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["dist.nproc=4", "--gpus-per-node", "8"], "dist.nproc"),
+        (["dist.nnodes=3", "--nodes", "2"], "dist.nnodes"),
+        (["--sbatch", "ntasks-per-node=4"], "slurm.sbatch_extra.ntasks-per-node"),
+        (["--time", "soon"], "slurm.time"),
+        (["--launch", "node", "--nodes", "0"], "slurm.nodes"),
+        (["--sbatch", "=x"], "--sbatch"),
+    ],
+)
 def test_mismatches_refused_before_submitting(tmp_path, args, field):
     res = run_cli("submit", f"train.output_dir={tmp_path / 'run'}", *args, "--dry-run")
     assert res.returncode == 2 and field in res.stderr, res.stderr
@@ -106,13 +134,27 @@ def test_ports_and_times():
 
 
 def test_sweep_dry_run_groups_arrays_by_allocation(tmp_path):
-    res = run_cli("sweep", "--gpus-per-node", "8", "--grid", "nodes=1,2", "--grid", "micro_batch=4,8",
-                  "--out", tmp_path / "sw", "--dry-run")
+    res = run_cli(
+        "sweep",
+        "--gpus-per-node",
+        "8",
+        "--grid",
+        "nodes=1,2",
+        "--grid",
+        "micro_batch=4,8",
+        "--out",
+        tmp_path / "sw",
+        "--dry-run",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "4 runs in 2 array(s)" in res.stdout
     runs = sorted(p.name for p in (tmp_path / "sw").iterdir() if p.name.startswith("p"))
-    assert runs == ["p000-nodes1-micro_batch4", "p001-nodes1-micro_batch8", "p002-nodes2-micro_batch4",
-                    "p003-nodes2-micro_batch8"]
+    assert runs == [
+        "p000-nodes1-micro_batch4",
+        "p001-nodes1-micro_batch8",
+        "p002-nodes2-micro_batch4",
+        "p003-nodes2-micro_batch8",
+    ]
     assert load_recipe(str(tmp_path / "sw" / runs[3] / "recipe.yaml")).train.micro_batch_size == 8
 
 
@@ -125,34 +167,59 @@ def test_sweep_refuses_invalid_points_before_submitting(tmp_path):
 def test_committed_plain_sbatch_is_regenerated_exactly(tmp_path):
     res = subprocess.run(["bash", "slurm/regenerate.sh", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert (tmp_path / "qlora.sbatch").read_text() == (ROOT / "slurm/qlora.sbatch").read_text(), \
+    assert (tmp_path / "qlora.sbatch").read_text() == (ROOT / "slurm/qlora.sbatch").read_text(), (
         "slurm/qlora.sbatch is stale: run bash slurm/regenerate.sh"
+    )
     recipe = load_recipe(str(ROOT / "slurm/example-cluster.yaml"))
     assert recipe.slurm.nodes == 2 and recipe.slurm.sbatch_extra["exclusive"] is True
 
 
 def test_scaling_example_sweep_dry_run(tmp_path):
     models = "huggyllama/llama-7b,huggyllama/llama-13b,huggyllama/llama-30b,huggyllama/llama-65b"
-    res = run_cli("sweep", ROOT / "examples/scaling-7b-65b.yaml", "--grid", f"model={models}",
-                  "--grid", "nodes=1,2,4", "--out", tmp_path / "scaling", "--dry-run")
+    res = run_cli(
+        "sweep",
+        ROOT / "examples/scaling-7b-65b.yaml",
+        "--grid",
+        f"model={models}",
+        "--grid",
+        "nodes=1,2,4",
+        "--out",
+        tmp_path / "scaling",
+        "--dry-run",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "12 runs in 3 array(s)" in res.stdout  # one array per node count
     big = next((tmp_path / "scaling").glob("p*-modelllama-65b-nodes4"))
     recipe = load_recipe(str(big / "recipe.yaml"))
     assert (recipe.dist.nnodes, recipe.dist.nproc, recipe.dist.strategy) == (4, 8, "fsdp")
-    res = run_cli("plan", ROOT / "examples/scaling-7b-65b.yaml", "--model", "llama-65b", "--gpus-per-node", "8",
-                  "--json")
+    res = run_cli(
+        "plan", ROOT / "examples/scaling-7b-65b.yaml", "--model", "llama-65b", "--gpus-per-node", "8", "--json"
+    )
     fsdp = next(p for p in json.loads(res.stdout)["plans"] if p["strategy"] == "fsdp")
     assert fsdp["fits"]
 
 
 def test_report_table_efficiency_and_plots(tmp_path):
-    base = {"model": "m", "params": 7e9, "strategy": "fsdp", "micro_batch_size": 1, "seq_len": 2048,
-            "peak_mem_gb": 20.0, "step_s": 1.0, "final_loss": 1.0, "eval_loss": 1.1, "steps": 10, "restarts": 0}
+    base = {
+        "model": "m",
+        "params": 7e9,
+        "strategy": "fsdp",
+        "micro_batch_size": 1,
+        "seq_len": 2048,
+        "peak_mem_gb": 20.0,
+        "step_s": 1.0,
+        "final_loss": 1.0,
+        "eval_loss": 1.1,
+        "steps": 10,
+        "restarts": 0,
+    }
     for i, (world, tps) in enumerate([(8, 8000.0), (16, 15200.0), (32, 28800.0)]):
         (tmp_path / f"p{i}").mkdir()
-        (tmp_path / f"p{i}/result.json").write_text(json.dumps(
-            {**base, "run": f"p{i}", "world": world, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / world}))
+        (tmp_path / f"p{i}/result.json").write_text(
+            json.dumps(
+                {**base, "run": f"p{i}", "world": world, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / world}
+            )
+        )
     res = run_cli("report", tmp_path)
     assert res.returncode == 0, res.stderr
     rows = [line.split(" | ") for line in res.stdout.splitlines() if line.startswith("| p")]
@@ -168,17 +235,20 @@ def test_report_table_efficiency_and_plots(tmp_path):
     assert res.returncode == 2 and "no result.json" in res.stderr
 
 
-@pytest.mark.parametrize("signal_name,fields,cause", [
-    ("SIGUSR2", {"JobState": "RUNNING", "Restarts": "0"}, "time limit"),  # --signal ahead of the limit
-    ("SIGTERM", {"JobState": "RUNNING", "PreemptTime": "2026-11-24T05:37:57", "Restarts": "0"}, "preemption"),
-    ("SIGTERM", {"JobState": "COMPLETING", "Reason": "None", "Restarts": "1"}, "preemption"),  # Slurm requeued it
-    ("SIGTERM", {"JobState": "PENDING", "Restarts": "1"}, "preemption"),
-    ("SIGTERM", {"JobState": "COMPLETING", "Reason": "TimeLimit", "Restarts": "0"}, "time limit"),
-    ("SIGTERM", {"JobState": "TIMEOUT", "Restarts": "0"}, "time limit"),
-    ("SIGTERM", {"JobState": "COMPLETING", "Reason": "None", "Restarts": "0", "PreemptTime": "None"}, "cancelled"),
-    ("SIGTERM", {"JobState": "CANCELLED", "Restarts": "0"}, "cancelled"),
-    ("SIGTERM", {"JobState": "UNKNOWN"}, "preemption"),  # Slurm cannot be asked: requeue, lose nothing
-])
+@pytest.mark.parametrize(
+    "signal_name,fields,cause",
+    [
+        ("SIGUSR2", {"JobState": "RUNNING", "Restarts": "0"}, "time limit"),  # --signal ahead of the limit
+        ("SIGTERM", {"JobState": "RUNNING", "PreemptTime": "2026-11-24T05:37:57", "Restarts": "0"}, "preemption"),
+        ("SIGTERM", {"JobState": "COMPLETING", "Reason": "None", "Restarts": "1"}, "preemption"),  # Slurm requeued it
+        ("SIGTERM", {"JobState": "PENDING", "Restarts": "1"}, "preemption"),
+        ("SIGTERM", {"JobState": "COMPLETING", "Reason": "TimeLimit", "Restarts": "0"}, "time limit"),
+        ("SIGTERM", {"JobState": "TIMEOUT", "Restarts": "0"}, "time limit"),
+        ("SIGTERM", {"JobState": "COMPLETING", "Reason": "None", "Restarts": "0", "PreemptTime": "None"}, "cancelled"),
+        ("SIGTERM", {"JobState": "CANCELLED", "Restarts": "0"}, "cancelled"),
+        ("SIGTERM", {"JobState": "UNKNOWN"}, "preemption"),  # Slurm cannot be asked: requeue, lose nothing
+    ],
+)
 def test_stop_cause_from_what_slurm_says(signal_name, fields, cause):
     """As seen on the test cluster at the moment of SIGTERM (scontrol show job)."""
     from launcher.slurm import stop_cause
@@ -202,9 +272,17 @@ def test_task_starts_with_usr2_held(tmp_path):
     from launcher import slurm_boot
 
     probe = tmp_path / "probe.py"
-    probe.write_text("import os, signal, sys, time\nfrom launcher import slurm_boot\n"
-                     "os.kill(os.getpid(), signal.SIGUSR2)\ntime.sleep(0.2)\nprint(len(slurm_boot.EARLY), sys.argv[1:])\n")
+    probe.write_text(
+        "import os, signal, sys, time\nfrom launcher import slurm_boot\n"
+        "os.kill(os.getpid(), signal.SIGUSR2)\ntime.sleep(0.2)\nprint(len(slurm_boot.EARLY), sys.argv[1:])\n"
+    )
     cmd = f"{slurm_boot.command()} -u -m probe a b"
-    res = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"})
+    res = subprocess.run(
+        ["bash", "-c", cmd],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"},
+    )
     assert res.returncode == 0 and res.stdout.split() == ["1", "['a',", "'b']"], res.stdout + res.stderr

@@ -13,8 +13,16 @@ from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["dist.nproc=2", "train.max_steps=6", "train.warmup_steps=0", "data.max_samples=400", "train.eval_every=3",
-          "train.save_every=3", "data.log_sample_ids=true", "train.micro_batch_size=16"]
+COMMON = [
+    "dist.nproc=2",
+    "train.max_steps=6",
+    "train.warmup_steps=0",
+    "data.max_samples=400",
+    "train.eval_every=3",
+    "train.save_every=3",
+    "data.log_sample_ids=true",
+    "train.micro_batch_size=16",
+]
 _runs: dict = {}
 
 
@@ -25,9 +33,20 @@ def _launch(strategy: str, tmp_path_factory) -> tuple:
         res = run_cli("configs", f"dist.strategy={strategy}", "dist.nproc=2", "--out", base)
         assert res.returncode == 0, res.stderr
         run = base / "run"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(base / "accelerate_configs" / f"{strategy}.yaml"), "--main_process_port", "0",
-               "-m", "launcher.train", f"dist.strategy={strategy}", f"train.output_dir={run}", *COMMON]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(base / "accelerate_configs" / f"{strategy}.yaml"),
+            "--main_process_port",
+            "0",
+            "-m",
+            "launcher.train",
+            f"dist.strategy={strategy}",
+            f"train.output_dir={run}",
+            *COMMON,
+        ]
         _runs[strategy] = (run, subprocess.run(cmd, capture_output=True, text=True, timeout=600))
     return _runs[strategy]
 
@@ -75,22 +94,31 @@ def test_sharded_adapter_matches_ddp(strategy, tmp_path_factory):
 def test_zero3_adapter_loads_with_plain_peft(tmp_path_factory):
     run, res = _launch("zero3", tmp_path_factory)
     assert res.returncode == 0, res.stderr[-3000:]
-    probe = subprocess.run([sys.executable, "-c", f"""
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import json, torch
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
 from safetensors.torch import load_file
 from launcher.recipe import load_recipe
 from launcher.model import resolve_source
-r = load_recipe({str(run / 'recipe.yaml')!r})
+r = load_recipe({str(run / "recipe.yaml")!r})
 base = AutoModelForCausalLM.from_pretrained(resolve_source(r.model), dtype=torch.float32)
 m = PeftModel.from_pretrained(base, {str(run)!r})
-saved = load_file({str(run / 'adapter_model.safetensors')!r})
+saved = load_file({str(run / "adapter_model.safetensors")!r})
 state = {{k: v for k, v in m.state_dict().items() if 'lora_' in k}}
 assert len(state) == len(saved), (len(state), len(saved))
 b = [v for k, v in state.items() if 'lora_B' in k]
 print(json.dumps({{"n": len(state), "nonzero_B": sum(int(t.abs().sum() > 0) for t in b), "n_B": len(b)}}))
-"""], capture_output=True, text=True, timeout=300)
+""",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert probe.returncode == 0, probe.stderr[-3000:]
     out = json.loads(probe.stdout.strip().splitlines()[-1])
     assert out["n"] == 56 and out["nonzero_B"] == out["n_B"]  # lora_B starts at 0: every one trained
@@ -110,9 +138,21 @@ def test_packed_ddp_epoch_sees_every_sample_once(tmp_path):
     """2 ranks, packing, remainder=pad, one epoch: the union of what the ranks trained on is the
     whole dataset, each sample once, and both ranks ran the same number of steps."""
     run = tmp_path / "packed"
-    res = run_cli("train", "dist.nproc=2", f"train.output_dir={run}", "data.max_samples=203", "data.eval_fraction=0",
-                  "data.packing=true", "data.remainder=pad", "train.epochs=1", "train.max_steps=null", "train.micro_batch_size=8",
-                  "train.warmup_steps=0", "data.log_sample_ids=true", "train.save_every=1000")
+    res = run_cli(
+        "train",
+        "dist.nproc=2",
+        f"train.output_dir={run}",
+        "data.max_samples=203",
+        "data.eval_fraction=0",
+        "data.packing=true",
+        "data.remainder=pad",
+        "train.epochs=1",
+        "train.max_steps=null",
+        "train.micro_batch_size=8",
+        "train.warmup_steps=0",
+        "data.log_sample_ids=true",
+        "train.save_every=1000",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     logs = _rank_logs(run)
     ids = [i for r in (0, 1) for row in logs[r][:-1] for i in row["ids"]]

@@ -83,7 +83,7 @@ def _readme_recipe_rows() -> list[tuple[list[str], str]]:
 
     text = (ROOT / "README.md").read_text()
     section_text = text.split("## Recipe", 1)[1]
-    table = section_text[section_text.index("\n| key"):].strip().split("\n\n")[0]
+    table = section_text[section_text.index("\n| key") :].strip().split("\n\n")[0]
     rows = []
     for line in table.splitlines()[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -108,6 +108,11 @@ def test_readme_recipe_table_matches_the_schema():
             field = Recipe.model_fields[section].annotation.model_fields[name]
             actual = "required" if field.is_required() else field.get_default(call_default_factory=True)
             shown = default.replace("`", "")
-            expected = {"required" if actual == "required" else None, str(actual), str(actual).lower(),
-                        "null" if actual is None else None, f"[{', '.join(actual)}]" if isinstance(actual, list) else None}
+            expected = {
+                "required" if actual == "required" else None,
+                str(actual),
+                str(actual).lower(),
+                "null" if actual is None else None,
+                f"[{', '.join(actual)}]" if isinstance(actual, list) else None,
+            }
             assert shown in expected, (key, shown, actual)

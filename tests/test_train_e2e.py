@@ -35,9 +35,20 @@ with torch.no_grad():
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     run_dir = tmp / "run"
-    res = subprocess.run([sys.executable, str(ROOT / "tests/helpers/train_and_probe.py"), str(tmp / "probe.pt"),
-                          f"train.output_dir={run_dir}", f"train.max_steps={STEPS}", "train.eval_every=100",
-                          "train.save_every=100"], capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests/helpers/train_and_probe.py"),
+            str(tmp / "probe.pt"),
+            f"train.output_dir={run_dir}",
+            f"train.max_steps={STEPS}",
+            "train.eval_every=100",
+            "train.save_every=100",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return run_dir, torch.load(tmp / "probe.pt")
 
@@ -53,8 +64,15 @@ def test_default_run_learns(run):
 
 def test_run_dir_contents(run):
     run_dir, _ = run
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "recipe.yaml",
-                 "metrics.jsonl", "loss.png", "summary.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "recipe.yaml",
+        "metrics.jsonl",
+        "loss.png",
+        "summary.json",
+    ):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "checkpoints/step_0000200/COMPLETE").exists()
     assert any((run_dir / "tensorboard").rglob("events.out.tfevents*"))
@@ -75,8 +93,12 @@ def test_checkpoint_holds_only_the_adapter(run):
 
 def test_plain_peft_in_fresh_process_gives_same_logits(run, tmp_path):
     run_dir, in_memory = run
-    res = subprocess.run([sys.executable, "-c", PLAIN_PEFT_LOGITS, str(run_dir), str(tmp_path / "l.pt")],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", PLAIN_PEFT_LOGITS, str(run_dir), str(tmp_path / "l.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     torch.testing.assert_close(torch.load(tmp_path / "l.pt"), in_memory, atol=1e-5, rtol=1e-5)
 
@@ -87,7 +109,7 @@ def test_generate(run):
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
     assert lines[0].startswith("12+34=") and lines[1].startswith("50+7=")
-    assert any(ch.isdigit() for ch in lines[0][len("12+34="):])
+    assert any(ch.isdigit() for ch in lines[0][len("12+34=") :])
 
 
 @pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 0.15)])

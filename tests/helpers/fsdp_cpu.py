@@ -24,15 +24,24 @@ STEPS = 3
 def build(recipe, source, storage):
     torch.manual_seed(recipe.train.seed)
     model = load_base_model(source, recipe.model, recipe.quant, storage=storage)
-    return apply_peft(model, recipe.peft, quantized=True, kbit_upcast=placement.kbit_upcast("fsdp"),
-                      gradient_checkpointing=True)
+    return apply_peft(
+        model, recipe.peft, quantized=True, kbit_upcast=placement.kbit_upcast("fsdp"), gradient_checkpointing=True
+    )
 
 
 def main(out: Path, optimizer: str):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    recipe = load_recipe(None, ["data.max_samples=200", "train.micro_batch_size=8", "peft.dropout=0.0",
-                                f"train.optimizer={optimizer}", "train.lr=1e-2"])
+    recipe = load_recipe(
+        None,
+        [
+            "data.max_samples=200",
+            "train.micro_batch_size=8",
+            "peft.dropout=0.0",
+            f"train.optimizer={optimizer}",
+            "train.lr=1e-2",
+        ],
+    )
     source = resolve_source(recipe.model)
     storage = placement.storage_dtype(recipe, "fsdp", torch.float32)
     tok = load_tokenizer(source, recipe.model)
@@ -52,8 +61,13 @@ def main(out: Path, optimizer: str):
         opt.zero_grad()
         losses.append(loss.item())
     adapter = sharding.trainable_state(model)
-    result = {"rank": rank, "ids": ids, "losses": losses, "digest": sharding.digest(adapter),
-              "sharded": sum(type(p).__name__ == "DTensor" or hasattr(p, "placements") for p in model.parameters())}
+    result = {
+        "rank": rank,
+        "ids": ids,
+        "losses": losses,
+        "digest": sharding.digest(adapter),
+        "sharded": sum(type(p).__name__ == "DTensor" or hasattr(p, "placements") for p in model.parameters()),
+    }
 
     if rank == 0:  # the unsharded reference: mean of the ranks' losses, one optimizer step per step
         ref = build(recipe, source, storage)

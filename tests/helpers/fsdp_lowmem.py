@@ -23,8 +23,13 @@ STEPS = 3
 def main(out: Path, model_dir: str | None):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    over = ["data.max_samples=200", "train.micro_batch_size=8", "peft.dropout=0.0", "train.optimizer=adamw_torch",
-            "train.lr=1e-2"] + ([f"model.name={model_dir}"] if model_dir else [])
+    over = [
+        "data.max_samples=200",
+        "train.micro_batch_size=8",
+        "peft.dropout=0.0",
+        "train.optimizer=adamw_torch",
+        "train.lr=1e-2",
+    ] + ([f"model.name={model_dir}"] if model_dir else [])
     recipe = load_recipe(None, over)
     source = resolve_source(recipe.model)
     storage = placement.storage_dtype(recipe, "fsdp", torch.float32)

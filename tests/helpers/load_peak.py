@@ -50,9 +50,17 @@ def main() -> None:
     done.set()
     thread.join()
     tensors = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**30
-    print(json.dumps({"anon_before_gb": before["RssAnon"], "anon_peak_gb": peak["RssAnon"],
-                      "anon_after_gb": status()["RssAnon"], "file_peak_gb": peak["RssFile"],
-                      "tensors_gb": tensors}))
+    print(
+        json.dumps(
+            {
+                "anon_before_gb": before["RssAnon"],
+                "anon_peak_gb": peak["RssAnon"],
+                "anon_after_gb": status()["RssAnon"],
+                "file_peak_gb": peak["RssFile"],
+                "tensors_gb": tensors,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -116,11 +116,21 @@ def up(d: Path, timeout: float = 60) -> Path:
     for sub in ("state", *(f"spool/{n}" for n in NODES)):
         (d / sub).mkdir(parents=True, exist_ok=True)
     ports = _free_ports(2 + len(NODES))
-    nodes = "\n".join(f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={n} Port={p} CPUs=2 RealMemory=8000 State=UNKNOWN"
-                      for n, p in zip(NODES, ports[2:]))
+    nodes = "\n".join(
+        f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={n} Port={p} CPUs=2 RealMemory=8000 State=UNKNOWN"
+        for n, p in zip(NODES, ports[2:])
+    )
     conf = d / "slurm.conf"
-    conf.write_text(CONF.format(host=socket.gethostname(), ctld_port=ports[0], ctld_port_plus=ports[1], d=d,
-                                nodes=nodes, names=",".join(NODES)))
+    conf.write_text(
+        CONF.format(
+            host=socket.gethostname(),
+            ctld_port=ports[0],
+            ctld_port_plus=ports[1],
+            d=d,
+            nodes=nodes,
+            names=",".join(NODES),
+        )
+    )
     _resolve_nodes()
     _start_munge()
     env = {**os.environ, "SLURM_CONF": str(conf)}
