@@ -12,6 +12,8 @@ import os
 import shlex
 import socket
 import sys
+import time
+from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from launcher.archs import PRESETS
@@ -64,8 +66,6 @@ def _free_port() -> int:
 def _spawn_command(recipe, recipe_args: list[str], strategy: str, gpu: bool, resume: bool) -> list[str]:
     """One node, several processes: write the accelerate config and launch exactly what a user would.
     (On CPU, `launcher.train.main` sets ACCELERATE_USE_CPU for DDP ranks itself, as for a hand launch.)"""
-    from pathlib import Path
-
     from launcher import configs
 
     out = Path(recipe.train.output_dir) / "launch"
@@ -87,8 +87,6 @@ def _spawn_command(recipe, recipe_args: list[str], strategy: str, gpu: bool, res
 
 def _interrupted_code(recipe) -> int:
     """Exit 3 when the run stopped early on a signal (its checkpoint is saved), else 0."""
-    from pathlib import Path
-
     from launcher import preempt
 
     stopped = preempt.interrupted(Path(recipe.train.output_dir))
@@ -104,8 +102,6 @@ def _interrupted_code(recipe) -> int:
 
 def _dead_rank(failure, recipe, args) -> str:
     """One line: which rank failed and how, the newest complete checkpoint, the command that resumes."""
-    from pathlib import Path
-
     from launcher import checkpoint
 
     newest = checkpoint.newest(Path(recipe.train.output_dir))
@@ -132,9 +128,18 @@ def cmd_train(args) -> int:
         print("launching:", shlex.join(cmd), flush=True)
         from launcher import ranks
 
+        started = time.time()
         code, failure = ranks.run(cmd)
         if code == 0:
             return _interrupted_code(recipe)
+        summary = Path(recipe.train.output_dir) / "summary.json"
+        if failure is not None and summary.exists() and summary.stat().st_mtime >= started:
+            print(
+                f"note: rank {failure.rank} {failure.how()} after the run had finished ({summary} written); "
+                "the run is complete",
+                file=sys.stderr,
+            )
+            return 0
         if failure is not None and failure.exitcode != UserError.exit_code:  # a rank's own error is printed above
             print(_dead_rank(failure, recipe, args), file=sys.stderr)
         return code
@@ -164,8 +169,6 @@ def cmd_preprocess(args) -> int:
 
 
 def cmd_configs(args) -> int:
-    from pathlib import Path
-
     from launcher import configs
 
     path, overrides = _split_recipe_args(args.recipe)

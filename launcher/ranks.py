@@ -41,8 +41,8 @@ class _StderrFilter:
 
     def __init__(self, write):
         self.write, self.line, self.held, self.mode = write, b"", [], "pass"
-        self.failure: Failure | None = None
-        self._bars, self._root = 0, False  # '=====' lines seen in the report; inside its root cause
+        self.failures: list[Failure] = []  # every rank the report lists, root cause last
+        self._bars = 0  # '=====' lines seen in the report
 
     def feed(self, data: bytes) -> None:
         for piece in re.split(rb"(?<=[\r\n])", data):
@@ -76,11 +76,12 @@ class _StderrFilter:
         return line.startswith(_TRACEBACK) or _AGENT_LOG.match(line) is not None
 
     def _line(self, line: bytes) -> None:
-        if self.mode == "report":  # ChildFailedError's frame: read its root cause, print none of it
-            self._root = self._root or line.startswith(b"Root Cause")
+        if self.mode == "report":  # ChildFailedError's frame: read every failed rank, print none of it
+            if re.match(rb"\s*\[\d+\]:", line):
+                self.failures.append(Failure())
             m = _FIELD.match(line)
-            if m and self._root:
-                self._field(m.group(1).decode(), m.group(2).decode(errors="replace"))
+            if m and self.failures:
+                self._field(self.failures[-1], m.group(1).decode(), m.group(2).decode(errors="replace"))
             self._bars += line.startswith(b"=====")
             if self._bars >= 2:
                 self.mode = "pass"
@@ -91,20 +92,33 @@ class _StderrFilter:
         if line.startswith((b" ", b"\t", b"Traceback", b"During handling", b"The above exception")) or not line.strip():
             return  # still inside the traceback
         if b"ChildFailedError" in line:  # the launcher's own exception: swallow it and read its report
-            self.held, self.mode, self.failure, self._bars, self._root = [], "report", Failure(), 0, False
+            self.held, self.mode, self.failures, self._bars = [], "report", [], 0
         else:
             self.flush()
 
-    def _field(self, key: str, value: str) -> None:
+    @property
+    def failure(self) -> Failure | None:
+        """The rank that failed first in fact: one killed by a signal (the others then fail on their
+        collectives, and torchrun may observe one of those first; seen once ranks exit promptly),
+        else torchrun's root cause."""
+        if not self.failures:
+            return None
+        root = self.failures[-1]  # the report's "Root Cause" comes last
+        # SIGTERM is torchrun stopping the others; any other signal came from outside (OOM killer, kill -9).
+        killed = [f for f in self.failures if f.exitcode < 0 and f.exitcode != -signal.SIGTERM]
+        return root if root in killed or not killed else killed[0]
+
+    @staticmethod
+    def _field(failure: Failure, key: str, value: str) -> None:
         if key == "rank":
-            self.failure.rank = value.split()[0]
+            failure.rank = value.split()[0]
         elif key == "host":
-            self.failure.host = value
+            failure.host = value
         elif key == "exitcode":  # "-9 (pid: 1234)"
             code = re.match(r"-?\d+", value)
             pid = re.search(r"pid:? (\d+)", value)
-            self.failure.exitcode = int(code.group()) if code else 1
-            self.failure.pid = pid.group(1) if pid else "?"
+            failure.exitcode = int(code.group()) if code else 1
+            failure.pid = pid.group(1) if pid else "?"
 
     def flush(self) -> None:
         for line in self.held:
