@@ -286,3 +286,20 @@ def test_task_starts_with_usr2_held(tmp_path):
         env={**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"},
     )
     assert res.returncode == 0 and res.stdout.split() == ["1", "['a',", "'b']"], res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("how", ["flag", "recipe", "recipe-quoted", "override"])
+def test_time_is_hours_in_every_form(tmp_path, how):
+    """`2:00:00` is two hours whether it comes as a flag, in a recipe (YAML 1.1 would read 7200) or as an
+    override: the plain script says --time=02:00:00 and submitit's says --time=120 (minutes)."""
+    recipe = tmp_path / "r.yaml"
+    value = '"2:00:00"' if how == "recipe-quoted" else "2:00:00"
+    recipe.write_text(
+        f"model:\n  name: builtin:tiny-llama\ndata:\n  path: builtin:arithmetic\nslurm:\n  time: {value}\n"
+    )
+    args = {"flag": ["--time", "2:00:00"], "override": ["slurm.time=2:00:00"]}.get(how, [])
+    res = run_cli("submit", recipe, f"train.output_dir={tmp_path / 'run'}", *args, "--dry-run")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "#SBATCH --time=120\n" in res.stdout
+    assert "#SBATCH --time=02:00:00\n" in (tmp_path / "run/slurm/plain.sbatch").read_text()
+    assert "time: 02:00:00" in (tmp_path / "run/recipe.yaml").read_text()
