@@ -225,7 +225,8 @@ args = TrainingArguments(output_dir=out, per_device_train_batch_size=mb, per_dev
                          warmup_steps=t.warmup_steps, optim=t.optimizer, max_grad_norm=t.max_grad_norm,
                          weight_decay=t.weight_decay, logging_steps=t.log_every, eval_strategy="steps",
                          eval_steps=steps, save_strategy="no", report_to=[], seed=t.seed, use_cpu=not gpu,
-                         bf16=gpu, gradient_checkpointing=False, remove_unused_columns=False, dataloader_num_workers=0, **group_kw)
+                         bf16=gpu, gradient_checkpointing=False, remove_unused_columns=False, dataloader_num_workers=0,
+                         **group_kw)
 trainer = Trainer(model=model, args=args, train_dataset=strip(train_ex), eval_dataset=strip(eval_ex),
                   data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
                   callbacks=[FirstStep()])
@@ -234,7 +235,8 @@ result = trainer.train()
 evals = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
 world = trainer.args.world_size  # the Trainer splits the epoch across ranks; max_steps counts global steps
 samples = t.max_steps * mb * t.grad_accum * world if t.max_steps else len(train_ex) * t.epochs
-peak = (torch.cuda.max_memory_allocated() / 2**30 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+peak = (torch.cuda.max_memory_allocated() / 2**30 if gpu
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 if trainer.args.process_index == 0:
     print(json.dumps({"train_runtime": result.metrics["train_runtime"], "tokens": real / len(train_ex) * samples,
                       "first_step_s": timing["first_step_s"], "eval_loss": evals[-1], "peak_gb": peak,

@@ -149,7 +149,8 @@ def cmd_train(args) -> int:
     if summary.get("interrupted"):
         return _interrupted_code(recipe)
     print(
-        f"done: {summary['steps']} steps, eval_loss {summary['eval_loss']}, first eval_loss {summary.get('first_eval_loss')}"
+        f"done: {summary['steps']} steps, eval_loss {summary['eval_loss']}, "
+        f"first eval_loss {summary.get('first_eval_loss')}"
     )
     return 0
 
@@ -365,6 +366,7 @@ def cmd_merge(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and its flags. Long on purpose: a declarative table that reads like `--help`."""
     parser = _Parser(
         prog="launcher",
         description="QLoRA fine-tuning from one recipe.",

@@ -67,6 +67,8 @@ def deepspeed_config(recipe: Recipe, strategy: str, gpu: bool) -> dict:
 
 
 def accelerate_config(recipe: Recipe, strategy: str, gpu: bool, ds_file: str | None) -> list[Item]:
+    """The accelerate YAML as (key, value, comment) items. Long on purpose: one declarative list, each
+    key of the generated file next to the reason the launcher sets it, in the order a reader meets them."""
     d = recipe.dist
     procs = d.nproc * d.nnodes
     items: list[Item] = [

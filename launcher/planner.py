@@ -197,8 +197,10 @@ def recommend(plans: list[Plan]) -> tuple[Plan | None, str]:
                 "zero2": "replicas fit once gradients and optimizer state are split over the ranks",
                 "fsdp": "the model fits only when its parameters are split over the GPUs",
                 "zero3": "the model fits only when its parameters are split over the GPUs",
-                "fsdp_offload": "even split over the GPUs it does not fit; parameters and optimizer state go to CPU RAM",
-                "zero3_offload": "even split over the GPUs it does not fit; parameters and optimizer state go to CPU RAM",
+                "fsdp_offload": "even split over the GPUs it does not fit; parameters and optimizer state go to "
+                "CPU RAM",
+                "zero3_offload": "even split over the GPUs it does not fit; parameters and optimizer state go to "
+                "CPU RAM",
             }
             return p, (
                 f"{name}: {reasons[name]} ({p.device_total:.1f} GB per GPU at this micro batch; "

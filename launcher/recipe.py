@@ -45,11 +45,13 @@ class ModelCfg(Section):
     random_init: bool = Field(
         False,
         description="Random weights created layer by layer on the device and quantized at once (scaling "
-        "experiments, no download): model.name is a planner preset such as llama-65b or a directory with a config.json.",
+        "experiments, no download): model.name is a planner preset such as llama-65b or a directory with a "
+        "config.json.",
     )
     device_map: Union[str, dict[str, Any], None] = Field(
         None,
-        description="Override the placement's device_map (normally unset: the strategy picks it; refused under ZeRO-3/FSDP).",
+        description="Override the placement's device_map (normally unset: the strategy picks it; refused under "
+        "ZeRO-3/FSDP).",
     )
 
 
@@ -64,11 +66,13 @@ class QuantCfg(Section):
     )
     compute_dtype: DType = Field(
         "auto",
-        description="dtype the 4-bit layers compute in; auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU.",
+        description="dtype the 4-bit layers compute in; auto: bfloat16 on GPUs that support it, float16 on older "
+        "GPUs, float32 on CPU.",
     )
     storage_dtype: Literal[("auto", *STORAGE_DTYPES)] = Field(  # type: ignore[valid-type]
         "auto",
-        description="Container dtype of packed 4-bit weights; auto: uint8, or the parameter dtype when FSDP shards them.",
+        description="Container dtype of packed 4-bit weights; auto: uint8, or the parameter dtype when FSDP "
+        "shards them.",
     )
 
 
@@ -99,7 +103,8 @@ class DataCfg(Section):
     """Training data."""
 
     path: str = Field(
-        description="JSONL/JSON/CSV/Parquet file, a datasets.save_to_disk directory, a hub dataset name, or builtin:arithmetic."
+        description="JSONL/JSON/CSV/Parquet file, a datasets.save_to_disk directory, a hub dataset name, or "
+        "builtin:arithmetic."
     )
     format: Literal["auto", "prompt_completion", "alpaca", "chat", "text"] = Field(
         "auto", description="Sample format; auto detects it from the first sample's fields."
@@ -190,7 +195,8 @@ class DistCfg(Section):
 
     strategy: Literal[("auto", *STRATEGIES)] = Field(  # type: ignore[valid-type]
         "auto",
-        description="Parallelism; auto: single for one process, else ddp when a replica fits a GPU, else fsdp (zero3 on CPU).",
+        description="Parallelism; auto: single for one process, else ddp when a replica fits a GPU, else fsdp "
+        "(zero3 on CPU).",
     )
     fsdp_version: Literal[1, 2] = Field(
         2, description="FSDP2 (fully_shard, per-parameter sharding) or FSDP1 (flat parameters)."

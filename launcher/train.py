@@ -353,7 +353,8 @@ class Meter:
         self.loss += loss.detach().float()
         self.micro += 1
 
-    def row(self, accelerator, world: int) -> dict:
+    def row(self, accelerator, world: int, step: int, epoch: int, lr: float, grad_norm) -> dict:
+        """The metrics.jsonl line for the window that ends at `step` (one reduce over ranks)."""
         elapsed = time.perf_counter() - self.start
         both = accelerator.reduce(
             torch.stack([self.loss / self.micro, torch.tensor(float(self.tokens), device=accelerator.device)]),
@@ -362,7 +363,15 @@ class Meter:
         self.loss.zero_()
         self.micro = self.tokens = 0
         self.start = time.perf_counter()
-        return {"loss": both[0].item() / world, "tokens_per_s": both[1].item() / max(elapsed, 1e-9)}
+        return {
+            "step": step,
+            "epoch": epoch,
+            "loss": both[0].item() / world,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": both[1].item() / max(elapsed, 1e-9),
+            "peak_mem_gb": metrics.peak_memory_gb(accelerator.device),
+        }
 
 
 @dataclass
@@ -377,6 +386,24 @@ class Fitted:
     first_step_s: float | None = None
     start_step: int = 0
     ids_log: metrics.SampleIdLog | None = None
+
+
+def train_step(recipe: Recipe, model, batch: dict, optimizer, scheduler, accelerator, step: int):
+    """Forward and backward of one micro batch; at the end of an accumulation window also clip, step
+    the optimizer and the schedule. Returns (loss, the gradient norm when clipped, else None)."""
+    grad_norm = None
+    with accelerator.accumulate(model):
+        loss, _ = forward_loss(model, batch, accelerator.device)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and recipe.train.max_grad_norm:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
+        optimizer.step()
+        if accelerator.sync_gradients:
+            scheduler.step()
+            if recipe.peft.method == "adalora":
+                accelerator.unwrap_model(model).base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+    return loss, grad_norm
 
 
 def fit(
@@ -419,17 +446,8 @@ def fit(
             real = int(batch.pop("real_tokens"))  # counted on the host: no device sync
             meter.tokens += real
             out.tokens += real
-            with accelerator.accumulate(model):
-                loss, _ = forward_loss(model, batch, accelerator.device)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                    if recipe.peft.method == "adalora":
-                        accelerator.unwrap_model(model).base_model.update_and_allocate(progress.step)
-                optimizer.zero_grad()
+            loss, norm = train_step(recipe, model, batch, optimizer, scheduler, accelerator, progress.step)
+            grad_norm = norm if norm is not None else grad_norm
             meter.add(loss)
             progress.batches_in_epoch += 1
             if not accelerator.sync_gradients:
@@ -439,19 +457,9 @@ def fit(
             bar.update(1)
             step = progress.step
             if step % cfg.log_every == 0 or step == total_steps:
-                window = meter.row(accelerator, pl.world)
-                out.last_loss = window["loss"]
-                log.write(
-                    {
-                        "step": step,
-                        "epoch": progress.epoch,
-                        "loss": out.last_loss,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                        "tokens_per_s": window["tokens_per_s"],
-                        "peak_mem_gb": metrics.peak_memory_gb(accelerator.device),
-                    }
-                )
+                row = meter.row(accelerator, pl.world, step, progress.epoch, scheduler.get_last_lr()[0], grad_norm)
+                log.write(row)
+                out.last_loss = row["loss"]
                 bar.set_postfix(loss=f"{out.last_loss:.3f}")
             if eval_dl is not None and (step % cfg.eval_every == 0 or step == total_steps):
                 out.eval_loss = evaluate(model, eval_dl, accelerator, cfg.eval_batches)
@@ -459,14 +467,8 @@ def fit(
                 accelerator.print(f"step {step}: eval_loss {out.eval_loss:.4f}")
             out.interrupted = step < total_steps and stop.agreed(accelerator, pl.world)
             if out.interrupted or step % cfg.save_every == 0 or step == total_steps:
-                checkpoint.save(
-                    accelerator,
-                    run_dir,
-                    step,
-                    cfg.keep_checkpoints,
-                    {"step": step, "epoch": progress.epoch, "eval_loss": out.eval_loss},
-                    deepspeed=pl.deepspeed,
-                )
+                meta = {"step": step, "epoch": progress.epoch, "eval_loss": out.eval_loss}
+                checkpoint.save(accelerator, run_dir, step, cfg.keep_checkpoints, meta, deepspeed=pl.deepspeed)
             if out.interrupted or step >= total_steps:
                 break
         else:  # epoch finished

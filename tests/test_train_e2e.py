@@ -22,7 +22,8 @@ q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_us
                        bnb_4bit_compute_dtype=torch.float32)
 base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=q, dtype=torch.float32)
 model = PeftModel.from_pretrained(base, run).eval()
-for m in model.modules():  # the launcher keeps bitsandbytes' training format on AVX512-BF16 CPUs: compare like with like
+# The launcher keeps bitsandbytes' training format on AVX512-BF16 CPUs: compare like with like.
+for m in model.modules():
     if hasattr(m, "support_avx512bf16_for_cpu"):
         m.support_avx512bf16_for_cpu = False
 probe = torch.tensor([[1, 5, 6, 14, 7, 8, 17], [1, 9, 9, 14, 9, 9, 17]])

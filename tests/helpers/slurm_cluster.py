@@ -70,7 +70,10 @@ def missing() -> str | None:
     """Why a cluster cannot start here, or None."""
     absent = [c for c in NEEDED if shutil.which(c) is None]
     if absent:
-        return f"Slurm/munge not installed ({', '.join(absent)} missing; apt-get install slurmctld slurmd slurm-client munge)"
+        return (
+            f"Slurm/munge not installed ({', '.join(absent)} missing; "
+            "apt-get install slurmctld slurmd slurm-client munge)"
+        )
     if os.geteuid() != 0:
         return "starting slurmd needs root"
     if not os.access("/etc/hosts", os.W_OK):
