@@ -313,7 +313,11 @@ class NodeJob:
                     flush=True,
                 )
                 return {"interrupted": stopped, "cancelled": True}
-            print(f"[launcher] stopped by {cause}: requeueing", flush=True)
+            print(
+                f"[launcher] stopped by {cause}: submitit requeues the job (after a time limit at most "
+                "slurm.max_timeout_requeues times)",
+                flush=True,
+            )
             if env.global_rank == 0 and callable(requeue):
                 (run / preempt.REQUEST).unlink(missing_ok=True)  # the requeued attempt starts afresh
                 requeue(getattr(signal, stopped["signal"], signal.SIGUSR2), None)  # checkpoint(), requeue, exit
