@@ -17,7 +17,7 @@ from launcher.errors import UserError, count, listing
 from launcher.recipe import Recipe
 from launcher.source import model_config, resolve_source
 
-from launcher.tables import BNB_OPTIMIZERS, FSDP, OFFLOAD, SHARDED, STRATEGIES, ZERO_STAGE  # noqa: F401
+from launcher.tables import BNB_OPTIMIZERS, FSDP, OFFLOAD, SHARDED
 
 
 @dataclass(frozen=True)
