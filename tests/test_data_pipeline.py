@@ -72,7 +72,7 @@ def test_order_is_deterministic_from_the_seed():
 
 def test_filler_batches_carry_no_loss():
     """A rank whose last batch is only filler computes loss 0 and zero gradients, not NaN."""
-    from launcher.train import forward_loss
+    from launcher.loop import forward_loss
 
     model = torch.nn.Module()
     model.w = torch.nn.Parameter(torch.ones(3))
