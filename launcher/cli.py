@@ -204,11 +204,11 @@ def _slurm_flags(args) -> dict[str, tuple[str, object]]:
     return flags
 
 
-def _slurm_recipe(args, extra: list[str] = ()):
+def _slurm_recipe(args):
     """The recipe with the Slurm flags applied on top (errors name the flag and its slurm.* field)."""
     path, overrides = _split_recipe_args(args.recipe)
     flags = _slurm_flags(args)
-    recipe = load_recipe(path, [*overrides, *extra], flags)
+    recipe = load_recipe(path, overrides, flags)
     if args.setup:
         recipe.slurm.setup = [*recipe.slurm.setup, *args.setup]
     return path, overrides, flags, recipe

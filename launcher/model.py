@@ -105,24 +105,23 @@ def load_base_model(
     if dtype is None:
         dtype = compute_dtype(quant) if model.dtype == "auto" else DTYPES[model.dtype]
     attn = attention.implementation(model.attn_implementation)
-    try:
-        with streaming_malloc():
-            if model.random_init:
-                loaded = random_model.build(source, quantization_config(quant, storage), dtype, device_map, attn)
-            else:
-                loaded = AutoModelForCausalLM.from_pretrained(
-                    source,
-                    revision=model.revision,
-                    dtype=dtype,
-                    quantization_config=quantization_config(quant, storage),
-                    device_map=device_map,
-                    attn_implementation=attn,
-                    trust_remote_code=model.trust_remote_code,
-                )
-    except (OSError, ValueError, ImportError) as e:
+    with streaming_malloc():
         if model.random_init:
-            raise
-        raise _load_error("the model", source, e) from None
+            return one_4bit_format(
+                random_model.build(source, quantization_config(quant, storage), dtype, device_map, attn)
+            )
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(
+                source,
+                revision=model.revision,
+                dtype=dtype,
+                quantization_config=quantization_config(quant, storage),
+                device_map=device_map,
+                attn_implementation=attn,
+                trust_remote_code=model.trust_remote_code,
+            )
+        except (OSError, ValueError, ImportError) as e:
+            raise _load_error("the model", source, e) from None
     return one_4bit_format(loaded)
 
 

@@ -371,14 +371,8 @@ def apply_override(raw: dict, item: str) -> None:
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model class whose fields live at `loc` (a path of field names)."""
-    model: Any = Recipe
-    for part in loc:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return None
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        model = field.annotation
+    field = _field_at(list(loc)) if loc else None
+    model: Any = field.annotation if field is not None else (Recipe if not loc else None)
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 

@@ -49,13 +49,15 @@ def read_text(path: str | Path, what: str) -> str:
         ) from None
 
 
-def parse_json(text: str, where: str) -> Any:
+def parse_json(text: str, where: str, first_line_no: int = 1) -> Any:
+    """JSON text to values; an error names `where` and the line (counted from `first_line_no`)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{where} line {e.lineno}: not valid JSON ({e.msg})") from None
+        line = first_line_no + e.lineno - 1
+        raise UserError(f"{where} line {line}: not valid JSON ({e.msg}, column {e.colno})") from None
     except RecursionError:
-        raise UserError(f"{where}: JSON nested too deeply") from None
+        raise UserError(f"{where} line {first_line_no}: JSON nested too deeply") from None
 
 
 def read_json(path: str | Path, what: str, expect: type | None = dict) -> Any:
@@ -74,17 +76,8 @@ def read_jsonl(path: str | Path, what: str) -> list:
     rows = []
     for number, line in enumerate(read_text(path, what).split("\n"), start=1):
         if line.strip():
-            rows.append(_jsonl_value(line, what, path, number))
+            rows.append(parse_json(line, f"{what}: {path}", number))
     return rows
-
-
-def _jsonl_value(line: str, what: str, path, number: int) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{what}: {path} line {number}: not valid JSON ({e.msg}, column {e.colno})") from None
-    except RecursionError:
-        raise UserError(f"{what}: {path} line {number}: JSON nested too deeply") from None
 
 
 def _yaml():
