@@ -1,9 +1,15 @@
-"""The built-in demo: a tiny Llama with random weights, a character tokenizer, arithmetic data.
+"""Built-in models and data, no network needed: tiny Llamas, a character tokenizer, arithmetic.
 
-The tiny model is written once to a local Hugging Face directory (config, safetensors,
-tokenizer) and then loaded through the same code path as any real model, so the demo
-exercises the real loading, quantization and adapter-saving code, and plain
-`transformers`/`peft` can load what it produces.
+- `builtin:tiny-math`: the demo's base, a tiny Llama pretrained on two-digit addition by
+  `launcher/pretrain_tiny.py`; it ships in the package as a Hugging Face directory.
+- `builtin:tiny-llama`: the same architecture with random weights, written once to the cache
+  (tests and benchmarks that need a model, not a skill).
+- `builtin:subtraction` (the demo's task) and `builtin:arithmetic` (additions): prompt/completion
+  JSON Lines files in the package.
+
+Each model is loaded through the same code path as any real model, so the demo exercises the
+real loading, quantization and adapter-saving code, and plain `transformers`/`peft` can load
+what it produces.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ from importlib import resources
 from pathlib import Path
 
 TINY_LLAMA = "builtin:tiny-llama"
+TINY_MATH = "builtin:tiny-math"
 ARITHMETIC = "builtin:arithmetic"
+SUBTRACTION = "builtin:subtraction"
+DATA = {ARITHMETIC: "assets/arithmetic.jsonl", SUBTRACTION: "assets/subtraction.jsonl"}  # built-in data sets
 _TINY_VERSION = "v1"  # bump when the tiny model's config or tokenizer changes
 
 # Characters the demo data uses; one token each.
@@ -103,8 +112,22 @@ def write_random_llama(target: Path, seed: int = 0, dtype: str = "float32", **co
     return target
 
 
+def _asset(name: str) -> Path:
+    return Path(str(resources.files("launcher").joinpath(name)))
+
+
 def arithmetic_path() -> Path:
-    return Path(str(resources.files("launcher").joinpath("assets/arithmetic.jsonl")))
+    return _asset(DATA[ARITHMETIC])
+
+
+def data_path(name: str) -> Path:
+    """The file a built-in data name (builtin:subtraction, ...) stands for."""
+    return _asset(DATA[name])
+
+
+def tiny_math_path() -> Path:
+    """The pretrained tiny base the package ships (see launcher/pretrain_tiny.py)."""
+    return _asset("assets/tiny-math")
 
 
 def make_arithmetic(n: int = 4000, seed: int = 0) -> list[dict]:
@@ -117,7 +140,16 @@ def make_arithmetic(n: int = 4000, seed: int = 0) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":  # regenerate the shipped data file
-    with open(arithmetic_path(), "w") as f:
-        for row in make_arithmetic():
-            f.write(json.dumps(row) + "\n")
+def make_subtraction(n: int = 4000, seed: int = 0) -> list[dict]:
+    """`a-b=` with 0 <= b <= a <= 99, `n` distinct pairs in a seeded order (how
+    assets/subtraction.jsonl was made): distinct, so a held-out prompt was never trained on."""
+    pairs = [(a, b) for a in range(100) for b in range(a + 1)]
+    random.Random(seed).shuffle(pairs)
+    return [{"prompt": f"{a}-{b}=", "completion": f"{a - b}"} for a, b in pairs[:n]]
+
+
+if __name__ == "__main__":  # regenerate the shipped data files
+    for name, rows in ((ARITHMETIC, make_arithmetic()), (SUBTRACTION, make_subtraction())):
+        with open(data_path(name), "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")

@@ -20,6 +20,8 @@ def resolve_source(model: ModelCfg) -> str:
     """A local directory or hub id that `from_pretrained` understands."""
     if model.name == builtin.TINY_LLAMA:
         return str(builtin.ensure_tiny_llama())
+    if model.name == builtin.TINY_MATH:
+        return str(builtin.tiny_math_path())
     if model.random_init:
         from launcher import random_model  # torch: only for random-weight models
 
