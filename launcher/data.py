@@ -28,8 +28,8 @@ ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n
 
 
 def local_path(path: str) -> Path:
-    """The file or directory a data path names (builtin:arithmetic is a file the package ships)."""
-    return builtin.arithmetic_path() if path == builtin.ARITHMETIC else Path(path).expanduser()
+    """The file or directory a data path names (builtin:subtraction, builtin:arithmetic: files the package ships)."""
+    return builtin.data_path(path) if path in builtin.DATA else Path(path).expanduser()
 
 
 def read_samples(path: str, split: str = "train", field: str = "data.path") -> list[dict]:
@@ -201,7 +201,8 @@ def tokenize_one(row: dict, i: int, fmt: str, cfg: DataCfg, tokenizer, counts: T
             return None
         ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
         counts.truncated += 1
-    return {"id": i, "input_ids": ids, "labels": labels}
+    # prompt_len: where the answer starts, for generation-based accuracy (launcher.answers)
+    return {"id": i, "input_ids": ids, "labels": labels, "prompt_len": len(p_ids)}
 
 
 def tokenize(rows: list[dict], cfg: DataCfg, tokenizer) -> Tokenized:
@@ -428,6 +429,9 @@ def _fingerprint(path: str) -> str:
     return ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
+CACHE_FORMAT = 2  # bump when a tokenized example's fields change (2: prompt_len)
+
+
 def cache_path(cfg: DataCfg, tokenizer, seed: int) -> Path:
     """Keyed by the data, the tokenizer and every setting that changes the tokenized result."""
     settings = cfg.model_dump(
@@ -437,6 +441,7 @@ def cache_path(cfg: DataCfg, tokenizer, seed: int) -> Path:
     tok_id = tok.to_str() if tok is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     key = json.dumps(
         [
+            CACHE_FORMAT,
             settings,
             seed,
             _fingerprint(cfg.path),
@@ -489,11 +494,20 @@ def tokenized(cfg: DataCfg, tokenizer, seed: int) -> tuple[dict, bool, Path]:
     return result, False, path
 
 
-def load_data(cfg: DataCfg, tokenizer, seed: int, micro_batch_size: int = 1) -> tuple[list[dict], list[dict], dict]:
+@dataclass
+class Prepared:
+    train: list[dict]  # packed rows when data.packing
+    eval: list[dict]  # packed rows when data.packing
+    eval_samples: list[dict]  # the eval samples one by one (generation-based accuracy asks each its prompt)
+    stats: dict  # counts and efficiency to report
+
+
+def prepare(cfg: DataCfg, tokenizer, seed: int, micro_batch_size: int = 1) -> Prepared:
     """Train and eval examples (packed when asked) plus counts and efficiency to report."""
     result, hit, _ = tokenized(cfg, tokenizer, seed)
     train_ex, eval_ex = result["train"], result["eval"]
     stats = dict(result["stats"], cache="hit" if hit else "written")
+    samples = eval_ex
     if cfg.packing:
         train_ex, eval_ex = (
             pack(train_ex, cfg.max_seq_len, seed),
@@ -501,7 +515,13 @@ def load_data(cfg: DataCfg, tokenizer, seed: int, micro_batch_size: int = 1) -> 
         )
         stats["packed_rows"] = len(train_ex)
     stats["padding_efficiency"] = round(padding_efficiency(train_ex, micro_batch_size, seed, cfg.group_by_length), 4)
-    return train_ex, eval_ex, stats
+    return Prepared(train_ex, eval_ex, samples, stats)
+
+
+def load_data(cfg: DataCfg, tokenizer, seed: int, micro_batch_size: int = 1) -> tuple[list[dict], list[dict], dict]:
+    """(train, eval, stats) of `prepare`."""
+    p = prepare(cfg, tokenizer, seed, micro_batch_size)
+    return p.train, p.eval, p.stats
 
 
 # ---------------------------------------------------------------- streaming

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from launcher import checkpoint, data, metrics, placement
+from launcher import answers, checkpoint, console, data, metrics, placement, sharding
 from launcher.recipe import Recipe
 
 
@@ -42,6 +42,41 @@ def evaluate(model, loader, accelerator, max_batches: int | None) -> float:
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+@dataclass
+class Evals:
+    """The eval set: loss batches, and the prompts answered for eval_accuracy (empty: off)."""
+
+    loader: object
+    prompts: list
+    tokenizer: object
+    example: tuple | None = None  # (prompt, answer, expected) from the latest eval_accuracy
+
+    def run(self, model, accelerator, cfg, pl: placement.Placement) -> dict:
+        """{"eval_loss", and "eval_accuracy" when prompts are set}, reduced over ranks."""
+        row = {"eval_loss": evaluate(model, self.loader, accelerator, cfg.eval_batches)}
+        if self.prompts:
+            scored = answers.score(
+                model,
+                self.prompts,
+                self.tokenizer,
+                accelerator,
+                pl.rank,
+                pl.world,
+                cfg.micro_batch_size,
+                cfg.eval_max_new_tokens,
+            )
+            row["eval_accuracy"] = scored.accuracy
+            self.example = scored.example
+        return row
+
+
+def eval_line(step: int, row: dict, prompts: int) -> str:
+    line = f"step {step}: eval_loss {row['eval_loss']:.4f}"
+    if "eval_accuracy" in row:
+        line += f", eval_accuracy {100 * row['eval_accuracy']:.1f}% ({prompts} prompts)"
+    return line
 
 
 class Meter:
@@ -84,6 +119,7 @@ class Fitted:
 
     interrupted: bool = False
     eval_loss: float | None = None
+    eval_accuracy: float | None = None
     last_loss: float | None = None
     tokens: int = 0  # this rank's real (non-pad) tokens
     loop_s: float = 0.0
@@ -105,7 +141,7 @@ def train_step(recipe: Recipe, model, batch: dict, optimizer, scheduler, acceler
         if accelerator.sync_gradients:
             scheduler.step()
             if recipe.peft.method == "adalora":
-                accelerator.unwrap_model(model).base_model.update_and_allocate(step)
+                sharding.unwrap(model).base_model.update_and_allocate(step)
         optimizer.zero_grad()
     return loss, grad_norm
 
@@ -116,7 +152,7 @@ def fit(
     optimizer,
     scheduler,
     train_dl,
-    eval_dl,
+    evals: Evals | None,
     progress,
     stop,
     pl: placement.Placement,
@@ -130,10 +166,19 @@ def fit(
     cfg, run_dir = recipe.train, Path(recipe.train.output_dir)
     log = metrics.MetricsLog(run_dir / "metrics.jsonl", accelerator)
     ids_log = metrics.SampleIdLog(run_dir, pl.rank, recipe.data.log_sample_ids)
-    if eval_dl is not None and progress.step == 0:  # the baseline the run improves on
-        log.write({"step": 0, "eval_loss": evaluate(model, eval_dl, accelerator, cfg.eval_batches)})
+    if evals is not None and progress.step == 0:  # the baseline the run improves on
+        row = evals.run(model, accelerator, cfg, pl)
+        log.write({"step": 0, **row})
+        console.say(eval_line(0, row, len(evals.prompts)))
     model.train()
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train")
+    bar = tqdm(
+        total=total_steps,
+        initial=progress.step,
+        disable=not accelerator.is_local_main_process or console.level() < console.NORMAL,
+        desc="train",
+        mininterval=console.bar_interval(),
+    )
+    shown: dict = {}  # the progress bar's loss and accuracy
     out, meter, grad_norm = Fitted(start_step=progress.step), Meter(accelerator.device), None
     loop_start = time.perf_counter()
     while progress.step < total_steps and not out.interrupted:
@@ -164,11 +209,17 @@ def fit(
                 row = meter.row(accelerator, pl.world, step, progress.epoch, scheduler.get_last_lr()[0], grad_norm)
                 log.write(row)
                 out.last_loss = row["loss"]
-                bar.set_postfix(loss=f"{out.last_loss:.3f}")
-            if eval_dl is not None and (step % cfg.eval_every == 0 or step == total_steps):
-                out.eval_loss = evaluate(model, eval_dl, accelerator, cfg.eval_batches)
-                log.write({"step": step, "eval_loss": out.eval_loss})
-                accelerator.print(f"step {step}: eval_loss {out.eval_loss:.4f}")
+                shown["loss"] = f"{out.last_loss:.3f}"
+                bar.set_postfix(shown)
+            if evals is not None and (step % cfg.eval_every == 0 or step == total_steps):
+                row = evals.run(model, accelerator, cfg, pl)
+                out.eval_loss, out.eval_accuracy = row["eval_loss"], row.get("eval_accuracy")
+                log.write({"step": step, **row})
+                if out.eval_accuracy is not None:
+                    shown["acc"] = f"{100 * out.eval_accuracy:.0f}%"
+                    bar.set_postfix(shown)
+                if accelerator.is_main_process and console.level() >= console.NORMAL:
+                    bar.write(eval_line(step, row, len(evals.prompts)))
             out.interrupted = step < total_steps and stop.agreed(accelerator, pl.world)
             if out.interrupted or step % cfg.save_every == 0 or step == total_steps:
                 meta = {"step": step, "epoch": progress.epoch, "eval_loss": out.eval_loss}

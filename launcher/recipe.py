@@ -31,7 +31,10 @@ class Section(BaseModel):
 class ModelCfg(Section):
     """The base model."""
 
-    name: str = Field(description="Local Hugging Face model directory, hub id, or builtin:tiny-llama.")
+    name: str = Field(
+        description="Local Hugging Face model directory, hub id, builtin:tiny-math (pretrained on addition) or "
+        "builtin:tiny-llama (random weights)."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: DType = Field(
         "auto", description="dtype of the weights that stay unquantized; auto follows quant.compute_dtype."
@@ -104,7 +107,7 @@ class DataCfg(Section):
 
     path: str = Field(
         description="JSONL/JSON/CSV/Parquet file, a datasets.save_to_disk directory, a hub dataset name, or "
-        "builtin:arithmetic."
+        "builtin:subtraction / builtin:arithmetic (two-digit subtraction / addition)."
     )
     format: Literal["auto", "prompt_completion", "alpaca", "chat", "text"] = Field(
         "auto", description="Sample format; auto detects it from the first sample's fields."
@@ -183,6 +186,13 @@ class TrainCfg(Section):
     log_every: int = Field(10, gt=0, description="Optimizer steps between metric lines.")
     eval_every: int = Field(100, gt=0, description="Optimizer steps between evals (and one at the end).")
     eval_batches: int | None = Field(None, gt=0, description="Cap on eval micro batches per eval.")
+    eval_accuracy_samples: int = Field(
+        0,
+        ge=0,
+        description="Eval prompts answered greedily at each eval and scored by exact match with their completion "
+        "(eval_accuracy); 0: off. Needs data with a prompt: prompt_completion, alpaca or chat.",
+    )
+    eval_max_new_tokens: int = Field(32, gt=0, description="Longest answer generated for eval_accuracy, in tokens.")
     save_every: int = Field(200, gt=0, description="Optimizer steps between checkpoints (and one at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept on disk.")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(

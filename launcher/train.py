@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from launcher import checkpoint, configs, data, metrics, placement, preempt, sharding
+from launcher import answers, checkpoint, configs, console, data, loop, metrics, placement, preempt, sharding
 from launcher.loop import Fitted, fit
 from launcher.errors import UserError
 from launcher.model import (
@@ -111,6 +111,7 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     prepare, optimizer), resume, the loop, finish (adapter and summary)."""
     from accelerate.utils import set_seed
 
+    console.quiet_libraries()
     run_dir = Path(recipe.train.output_dir)
     checkpoint.check_run_dir(run_dir, resume)
     accelerator = make_accelerator(recipe.train, run_dir)
@@ -123,18 +124,20 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     tokenizer = load_tokenizer(source, recipe.model)
     d = setup_data(recipe, tokenizer, pl.world)
     model, loaded = setup_model(recipe, source, pl, accelerator, d.total_steps)
-    accelerator.print(f"data: {json.dumps(d.stats)}")
+    console.say(data_line(recipe, d.stats))
+    console.say(f"data: {json.dumps(d.stats)}", console.VERBOSE)
     model, optimizer, scheduler = setup_optimizer(recipe.train, model, pl, accelerator, d.total_steps)
     train_dl, eval_dl, base_dl = make_loaders(recipe, d, tokenizer, pl)
     progress = restore(accelerator, run_dir, scheduler, pl, resume)
     start_run_dir(accelerator, recipe, run_dir, tokenizer)
+    evals = loop.Evals(eval_dl, d.eval_prompts, tokenizer) if d.eval_ex else None
     run = fit(
         recipe,
         model,
         optimizer,
         scheduler,
         train_dl,
-        eval_dl if d.eval_ex else None,
+        evals,
         progress,
         stop,
         pl,
@@ -148,10 +151,8 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
             f"stopped at step {progress.step} on a stop signal; checkpoint saved, resume continues from it"
         )
         accelerator.end_training()
-        return {"steps": progress.step, "interrupted": True, "restarts": progress.restarts}, accelerator.unwrap_model(
-            model
-        )
-    return finish(recipe, model, pl, accelerator, progress, run, loaded, base_dl)
+        return {"steps": progress.step, "interrupted": True, "restarts": progress.restarts}, sharding.unwrap(model)
+    return finish(recipe, model, pl, accelerator, progress, run, loaded, base_dl, evals)
 
 
 def make_accelerator(cfg, run_dir: Path):
@@ -181,25 +182,54 @@ class Data:
     eval_ex: list
     stats: dict
     total_steps: int
+    eval_prompts: list  # eval samples answered for eval_accuracy (empty: off)
+
+
+def data_line(recipe: Recipe, stats: dict) -> str:
+    """The data in one line: what was read, how it splits, what was dropped."""
+    if stats.get("streaming"):
+        return f"data: streaming {recipe.data.path}"
+    dropped = stats["dropped_empty"] + stats["dropped_too_long"]
+    return (
+        f"data: {recipe.data.path} ({stats['format']}): {stats['train_samples']} train, {stats['eval_samples']} eval"
+        + (f", {dropped} dropped" if dropped else "")
+        + (f", {stats['truncated']} truncated" if stats["truncated"] else "")
+        + f" (tokenized cache {stats['cache']})"
+    )
+
+
+def eval_prompts(recipe: Recipe, samples: list[dict], fmt: str) -> list[dict]:
+    """The eval samples whose prompts eval_accuracy asks; text data has no prompt to ask."""
+    n = recipe.train.eval_accuracy_samples
+    if not n:
+        return []
+    if fmt == "text":
+        raise UserError(
+            "train.eval_accuracy_samples: needs data with a prompt (prompt_completion, alpaca or chat); "
+            "this data is plain text (set it to 0)"
+        )
+    return answers.prompts_of(samples, n)
 
 
 def setup_data(recipe: Recipe, tokenizer, world: int) -> Data:
     """Tokenized (cached) samples and the run length; a stream is read as consumed, for train.max_steps."""
     cfg = recipe.train
     if recipe.data.streaming:
-        evals = []
+        evals, prompts = [], []
         if recipe.data.eval_path:
             rows = data.read_samples(
                 recipe.data.eval_path, recipe.data.eval_split or recipe.data.split, "data.eval_path"
             )
-            evals = data.tokenize(rows, recipe.data, tokenizer).examples
-        return Data(None, evals, {"streaming": True}, cfg.max_steps)
-    train_ex, eval_ex, stats = data.load_data(recipe.data, tokenizer, cfg.seed, cfg.micro_batch_size)
-    batches = data.batches_per_epoch(len(train_ex), world, cfg.micro_batch_size, recipe.data.remainder)
+            tok = data.tokenize(rows, recipe.data, tokenizer)
+            evals, prompts = tok.examples, eval_prompts(recipe, tok.examples, tok.stats["format"])
+        return Data(None, evals, {"streaming": True}, cfg.max_steps, prompts)
+    p = data.prepare(recipe.data, tokenizer, cfg.seed, cfg.micro_batch_size)
+    batches = data.batches_per_epoch(len(p.train), world, cfg.micro_batch_size, recipe.data.remainder)
     if batches == 0:
-        raise UserError(f"data: {len(train_ex)} training samples cannot feed {world} processes")
+        raise UserError(f"data: {len(p.train)} training samples cannot feed {world} processes")
     steps_per_epoch = math.ceil(batches / cfg.grad_accum)
-    return Data(train_ex, eval_ex, stats, cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch)))
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    return Data(p.train, p.eval, p.stats, total, eval_prompts(recipe, p.eval_samples, p.stats["format"]))
 
 
 def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerator, total_steps: int):
@@ -207,6 +237,11 @@ def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerato
     only rank 0 reads and the others receive their shards (FSDP2) or partitions (ZeRO-3).
     Returns (model, what the load cost)."""
     load_start, rss_before = time.perf_counter(), metrics.host_rss_gb()
+    quant = "unquantized" if recipe.quant.mode == "none" else f"quantized to {recipe.quant.mode}"
+    console.say(
+        f"loading {recipe.model.name} ({quant}) with a {recipe.peft.method} adapter, "
+        f"strategy {pl.strategy} on {pl.world} process(es)"
+    )
 
     def load(device_map):
         return load_base_model(
@@ -232,9 +267,9 @@ def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerato
     else:
         model = wrap(load(pl.device_map))
     trainable, total = count_parameters(model)
-    accelerator.print(
-        f"model {recipe.model.name}: trainable {trainable:,} / total {total:,} parameters "
-        f"({100 * trainable / total:.3f}%), strategy {pl.strategy}, {pl.world} process(es)"
+    console.say(
+        f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%), "
+        f"loaded in {time.perf_counter() - load_start:.1f} s"
     )
     return model, {
         "trainable": trainable,
@@ -248,7 +283,7 @@ def setup_optimizer(cfg, model, pl: placement.Placement, accelerator, total_step
     """Shard (FSDP) before the optimizer sees the parameters, then let accelerate prepare both."""
     if pl.fsdp_version and not pl.fsdp2_rank0_reads:
         model = _prepare_fsdp(model, accelerator, pl.offload)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, pl.optimizer)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, pl.optimizer, console.say)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     if pl.fsdp_version == 1:
         optimizer = accelerator.prepare(optimizer)
@@ -316,12 +351,20 @@ def start_run_dir(accelerator, recipe: Recipe, run_dir: Path, tokenizer) -> None
 
 
 def finish(
-    recipe: Recipe, model, pl: placement.Placement, accelerator, progress, run: Fitted, loaded: dict, base_dl
+    recipe: Recipe,
+    model,
+    pl: placement.Placement,
+    accelerator,
+    progress,
+    run: Fitted,
+    loaded: dict,
+    base_dl,
+    evals: loop.Evals | None = None,
 ) -> tuple[dict, torch.nn.Module]:
     """Gather and save the adapter, then the summary (one gather of every rank's figures)."""
     run_dir = Path(recipe.train.output_dir)
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = sharding.unwrap(model)
     adapter = sharding.trainable_state(model, accelerator, fsdp1=pl.fsdp_version == 1, zero3=pl.zero_stage == 3)
     run.ids_log.close({"done": progress.step, "adapter_sha256": sharding.digest(adapter)})
     if accelerator.is_main_process:
@@ -340,6 +383,7 @@ def finish(
     summary = {
         "steps": progress.step,
         "eval_loss": run.eval_loss,
+        "eval_accuracy": run.eval_accuracy,
         "trainable_params": loaded["trainable"],
         "total_params": loaded["total"],
         "processes": pl.world,
@@ -369,13 +413,15 @@ def finish(
             f"stream (rank 0): {json.dumps(summary['stream_rank0'])} (dropped samples trained as loss-free fillers)"
         )
     if accelerator.is_main_process:
-        first_eval = next((r["eval_loss"] for r in metrics.read(run_dir / "metrics.jsonl") if "eval_loss" in r), None)
-        summary["first_eval_loss"] = first_eval
+        first = next((r for r in metrics.read(run_dir / "metrics.jsonl") if "eval_loss" in r), {})
+        summary["first_eval_loss"] = first.get("eval_loss")
+        summary["first_eval_accuracy"] = first.get("eval_accuracy")
+        if evals is not None and evals.example is not None:
+            summary["eval_example"] = dict(zip(("prompt", "answer", "expected"), evals.example))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         metrics.plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
-        accelerator.print(
-            f"adapter saved to {run_dir} (adapter_config.json, adapter_model.safetensors); "
-            f"loss curve {run_dir / 'loss.png'}"
+        console.say(
+            "\n".join(console.final_report(summary, run_dir, len(evals.prompts) if evals else 0)), console.QUIET
         )
     accelerator.end_training()
     return summary, unwrapped

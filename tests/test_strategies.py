@@ -65,6 +65,10 @@ def test_two_ranks_train_in_step(strategy, tmp_path_factory):
     assert res.returncode == 0, res.stderr[-4000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["strategy"] == strategy and summary["steps"] == 6
+    # eval_accuracy (the demo's 200 prompts, split over the ranks, the same number of forwards on each)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [0, 3, 6]
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["first_eval_accuracy"] <= 0.1
     logs = _rank_logs(run)
     ids = {r: [i for row in rows[:-1] for i in row["ids"]] for r, rows in logs.items()}
     assert len(ids[0]) == len(ids[1]) == 6 * 16  # same number of batches on each rank
@@ -89,6 +93,8 @@ def test_sharded_adapter_matches_ddp(strategy, tmp_path_factory):
     assert all(t.numel() > 0 for t in got.values())  # not the empty ZeRO-3 adapter
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)
+    accuracy = [json.loads((r / "summary.json").read_text())["eval_accuracy"] for r in (ddp_run, run)]
+    assert abs(accuracy[0] - accuracy[1]) <= 0.02, accuracy  # the same answers, gathered shards or not
 
 
 def test_zero3_adapter_loads_with_plain_peft(tmp_path_factory):
