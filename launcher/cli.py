@@ -114,6 +114,10 @@ def _dead_rank(failure, recipe, args) -> str:
 
 
 def cmd_train(args) -> int:
+    from launcher import console
+
+    if args.quiet or args.verbose:  # the ranks a run starts inherit it
+        console.set_level(console.QUIET if args.quiet else console.VERBOSE)
     path, overrides = _split_recipe_args(args.recipe)
     recipe = load_recipe(path, overrides)  # validate before anything heavy, in this process
     if recipe.dist.nnodes > 1:
@@ -125,7 +129,7 @@ def cmd_train(args) -> int:
 
         strategy, gpu = placement.for_target(recipe)  # refuse before spawning anything
         cmd = _spawn_command(recipe, args.recipe, strategy, gpu, args.resume)
-        print("launching:", shlex.join(cmd), flush=True)
+        console.say(f"launching: {shlex.join(cmd)}")
         from launcher import ranks
 
         started = time.time()
@@ -145,13 +149,9 @@ def cmd_train(args) -> int:
         return code
     from launcher.train import train
 
-    summary, _ = train(recipe, resume=args.resume)
+    summary, _ = train(recipe, resume=args.resume)  # it prints the result
     if summary.get("interrupted"):
         return _interrupted_code(recipe)
-    print(
-        f"done: {summary['steps']} steps, eval_loss {summary['eval_loss']}, "
-        f"first eval_loss {summary.get('first_eval_loss')}"
-    )
     return 0
 
 
@@ -383,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest complete checkpoint in train.output_dir"
+    )
+    talk = p.add_mutually_exclusive_group()
+    talk.add_argument("-q", "--quiet", action="store_true", help="print only errors and the final result")
+    talk.add_argument(
+        "-v", "--verbose", action="store_true", help="also data statistics and every library's own warnings and logs"
     )
     p.set_defaults(func=cmd_train)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from launcher.errors import UserError
-from launcher.model import DTYPES, load_base_model, load_tokenizer, resolve_source
+from launcher import console
+from launcher.model import DTYPES, load_base_model, load_tokenizer, quiet_peft, resolve_source
 from launcher.recipe import load_recipe
 from launcher.userio import first_line, read_json
 
@@ -38,7 +39,8 @@ def _with_adapter(base, run: Path):
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(base, str(run))
+        with quiet_peft():
+            return PeftModel.from_pretrained(base, str(run))
     except Exception as e:  # safetensors, torch.load, peft's config and shape checks each raise their own type
         raise UserError(
             f"RUN_DIR: {run}: cannot load the adapter ({first_line(e)}); was the run directory changed after training?"
@@ -48,6 +50,7 @@ def _with_adapter(base, run: Path):
 def load_with_adapter(run_dir: str):
     """(model, tokenizer): the base quantized as in training, plus the saved adapter, via plain peft."""
     run, recipe, source = _open_run(run_dir)
+    console.quiet_libraries()
     device_map = "auto" if torch.cuda.is_available() else None
     base = load_base_model(source, recipe.model, recipe.quant, device_map=device_map)
     model = _with_adapter(base, run)
@@ -79,9 +82,15 @@ def merge(run_dir: str, out_dir: str, dtype: str = "bfloat16") -> Path:
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"OUT_DIR: {out_dir} exists and is not an empty directory; choose a new output directory")
+    console.quiet_libraries()
     base = load_base_model(source, recipe.model, recipe.quant)
     if recipe.quant.mode != "none":
+        from transformers.utils import logging as hf_logging
+
+        before = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # not its "dequantized in float32" note: --dtype says what is saved
         base = base.dequantize()  # bnb layers -> nn.Linear holding the dequantized weights
+        hf_logging.set_verbosity(before)
     base = base.to(DTYPES[dtype])
     merged = _with_adapter(base, run).merge_and_unload()
     merged.config.dtype = DTYPES[dtype]

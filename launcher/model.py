@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from launcher import attention, builtin, random_model
 from launcher.errors import UserError
 from launcher.tables import STORAGE_DTYPES
 from launcher.recipe import ModelCfg, PeftCfg, QuantCfg
+from launcher.source import model_config
 from launcher.source import resolve_source  # noqa: F401  (where callers have always found it)
 from launcher.userio import first_line, quote
 
@@ -104,7 +106,8 @@ def load_base_model(
 
     if dtype is None:
         dtype = compute_dtype(quant) if model.dtype == "auto" else DTYPES[model.dtype]
-    attn = attention.implementation(model.attn_implementation)
+    explicit = "attn_implementation" in model.model_fields_set
+    attn = attention.choose(model.attn_implementation, explicit, model_config(source, model.trust_remote_code))
     with streaming_malloc():
         if model.random_init:
             return one_4bit_format(
@@ -231,23 +234,42 @@ def apply_peft(
     """k-bit preparation (skipped when sharding: its fp32 upcast mixes dtypes), checkpointing, adapter."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    gc_kwargs = {"use_reentrant": False}
     if quantized and kbit_upcast:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
-        )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        # Checkpointing is enabled below, not here: peft would call transformers' deprecated
+        # gradient_checkpointing_enable (a FutureWarning on every run).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        enable_checkpointing(model)
     if cfg.method in ("lora", "adalora", "loha"):
         check_target_modules(model, cfg.target_modules)
     config = peft_config(cfg, total_steps)
     try:
-        return get_peft_model(model, config, autocast_adapter_dtype=kbit_upcast)
+        with quiet_peft():
+            return get_peft_model(model, config, autocast_adapter_dtype=kbit_upcast)
     except (ValueError, TypeError, NotImplementedError) as e:
         raise UserError(
             f"peft.method: {cfg.method} cannot wrap this model "
             f"(quant.mode={'4/8-bit' if quantized else 'none'}): {first_line(e)}"
         ) from None
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft's PeftModel reads transformers' deprecated `is_gradient_checkpointing` property (peft 0.21,
+    transformers 5): that FutureWarning is about peft's code, not the user's, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing on every decoder layer, through transformers' current
+    API (`activation_checkpointing_enable`, transformers 5) or its older name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -10,17 +10,22 @@ from launcher.recipe import TrainCfg
 from launcher.tables import OPTIMIZERS
 
 
-def build_optimizer(params, cfg: TrainCfg, name: str | None = None) -> torch.optim.Optimizer:
-    """`name` overrides cfg.optimizer (the placement may substitute one)."""
+def build_optimizer(params, cfg: TrainCfg, name: str | None = None, say=None) -> torch.optim.Optimizer:
+    """`name` overrides cfg.optimizer (the placement may substitute one); `say` prints a note."""
     optimizer = OPTIMIZERS[name or cfg.optimizer]
     params = [p for p in params if p.requires_grad]
     if optimizer.bnb_class is None:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     import bitsandbytes as bnb
 
-    # Paged state lives in CUDA unified memory and only pays off on GPU; on CPU bitsandbytes keeps it
-    # as ordinary memory.
-    return getattr(bnb.optim, optimizer.bnb_class)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    cls = optimizer.bnb_class
+    if cls.startswith("Paged") and params and params[0].device.type == "cpu":
+        # Paged state lives in CUDA unified memory and only pays off on a GPU. On CPU take the unpaged
+        # class outright (same update) rather than let bitsandbytes warn that it falls back.
+        cls = cls.removeprefix("Paged")
+        if say is not None:
+            say(f"note: {optimizer.name} runs unpaged on CPU (paging only moves optimizer state off a GPU)")
+    return getattr(bnb.optim, cls)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def warmup_steps(cfg: TrainCfg, total: int) -> int:

@@ -50,6 +50,22 @@ def fsdp2_shard(model, *, offload: bool = False, param_dtype: torch.dtype | None
     return model
 
 
+WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "FullyShardedDataParallel")
+
+
+def unwrap(model):
+    """The model inside the training wrappers (DDP, DeepSpeed's engine, an FSDP1 root, torch.compile).
+    Not accelerate's unwrap_model: that imports DeepSpeed whenever it is installed, which costs seconds
+    and prints DeepSpeed's "Setting accelerator" line in runs that never use it."""
+    while True:
+        if type(model).__name__ in WRAPPERS:
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def trainable_state(model, accelerator=None, *, fsdp1: bool = False, zero3: bool = False) -> dict[str, torch.Tensor]:
     """Full (unsharded) trainable tensors on CPU, on every rank; collective under ZeRO-3/FSDP
     (`fsdp1`/`zero3` say which, from the run's Placement; FSDP2's DTensors speak for themselves).
@@ -63,8 +79,7 @@ def trainable_state(model, accelerator=None, *, fsdp1: bool = False, zero3: bool
         # (offloaded to CPU; other ranks get nothing) and keep the adapter's tensors.
         full = accelerator.get_state_dict(model)
         return {k: v.detach().cpu() for k, v in full.items() if any(m in k for m in ADAPTER_MARKERS)}
-    if accelerator is not None:
-        model = accelerator.unwrap_model(model)
+    model = unwrap(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if zero3:
         import deepspeed
