@@ -23,6 +23,38 @@ MIN_MEAN_LEN = 64
 _segments_of: tuple = (None, None)  # (weakref to the position_ids tensor, its segments): one lookup per forward
 
 
+def causal_lm_class(config: dict):
+    """The transformers class a config.json loads as a causal LM, or None when unknown (remote code)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for arch in config.get("architectures") or []:
+        if arch.endswith("ForCausalLM") and hasattr(transformers, arch):
+            return getattr(transformers, arch)
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+    return getattr(transformers, name, None) if name else None
+
+
+SUPPORT_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}  # eager: every model
+
+
+def choose(requested: str, explicit: bool, config: dict) -> str:
+    """The implementation to load with. An architecture without SDPA (Gemma 2: its attention logit
+    soft-capping) gets eager with a one-line note when the recipe left the default; a choice the
+    recipe made explicitly, or flash-attention, is refused naming the value that works."""
+    from launcher import console
+    from launcher.errors import UserError
+
+    cls = causal_lm_class(config)
+    flag = SUPPORT_FLAGS.get(requested)
+    if cls is None or flag is None or getattr(cls, flag, True):
+        return implementation(requested)
+    if requested == "sdpa" and not explicit:
+        console.say(f"note: {cls.__name__} has no SDPA attention; using eager (model.attn_implementation=eager)")
+        return "eager"
+    raise UserError(f"model.attn_implementation: {cls.__name__} does not support {requested}; use eager")
+
+
 def implementation(name: str) -> str:
     """The transformers attention implementation for the recipe's model.attn_implementation."""
     if name != "sdpa":
