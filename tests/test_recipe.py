@@ -11,7 +11,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 def test_builtin_default_validates():
     r = load_recipe()
-    assert r.model.name == "builtin:tiny-llama" and r.data.path == "builtin:arithmetic"
+    assert r.model.name == "builtin:tiny-math" and r.data.path == "builtin:subtraction"
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -108,4 +108,4 @@ def test_cli_exit_2_one_line_and_nothing_written(tmp_path, args, path):
 
 def test_cli_validate_prints_resolved_recipe(tmp_path):
     res = run_cli("validate", "peft.r=8")
-    assert res.returncode == 0 and "r: 8" in res.stdout and "builtin:tiny-llama" in res.stdout
+    assert res.returncode == 0 and "r: 8" in res.stdout and "builtin:tiny-math" in res.stdout
