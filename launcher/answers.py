@@ -18,7 +18,8 @@ import torch
 class Scored:
     accuracy: float
     n: int
-    example: tuple[str, str, str] | None  # (prompt, answer, expected), rank 0's first prompt
+    example: tuple[str, str, str] | None  # (prompt, answer, expected), this rank's first prompt
+    answers: list[str]  # this rank's answers, in the order of items[rank::world]
 
 
 def prompts_of(examples: list[dict], n: int) -> list[dict]:
@@ -90,7 +91,7 @@ def score(
 
     was_training = model.training
     model.eval()
-    right, example = 0, None
+    right, example, said = 0, None, []
     for start in range(0, len(padded), batch_size):
         chunk = padded[start : start + batch_size]
         prompts = [e["input_ids"][: e["prompt_len"]] for e in chunk]
@@ -103,8 +104,9 @@ def score(
             answer = tokenizer.decode(out, skip_special_tokens=True).strip()
             expected = tokenizer.decode(_reference(ex, tokenizer.eos_token_id), skip_special_tokens=True).strip()
             right += answer == expected
+            said.append(answer)
             if example is None:
                 example = (tokenizer.decode(prompts[k], skip_special_tokens=True), answer, expected)
     model.train(was_training)
     total = accelerator.reduce(torch.tensor([float(right), float(len(mine))], device=accelerator.device), "sum")
-    return Scored(accuracy=total[0].item() / max(total[1].item(), 1), n=int(total[1].item()), example=example)
+    return Scored(total[0].item() / max(total[1].item(), 1), int(total[1].item()), example, said)

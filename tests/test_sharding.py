@@ -33,6 +33,10 @@ def test_fsdp2_wrapping_of_4bit_lora_on_cpu(tmp_path):
     assert r0["digest"] == r1["digest"]  # the gathered adapter is the same on both ranks
     assert r0["n_trainable"] == 56 and r0["moved"] > 1e-4  # every LoRA tensor trained
     assert r0["max_diff"] < 1e-5  # and equals the unsharded reference
+    # eval_accuracy through the sharded forward: 7 prompts over 2 ranks, the same answers as unsharded
+    assert r0["answers"] == r0["reference_answers"] and len(r0["answers"]) == 4 and len(r1["answers"]) == 3
+    assert len({len(a) for a in r0["answers"] + r1["answers"]}) > 1  # answers of different lengths
+    assert r0["accuracy"] == r1["accuracy"] == r0["reference_accuracy"]
 
 
 @pytest.mark.slow

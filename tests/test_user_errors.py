@@ -346,6 +346,20 @@ CASES = [
         ["model.name", "UTF-8"],
     ),
     ("train_multi_node", ["train", "dist.nnodes=2", "train.output_dir={d}/run"], {}, ["dist.nnodes"]),
+    (
+        "train_accuracy_on_plain_text",
+        [
+            "train",
+            "data.path={d}/d.jsonl",
+            "data.format=auto",
+            "train.eval_accuracy_samples=4",
+            "train.output_dir={d}/run",
+        ],
+        {"d.jsonl": '{"text": "12+34=46"}\n' * 40},
+        ["train.eval_accuracy_samples", "plain text"],
+    ),
+    ("train_accuracy_negative", ["validate", "train.eval_accuracy_samples=-1"], {}, ["train.eval_accuracy_samples"]),
+    ("train_accuracy_zero_tokens", ["validate", "train.eval_max_new_tokens=0"], {}, ["train.eval_max_new_tokens"]),
     # --- run directories (generate, merge) ---
     ("generate_missing_dir", ["generate", "{d}/nope", "--prompt", "1+1="], {}, ["RUN_DIR", "nope"]),
     (

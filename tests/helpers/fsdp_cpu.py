@@ -13,12 +13,26 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launcher import data, placement, sharding
+from launcher import answers, data, placement, sharding
 from launcher.model import apply_peft, load_base_model, load_tokenizer, resolve_source
 from launcher.optim import build_optimizer
 from launcher.recipe import load_recipe
 
 STEPS = 3
+
+
+class Gloo:
+    """What answers.score needs of an Accelerator: the device and a sum over the ranks."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, alone: bool = False):
+        self.alone = alone
+
+    def reduce(self, tensor, reduction):
+        if not self.alone:
+            dist.all_reduce(tensor)
+        return tensor
 
 
 def build(recipe, source, storage):
@@ -45,9 +59,13 @@ def main(out: Path, optimizer: str):
     source = resolve_source(recipe.model)
     storage = placement.storage_dtype(recipe, "fsdp", torch.float32)
     tok = load_tokenizer(source, recipe.model)
-    train_ex, _, _ = data.load_data(recipe.data, tok, recipe.train.seed)
+    prepared = data.prepare(recipe.data, tok, recipe.train.seed)
+    train_ex, prompts = prepared.train, answers.prompts_of(prepared.eval_samples, 7)  # 4 prompts on rank 0, 3 on 1
 
     model = sharding.fsdp2_shard(build(recipe, source, storage))
+    # eval_accuracy through the sharded forward before training (the base's answers: 1-3 digits, so the
+    # ranks finish their prompts at different forwards and must agree when to stop)
+    scored = answers.score(model, prompts, tok, Gloo(), rank, world, batch_size=2, max_new_tokens=4)
     opt = build_optimizer(model.parameters(), recipe.train)
     loaders = [data.make_loader(train_ex, 8, r, world, recipe.train.seed, tok.pad_token_id) for r in range(world)]
     batches = [list(loader)[:STEPS] for loader in loaders]  # every rank's batches (for the reference)
@@ -62,6 +80,8 @@ def main(out: Path, optimizer: str):
         losses.append(loss.item())
     adapter = sharding.trainable_state(model)
     result = {
+        "accuracy": scored.accuracy,
+        "answers": scored.answers,
         "rank": rank,
         "ids": ids,
         "losses": losses,
@@ -71,6 +91,10 @@ def main(out: Path, optimizer: str):
 
     if rank == 0:  # the unsharded reference: mean of the ranks' losses, one optimizer step per step
         ref = build(recipe, source, storage)
+        one = answers.score(ref, prompts[::world], tok, Gloo(alone=True), 0, 1, batch_size=2, max_new_tokens=4)
+        result["reference_answers"] = one.answers
+        whole = answers.score(ref, prompts, tok, Gloo(alone=True), 0, 1, batch_size=2, max_new_tokens=4)
+        result["reference_accuracy"] = whole.accuracy
         init = {n: p.detach().clone() for n, p in ref.named_parameters() if p.requires_grad}
         ref_opt = build_optimizer(ref.parameters(), recipe.train)
         for step in range(STEPS):
