@@ -67,6 +67,7 @@ def main() -> None:
                 "train.eval_every=1000",
                 "train.gradient_checkpointing=true",
                 "data.eval_fraction=0",
+                "data.path=builtin:arithmetic",  # the data the calibration was measured on
             ]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:

@@ -88,6 +88,7 @@ def measure(model: str, mb: int, seq: int, gc: bool, out: Path, random_init: boo
         f"train.gradient_checkpointing={str(gc).lower()}",
         "train.eval_every=1000",
         "data.eval_fraction=0",
+        "data.path=builtin:arithmetic",  # the data the calibration was measured on
         "data.max_samples=4000",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True)
