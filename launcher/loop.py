@@ -210,14 +210,14 @@ def fit(
                 log.write(row)
                 out.last_loss = row["loss"]
                 shown["loss"] = f"{out.last_loss:.3f}"
-                bar.set_postfix(shown)
+                bar.set_postfix(shown, refresh=False)
             if evals is not None and (step % cfg.eval_every == 0 or step == total_steps):
                 row = evals.run(model, accelerator, cfg, pl)
                 out.eval_loss, out.eval_accuracy = row["eval_loss"], row.get("eval_accuracy")
                 log.write({"step": step, **row})
                 if out.eval_accuracy is not None:
                     shown["acc"] = f"{100 * out.eval_accuracy:.0f}%"
-                    bar.set_postfix(shown)
+                    bar.set_postfix(shown, refresh=False)
                 if accelerator.is_main_process and console.level() >= console.NORMAL:
                     bar.write(eval_line(step, row, len(evals.prompts)))
             out.interrupted = step < total_steps and stop.agreed(accelerator, pl.world)
