@@ -47,6 +47,18 @@ MODELS = {  # Llama-architecture configs with random weights, built locally
         max_position_embeddings=512,
         tie_word_embeddings=False,
     ),
+    # The ~100M model with a Llama-2-sized vocabulary: the logits (tokens x 32000) dominate the
+    # activation memory there, as in real models (the char tokenizer uses only the first 54 ids).
+    "100m-32k": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    ),
     "1b": dict(
         hidden_size=2048,
         intermediate_size=5632,
@@ -248,12 +260,74 @@ if trainer.args.process_index == 0:
 """
 
 
-def run_hf(overrides: list[str], long: bool, out: Path, group_by_length: bool = False, nproc: int = 1) -> dict:
-    mb = "8" if long else "32"
+TRL_SCRIPT = r"""
+import json, resource, sys, time
+import psutil, torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+from launcher import data
+from launcher.model import load_tokenizer, resolve_source
+from launcher.recipe import load_recipe
+
+# TRL's best settings for packed SFT (trl 1.16): best-fit-decreasing packing into rows of max_length,
+# padding-free rows with position ids (TRL turns padding_free on for bfd), the loss on the completion
+# only (our labels: the prompt is -100), the same 4-bit base, LoRA, optimizer, schedule and clipping.
+recipe = load_recipe(None, json.loads(sys.argv[1]))
+out, mb = sys.argv[2], int(sys.argv[3])
+gpu = torch.cuda.is_available()
+dtype = torch.bfloat16 if gpu else torch.float32
+source = resolve_source(recipe.model)
+tok = load_tokenizer(source, recipe.model)
+train_ex, eval_ex, _ = data.load_data(recipe.data, tok, recipe.train.seed)  # unpacked: TRL packs
+rows = lambda exs: Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in exs])
+bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                         bnb_4bit_compute_dtype=dtype)
+model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb, dtype=dtype,
+                                             device_map={"": 0} if gpu else None)
+p, t = recipe.peft, recipe.train
+timing = {}
+
+class FirstStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        timing.setdefault("first_step_s", time.time() - psutil.Process().create_time())
+
+args = SFTConfig(output_dir=out, per_device_train_batch_size=mb, per_device_eval_batch_size=mb,
+                 gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, max_steps=t.max_steps or -1,
+                 num_train_epochs=t.epochs, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps,
+                 optim=t.optimizer, max_grad_norm=t.max_grad_norm, weight_decay=t.weight_decay,
+                 logging_steps=t.log_every, eval_strategy="no", save_strategy="no", report_to=[], seed=t.seed,
+                 use_cpu=not gpu, bf16=gpu, packing=True, packing_strategy="bfd", padding_free=True,
+                 max_length=recipe.data.max_seq_len, gradient_checkpointing=t.gradient_checkpointing,
+                 gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0)
+trainer = SFTTrainer(model=model, args=args, train_dataset=rows(train_ex), eval_dataset=rows(eval_ex),
+                     processing_class=tok, callbacks=[FirstStep()],
+                     peft_config=LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
+                                            target_modules="all-linear", task_type="CAUSAL_LM"))
+real = sum(len(e["input_ids"]) for e in train_ex)
+result = trainer.train()
+ev = trainer.evaluate()  # after training, outside train_runtime
+peak = (torch.cuda.max_memory_allocated() / 2**30 if gpu
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+if trainer.args.process_index == 0:
+    print(json.dumps({"train_runtime": result.metrics["train_runtime"], "tokens": real * t.epochs,
+                      "first_step_s": timing["first_step_s"], "eval_loss": ev["eval_loss"], "peak_gb": peak,
+                      "reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if gpu else 0,
+                      "steps": trainer.state.global_step}))
+"""
+
+
+def run_hf(
+    overrides: list[str], long: bool, out: Path, group_by_length: bool = False, nproc: int = 1, trl: bool = False
+) -> dict:
+    """The baseline: transformers' Trainer (padded batches of 8), or with `trl` TRL's SFTTrainer packing
+    the same samples into rows of max_seq_len, 2 per step per rank like the launcher."""
+    mb = ("2" if trl else "8") if long else "32"
     from launcher.cli import _free_port
 
     script = out.with_suffix(".py")
-    script.write_text(HF_SCRIPT)
+    script.write_text(TRL_SCRIPT if trl else HF_SCRIPT)
     # Several processes: torchrun, as a Trainer user would launch it (gloo DDP on CPU).
     cmd = (
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
@@ -306,12 +380,25 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1000, help="--data long: samples in the one epoch")
     ap.add_argument("--nproc", type=int, default=1, help="CPU: processes per run (DDP over gloo both ways)")
     ap.add_argument(
+        "--baseline",
+        choices=["trainer", "trl"],
+        default="trainer",
+        help="trl: TRL's SFTTrainer with bfd packing and padding-free rows (pip install -e .[bench]); --data long",
+    )
+    ap.add_argument(
+        "--launcher-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for the launcher side only (a gain under test, e.g. train.checkpoint_every=2)",
+    )
+    ap.add_argument(
         "--hf-group-by-length",
         action="store_true",
         help="a stronger baseline: the Trainer batches samples of similar length (less padding)",
     )
     args = ap.parse_args()
-    if args.gpu:
+    if args.gpu or args.baseline == "trl":
         args.data = "long"
     args.seq_len = args.seq_len or (2048 if args.gpu else 512)
     long = args.data == "long"
@@ -322,9 +409,13 @@ def main() -> None:
         overrides = common(model, args, data_path)
         for i in range(args.repeats):  # alternate so drift hits both the same
             runs["launcher"].append(
-                run_launcher(overrides, args.packing or long, long, Path(tmp) / f"l{i}", args.nproc)
+                run_launcher(overrides + args.launcher_set, args.packing or long, long, Path(tmp) / f"l{i}", args.nproc)
             )
-            runs["hf"].append(run_hf(overrides, long, Path(tmp) / f"h{i}", args.hf_group_by_length, args.nproc))
+            runs["hf"].append(
+                run_hf(
+                    overrides, long, Path(tmp) / f"h{i}", args.hf_group_by_length, args.nproc, args.baseline == "trl"
+                )
+            )
             print(json.dumps({"repeat": i, **{k: v[-1] for k, v in runs.items()}}), flush=True)
         med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
         if args.gpu:
@@ -343,6 +434,8 @@ def main() -> None:
                 "nproc": args.nproc,
                 "data": args.data,
                 **shape,
+                "baseline": args.baseline,
+                "launcher_set": args.launcher_set,
                 "hf_group_by_length": args.hf_group_by_length,
                 "packing": args.packing or long,
                 "median": med,
