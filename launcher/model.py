@@ -230,6 +230,7 @@ def apply_peft(
     kbit_upcast: bool,
     gradient_checkpointing: bool,
     total_steps: int | None = None,
+    checkpoint_every: int = 1,
 ):
     """k-bit preparation (skipped when sharding: its fp32 upcast mixes dtypes), checkpointing, adapter."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -239,7 +240,7 @@ def apply_peft(
         # gradient_checkpointing_enable (a FutureWarning on every run).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if gradient_checkpointing:
-        enable_checkpointing(model)
+        enable_checkpointing(model, checkpoint_every)
     if cfg.method in ("lora", "adalora", "loha"):
         check_target_modules(model, cfg.target_modules)
     config = peft_config(cfg, total_steps)
@@ -262,14 +263,17 @@ def quiet_peft():
         yield
 
 
-def enable_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing on every decoder layer, through transformers' current
-    API (`activation_checkpointing_enable`, transformers 5) or its older name."""
+def enable_checkpointing(model, every: int = 1) -> None:
+    """Non-reentrant activation checkpointing on every `every`-th decoder layer (layers 0, every, 2 every,
+    ...), through transformers' current API (`activation_checkpointing_enable`, transformers 5); older
+    transformers only checkpoint all layers."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
+        return
+    if every != 1:
+        raise UserError("train.checkpoint_every: needs transformers 5 (activation_checkpointing_enable); set it to 1")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def count_parameters(model) -> tuple[int, int]:

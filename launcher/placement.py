@@ -102,6 +102,11 @@ def placement_problems(recipe: Recipe, strategy: str, machine: Machine, cfg: dic
             )
     if strategy in FSDP and recipe.peft.method not in ("lora", "ia3"):
         problems.append(f"peft.method: {recipe.peft.method} is not supported under {strategy}; use lora (or ia3)")
+    if recipe.train.chunked_loss and strategy in SHARDED:
+        problems.append(
+            f"train.chunked_loss: not under {strategy} yet (the output head's weights are gathered only inside "
+            "its own forward there); set it to 0, or use single, ddp or zero2"
+        )
     return problems
 
 

@@ -64,6 +64,7 @@ class Setup:
     targets: object = "all-linear"
     optimizer: str = "paged_adamw_32bit"
     gradient_checkpointing: bool = True
+    checkpoint_every: int = 1  # recompute every n-th layer; the others keep their activations
     quant: str = "nf4"  # nf4 | fp4 | int8 | none
     double_quant: bool = True
     gpu: bool = True  # False: CPU processes (fp32 everywhere)
@@ -119,7 +120,9 @@ def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
     per_layer = tokens * dtype * (ACT_HIDDEN * arch.hidden + ACT_INTER * arch.intermediate)
     resid = 4 if upcast else dtype  # the residual stream follows the (upcast) embedding dtype
     if s.gradient_checkpointing:
-        acts = arch.layers * tokens * arch.hidden * resid + per_layer
+        recomputed = -(-arch.layers // s.checkpoint_every)  # layers 0, n, 2n, ... (transformers' every_n_layers)
+        kept = arch.layers - recomputed
+        acts = recomputed * tokens * arch.hidden * resid + kept * per_layer + per_layer
     else:
         acts = arch.layers * per_layer
     biggest = max(i * o for i, o in arch.linears().values())
@@ -236,12 +239,19 @@ def setup_for_recipe(recipe, gpus_per_node: int, nodes: int, gpu: bool) -> Setup
         targets=recipe.peft.target_modules,
         optimizer=t.optimizer,
         gradient_checkpointing=t.gradient_checkpointing,
+        checkpoint_every=t.checkpoint_every,
         quant=q.mode,
         double_quant=q.double_quant,
         gpu=gpu,
         gpus_per_node=gpus_per_node,
         nodes=nodes,
     )
+
+
+def _checkpointing(s: Setup) -> str:
+    if not s.gradient_checkpointing:
+        return "off"
+    return "on" if s.checkpoint_every == 1 else f"on for 1 layer in {s.checkpoint_every}"
 
 
 def render(arch: Arch, s: Setup, plans: list[Plan], choice: str, gpu_gb: float, cpu_gb: float) -> str:
@@ -251,7 +261,7 @@ def render(arch: Arch, s: Setup, plans: list[Plan], choice: str, gpu_gb: float, 
         f"LoRA r={s.lora_r}: {arch.lora_params(s.lora_r, s.targets) / 1e6:.1f}M trainable",
         f"{s.nodes} node(s) x {s.gpus_per_node} {unit}(s), {gpu_gb:g} GB per {unit}, {cpu_gb:g} GB CPU RAM per node; "
         f"micro batch {s.micro_batch} x {s.seq_len} tokens, gradient checkpointing "
-        f"{'on' if s.gradient_checkpointing else 'off'}, {s.optimizer}",
+        f"{_checkpointing(s)}, {s.optimizer}",
         "",
     ]
     terms = list(plans[0].device) if plans else []

@@ -183,6 +183,18 @@ class TrainCfg(Section):
         "auto", description="Autocast; auto: bf16 on GPUs that support it, else no."
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (non-reentrant).")
+    chunked_loss: int = Field(
+        0,
+        ge=0,
+        description="Compute the loss this many tokens at a time, never holding the full logits (less memory at "
+        "large vocabularies); 0: off. single, ddp and zero2.",
+    )
+    checkpoint_every: int = Field(
+        1,
+        gt=0,
+        description="With gradient_checkpointing: recompute only every n-th decoder layer (1: all). The others keep "
+        "their activations: less recompute per step for more memory (launcher plan shows how much).",
+    )
     log_every: int = Field(10, gt=0, description="Optimizer steps between metric lines.")
     eval_every: int = Field(100, gt=0, description="Optimizer steps between evals (and one at the end).")
     eval_batches: int | None = Field(None, gt=0, description="Cap on eval micro batches per eval.")

@@ -18,7 +18,19 @@ from pathlib import Path
 
 import torch
 
-from launcher import answers, checkpoint, configs, console, data, loop, metrics, placement, preempt, sharding
+from launcher import (
+    answers,
+    checkpoint,
+    chunked_loss,
+    configs,
+    console,
+    data,
+    loop,
+    metrics,
+    placement,
+    preempt,
+    sharding,
+)
 from launcher.loop import Fitted, fit
 from launcher.errors import UserError
 from launcher.model import (
@@ -256,6 +268,7 @@ def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerato
             kbit_upcast=pl.kbit_upcast,
             gradient_checkpointing=recipe.train.gradient_checkpointing,
             total_steps=total_steps,
+            checkpoint_every=recipe.train.checkpoint_every,
         )
 
     if pl.fsdp2_rank0_reads:
@@ -266,6 +279,11 @@ def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerato
             model = sharding.load_zero3(load, wrap, device=accelerator.device)
     else:
         model = wrap(load(pl.device_map))
+    if recipe.train.chunked_loss:
+        why = chunked_loss.unsupported(model.config)
+        if why:
+            raise UserError(f"train.chunked_loss: not for {recipe.model.name}: {why}; set it to 0")
+        chunked_loss.install(model, recipe.train.chunked_loss)
     trainable, total = count_parameters(model)
     console.say(
         f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%), "

@@ -174,3 +174,18 @@ def test_planned_within_15_percent_of_measured_on_cpu():
     assert {r["size"] for r in rows} == {"tiny", "100m"}
     for r in rows:
         assert 0.85 <= r["ratio"] <= 1.15, r
+
+
+def test_checkpoint_every_trades_activation_memory_between_all_and_none():
+    from launcher.archs import PRESETS
+    from launcher.planner import Setup, estimate
+
+    arch = PRESETS["llama-7b"]
+    acts = {
+        n: estimate(arch, "single", Setup(micro_batch=4, seq_len=2048, checkpoint_every=n)).device["activations"]
+        for n in (1, 2, 4, 32)
+    }
+    off = estimate(arch, "single", Setup(micro_batch=4, seq_len=2048, gradient_checkpointing=False)).device[
+        "activations"
+    ]
+    assert acts[1] < acts[2] < acts[4] < acts[32] < off * 1.05

@@ -100,6 +100,13 @@ CASES = [
         ["model.device_map"],
     ),
     ("configs_bad_device", ["configs", "--device", "tpu"], {}, ["--device"]),
+    (
+        "configs_chunked_loss_under_zero3",
+        ["configs", "dist.strategy=zero3", "dist.nproc=2", "train.chunked_loss=512", "--out", "{d}/c"],
+        {},
+        ["train.chunked_loss", "zero3"],
+    ),
+    ("validate_checkpoint_every_zero", ["validate", "train.checkpoint_every=0"], {}, ["train.checkpoint_every"]),
     ("configs_zero_nproc", ["configs", "dist.nproc=0", "--out", "{d}/c"], {}, ["dist.nproc"]),
     # --- plan ---
     ("plan_zero_gpu_memory", ["plan", "--gpu-memory", "0"], {}, ["--gpu-memory"]),
