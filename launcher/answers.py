@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from launcher.errors import UserError
+
 
 @dataclass
 class Scored:
@@ -22,10 +24,17 @@ class Scored:
     answers: list[str]  # this rank's answers, in the order of items[rank::world]
 
 
-def prompts_of(examples: list[dict], n: int) -> list[dict]:
-    """The first `n` eval examples that have a prompt and a completion (unpacked, with prompt_len)."""
-    out = [e for e in examples if 0 < e.get("prompt_len", 0) < len(e["input_ids"])]
-    return out[:n]
+def prompts_of(examples: list[dict], n: int, fmt: str = "prompt_completion") -> list[dict]:
+    """The first `n` eval examples that have a prompt and a completion (unpacked, with prompt_len);
+    plain text (data format `fmt`) has no prompt to ask."""
+    if not n:
+        return []
+    if fmt == "text":
+        raise UserError(
+            "train.eval_accuracy_samples: needs data with a prompt (prompt_completion, alpaca or chat); "
+            "this data is plain text (set it to 0)"
+        )
+    return [e for e in examples if 0 < e.get("prompt_len", 0) < len(e["input_ids"])][:n]
 
 
 def _reference(ex: dict, eos_id) -> list[int]:

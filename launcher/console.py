@@ -69,6 +69,19 @@ def bar_interval() -> float:
     return 0.1 if sys.stderr.isatty() else 60.0
 
 
+def data_line(path: str, stats: dict) -> str:
+    """The data in one line: what was read, how it splits, what was dropped."""
+    if stats.get("streaming"):
+        return f"data: streaming {path}"
+    dropped = stats["dropped_empty"] + stats["dropped_too_long"]
+    return (
+        f"data: {path} ({stats['format']}): {stats['train_samples']} train, {stats['eval_samples']} eval"
+        + (f", {dropped} dropped" if dropped else "")
+        + (f", {stats['truncated']} truncated" if stats["truncated"] else "")
+        + f" (tokenized cache {stats['cache']})"
+    )
+
+
 def _pct(x) -> str:
     return f"{100 * x:.1f}%"
 

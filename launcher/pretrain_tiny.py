@@ -8,9 +8,10 @@ additions `a+b=` with a, b in 0..99 (loss on the answer and its end-of-sequence 
 
     python -m launcher.pretrain_tiny            # rewrites launcher/assets/tiny-math (about 2 minutes on 2 CPU cores)
 
-The result ships in the package (1.6 MB: trained in fp32, stored in bf16) as `builtin:tiny-math`; the demo quantizes it to
-NF4 like any other base and fine-tunes an adapter that teaches it subtraction, which it has never
-seen. Measured: the NF4 base answers 100% of additions and 0% of subtractions exactly; the demo's
+The result ships in the package (1.6 MB: trained in fp32, stored in bf16) as `builtin:tiny-math`;
+the demo quantizes it to NF4 like any other base and fine-tunes an adapter that teaches it
+subtraction, which it has never seen. Measured: the NF4 base answers 100% of additions and 1% of
+held-out subtractions exactly; the demo's
 adapter brings held-out subtractions to the figure README states. The same seed, torch build and
 thread count give the same weights.
 """

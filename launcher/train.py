@@ -136,7 +136,7 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     tokenizer = load_tokenizer(source, recipe.model)
     d = setup_data(recipe, tokenizer, pl.world)
     model, loaded = setup_model(recipe, source, pl, accelerator, d.total_steps)
-    console.say(data_line(recipe, d.stats))
+    console.say(console.data_line(recipe.data.path, d.stats))
     console.say(f"data: {json.dumps(d.stats)}", console.VERBOSE)
     model, optimizer, scheduler = setup_optimizer(recipe.train, model, pl, accelerator, d.total_steps)
     train_dl, eval_dl, base_dl = make_loaders(recipe, d, tokenizer, pl)
@@ -197,32 +197,6 @@ class Data:
     eval_prompts: list  # eval samples answered for eval_accuracy (empty: off)
 
 
-def data_line(recipe: Recipe, stats: dict) -> str:
-    """The data in one line: what was read, how it splits, what was dropped."""
-    if stats.get("streaming"):
-        return f"data: streaming {recipe.data.path}"
-    dropped = stats["dropped_empty"] + stats["dropped_too_long"]
-    return (
-        f"data: {recipe.data.path} ({stats['format']}): {stats['train_samples']} train, {stats['eval_samples']} eval"
-        + (f", {dropped} dropped" if dropped else "")
-        + (f", {stats['truncated']} truncated" if stats["truncated"] else "")
-        + f" (tokenized cache {stats['cache']})"
-    )
-
-
-def eval_prompts(recipe: Recipe, samples: list[dict], fmt: str) -> list[dict]:
-    """The eval samples whose prompts eval_accuracy asks; text data has no prompt to ask."""
-    n = recipe.train.eval_accuracy_samples
-    if not n:
-        return []
-    if fmt == "text":
-        raise UserError(
-            "train.eval_accuracy_samples: needs data with a prompt (prompt_completion, alpaca or chat); "
-            "this data is plain text (set it to 0)"
-        )
-    return answers.prompts_of(samples, n)
-
-
 def setup_data(recipe: Recipe, tokenizer, world: int) -> Data:
     """Tokenized (cached) samples and the run length; a stream is read as consumed, for train.max_steps."""
     cfg = recipe.train
@@ -233,7 +207,8 @@ def setup_data(recipe: Recipe, tokenizer, world: int) -> Data:
                 recipe.data.eval_path, recipe.data.eval_split or recipe.data.split, "data.eval_path"
             )
             tok = data.tokenize(rows, recipe.data, tokenizer)
-            evals, prompts = tok.examples, eval_prompts(recipe, tok.examples, tok.stats["format"])
+            evals = tok.examples
+            prompts = answers.prompts_of(tok.examples, cfg.eval_accuracy_samples, tok.stats["format"])
         return Data(None, evals, {"streaming": True}, cfg.max_steps, prompts)
     p = data.prepare(recipe.data, tokenizer, cfg.seed, cfg.micro_batch_size)
     batches = data.batches_per_epoch(len(p.train), world, cfg.micro_batch_size, recipe.data.remainder)
@@ -241,7 +216,8 @@ def setup_data(recipe: Recipe, tokenizer, world: int) -> Data:
         raise UserError(f"data: {len(p.train)} training samples cannot feed {world} processes")
     steps_per_epoch = math.ceil(batches / cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    return Data(p.train, p.eval, p.stats, total, eval_prompts(recipe, p.eval_samples, p.stats["format"]))
+    prompts = answers.prompts_of(p.eval_samples, cfg.eval_accuracy_samples, p.stats["format"])
+    return Data(p.train, p.eval, p.stats, total, prompts)
 
 
 def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerator, total_steps: int):
