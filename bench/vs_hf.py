@@ -36,29 +36,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+_100M = dict(
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=12,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
 MODELS = {  # Llama-architecture configs with random weights, built locally
     "tiny": None,  # the launcher's built-in 0.96M model
-    "100m": dict(
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    ),
+    "100m": _100M,
     # The ~100M model with a Llama-2-sized vocabulary: the logits (tokens x 32000) dominate the
     # activation memory there, as in real models (the char tokenizer uses only the first 54 ids).
-    "100m-32k": dict(
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        vocab_size=32000,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    ),
+    "100m-32k": dict(_100M, vocab_size=32000),
     "1b": dict(
         hidden_size=2048,
         intermediate_size=5632,

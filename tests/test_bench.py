@@ -11,23 +11,10 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_vs_hf_long_data_runs_both_paths_on_the_same_samples():
-    """Two processes a side: the launcher's DDP and the Trainer under torchrun."""
+def _vs_hf(*args: str) -> dict:
+    """bench/vs_hf.py on 96 long samples of up to 128 tokens, one repeat: its final JSON."""
     res = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench/vs_hf.py"),
-            "--data",
-            "long",
-            "--samples",
-            "96",
-            "--seq-len",
-            "128",
-            "--repeats",
-            "1",
-            "--nproc",
-            "2",
-        ],
+        [sys.executable, str(ROOT / "bench/vs_hf.py"), "--samples", "96", "--seq-len", "128", "--repeats", "1", *args],
         capture_output=True,
         text=True,
         timeout=900,
@@ -35,10 +22,16 @@ def test_vs_hf_long_data_runs_both_paths_on_the_same_samples():
     )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout[res.stdout.index("{\n") :])
+    for side in out["median"].values():
+        assert side["tokens_per_s"] > 0 and side["eval_loss"] == side["eval_loss"] and side["steps"] >= 4
+    return out
+
+
+def test_vs_hf_long_data_runs_both_paths_on_the_same_samples():
+    """Two processes a side: the launcher's DDP and the Trainer under torchrun."""
+    out = _vs_hf("--data", "long", "--nproc", "2")
     launcher, hf = out["median"]["launcher"], out["median"]["hf"]
     assert out["packing"] and out["seq_len"] == 128 and out["nproc"] == 2
-    for side in (launcher, hf):
-        assert side["tokens_per_s"] > 0 and side["eval_loss"] == side["eval_loss"] and side["steps"] >= 4
     # one epoch each: the launcher packs ~2 rows of 128 tokens per rank and step, HF pads 8 samples per rank
     assert 0.5 * hf["steps"] <= launcher["steps"] <= 2 * hf["steps"], (launcher, hf)
     assert set(out["launcher_over_hf"]) >= {"tokens_per_s", "wall_s", "first_step_s", "peak_gb", "eval_loss"}
@@ -46,29 +39,8 @@ def test_vs_hf_long_data_runs_both_paths_on_the_same_samples():
 
 def test_vs_hf_trl_baseline_packs_the_same_samples():
     """TRL's SFTTrainer (bfd packing, padding-free) as the baseline: both sides train one epoch."""
-    res = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench/vs_hf.py"),
-            "--baseline",
-            "trl",
-            "--samples",
-            "96",
-            "--seq-len",
-            "128",
-            "--repeats",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout[res.stdout.index("{\n") :])
+    out = _vs_hf("--baseline", "trl")
     launcher, trl = out["median"]["launcher"], out["median"]["hf"]
     assert out["baseline"] == "trl" and out["data"] == "long" and out["packing"]
-    for side in (launcher, trl):
-        assert side["tokens_per_s"] > 0 and side["eval_loss"] == side["eval_loss"] and side["steps"] >= 4
     # both pack ~2 rows of 128 tokens per step: about the same number of steps for the epoch
     assert 0.7 * trl["steps"] <= launcher["steps"] <= 1.4 * trl["steps"], (launcher, trl)
