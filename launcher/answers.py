@@ -19,7 +19,6 @@ from launcher.errors import UserError
 @dataclass
 class Scored:
     accuracy: float
-    n: int
     example: tuple[str, str, str] | None  # (prompt, answer, expected), this rank's first prompt
     answers: list[str]  # this rank's answers, in the order of items[rank::world]
 
@@ -118,4 +117,4 @@ def score(
                 example = (tokenizer.decode(prompts[k], skip_special_tokens=True), answer, expected)
     model.train(was_training)
     total = accelerator.reduce(torch.tensor([float(right), float(len(mine))], device=accelerator.device), "sum")
-    return Scored(total[0].item() / max(total[1].item(), 1), int(total[1].item()), example, said)
+    return Scored(total[0].item() / max(total[1].item(), 1), example, said)

@@ -89,8 +89,10 @@ def merge(run_dir: str, out_dir: str, dtype: str = "bfloat16") -> Path:
 
         before = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # not its "dequantized in float32" note: --dtype says what is saved
-        base = base.dequantize()  # bnb layers -> nn.Linear holding the dequantized weights
-        hf_logging.set_verbosity(before)
+        try:
+            base = base.dequantize()  # bnb layers -> nn.Linear holding the dequantized weights
+        finally:
+            hf_logging.set_verbosity(before)
     base = base.to(DTYPES[dtype])
     merged = _with_adapter(base, run).merge_and_unload()
     merged.config.dtype = DTYPES[dtype]
