@@ -330,12 +330,30 @@ def cmd_plan(args) -> int:
     setup = planner.setup_for_recipe(recipe, per_node, args.nodes or recipe.dist.nnodes, gpu)
     plans = planner.plan_all(arch, setup, gpu_gb, cpu_gb)
     best, why = planner.recommend(plans)
-    print(
-        planner.as_json(arch, setup, plans, best, why)
-        if args.json
-        else planner.render(arch, setup, plans, why, gpu_gb, cpu_gb)
-    )
+    traced = _traces(recipe, arch, setup, plans) if args.trace else None
+    if args.json:
+        print(planner.as_json(arch, setup, plans, best, why, traced))
+        return 0
+    print(planner.render(arch, setup, plans, why, gpu_gb, cpu_gb))
+    if traced is not None:
+        from launcher import trace
+
+        print("\n" + trace.render(traced, plans))
     return 0
+
+
+def _traces(recipe, arch, setup, plans) -> list:
+    """Trace each planned strategy that can be traced, at the planned world size."""
+    from launcher import console, trace
+
+    console.quiet_libraries()  # progress on stderr: stdout stays the table (or JSON)
+    source = trace.source_for(recipe, arch)
+    out = []
+    for p in plans:
+        if p.strategy in trace.TRACEABLE:
+            print(f"tracing {p.strategy} on {setup.world} rank(s) ...", file=sys.stderr, flush=True)
+            out.append(trace.trace(recipe, source, p.strategy, setup.world, gpu=setup.gpu))
+    return out
 
 
 def cmd_validate(args) -> int:
@@ -433,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", help="per GPU, e.g. 80GB (default: this machine's GPU, else 80GB)")
     p.add_argument("--cpu-memory", help="CPU RAM per node, e.g. 512GB (default 512GB)")
     p.add_argument("--cpu", action="store_true", help="plan CPU processes (gloo) instead of GPUs")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="also run the real training step on fake tensors at full size and show its peaks (no GPU needed)",
+    )
     p.add_argument("--json", action="store_true", help="the same as JSON")
     p.set_defaults(func=cmd_plan)
 

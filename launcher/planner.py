@@ -277,7 +277,8 @@ def render(arch: Arch, s: Setup, plans: list[Plan], choice: str, gpu_gb: float, 
     return "\n".join(lines)
 
 
-def as_json(arch: Arch, s: Setup, plans: list[Plan], best: Plan | None, choice: str) -> str:
+def as_json(arch: Arch, s: Setup, plans: list[Plan], best: Plan | None, choice: str, traced=None) -> str:
+    extra = {} if traced is None else {"traced": [asdict(t) for t in traced]}
     return json.dumps(
         {
             "model": asdict(arch),
@@ -289,6 +290,7 @@ def as_json(arch: Arch, s: Setup, plans: list[Plan], best: Plan | None, choice: 
             ],
             "recommended": best.strategy if best else None,
             "why": choice,
+            **extra,
         },
         indent=1,
     )

@@ -24,9 +24,10 @@ def decoder_layer_names(model) -> set[str]:
     return set()
 
 
-def fsdp2_shard(model, *, offload: bool = False, param_dtype: torch.dtype | None = None, mesh=None):
+def fsdp2_shard(model, *, offload: bool = False, param_dtype: torch.dtype | None = None, mesh=None, pin: bool = True):
     """fully_shard each decoder layer, then the root. Packed 4-bit weights must be stored in a
-    floating dtype (quant.storage_dtype), or FSDP would shard raw bytes and corrupt them."""
+    floating dtype (quant.storage_dtype), or FSDP would shard raw bytes and corrupt them. `pin`:
+    offloaded shards in pinned host memory (the memory trace turns it off: same bytes, no pinning there)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     bad = [n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit" and not p.is_floating_point()]
@@ -37,7 +38,7 @@ def fsdp2_shard(model, *, offload: bool = False, param_dtype: torch.dtype | None
         )
     kwargs = {"mesh": mesh}
     if offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=pin)
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype)
     names = decoder_layer_names(model)

@@ -1,0 +1,94 @@
+"""The analytic planner next to the traced training step, at 7B-70B on a fake GPU (no GPU needed).
+
+Each row traces `launcher.trace` for one preset, strategy, world size and setting and prints the
+planner's estimate of the same thing: the device peak without the overhead the trace cannot see
+(planner.GPU_OVERHEAD_GB), and for the offloading strategies the host memory of the offloaded
+tensors per rank. JSON lines go to --out; README's table is made from them.
+
+    python bench/trace_vs_plan.py --out trace_vs_plan.jsonl             # the README grid
+    python bench/trace_vs_plan.py --models llama-7b --settings 0        # one setting
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+GRID_MODELS = ("llama-7b", "llama-13b", "llama-33b", "llama-65b", "llama-2-70b", "llama-3-8b", "llama-3-70b")
+# (lora r, micro batch, sequence length, gradient checkpointing)
+SETTINGS = ((16, 1, 512, True), (64, 4, 2048, True), (8, 8, 4096, True), (16, 2, 1024, False))
+# (strategy, GPUs): one GPU, and sharded over 2 and 8
+STRATEGIES = (("single", 1), ("ddp", 2), ("fsdp", 2), ("fsdp", 8), ("fsdp_offload", 2))
+
+
+def recipe_for(model: str, r: int, mb: int, seq: int, gc: bool, nproc: int, strategy: str):
+    from launcher.recipe import Recipe
+
+    return Recipe.model_validate(
+        {
+            "model": {"name": model, "random_init": True},
+            "data": {"path": "builtin:arithmetic", "max_seq_len": seq},
+            "peft": {"r": r, "alpha": 2 * r},
+            "train": {"micro_batch_size": mb, "gradient_checkpointing": gc},
+            "dist": {"strategy": strategy, "nproc": nproc},
+        }
+    )
+
+
+def row(model: str, setting: tuple, strategy: str, world: int) -> dict:
+    from launcher import planner, random_model, trace
+
+    r, mb, seq, gc = setting
+    recipe = recipe_for(model, r, mb, seq, gc, world, strategy)
+    traced = trace.trace(recipe, str(random_model.preset_dir(model)), strategy, world)
+    plan = planner.estimate(planner.PRESETS[model], strategy, planner.setup_for_recipe(recipe, world, 1, gpu=True))
+    return {
+        "model": model,
+        "strategy": strategy,
+        "world": world,
+        "r": r,
+        "micro_batch": mb,
+        "seq": seq,
+        "checkpointing": gc,
+        "traced_device_gb": round(traced.device_total, 3),
+        "planned_device_gb": round(plan.device_total - plan.device["framework_overhead"], 3),
+        "traced_host_gb": round(traced.host_total, 3),
+        "planned_host_gb": round(plan.host.get("offloaded_params_and_states", 0.0) / world, 3),
+        "traced": {k: round(v, 3) for k, v in traced.device.items()},
+        "planned": {k: v for k, v in plan.device.items() if v},
+        "seconds": round(traced.seconds, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=",".join(GRID_MODELS))
+    ap.add_argument("--settings", default=",".join(str(i) for i in range(len(SETTINGS))))
+    ap.add_argument("--strategies", default=",".join(f"{s}:{w}" for s, w in STRATEGIES))
+    ap.add_argument("--out", help="append JSON lines here")
+    args = ap.parse_args()
+    from launcher import console
+
+    console.quiet_libraries()
+    for model in args.models.split(","):
+        for i in args.settings.split(","):
+            for spec in args.strategies.split(","):
+                strategy, world = spec.split(":")
+                out = row(model, SETTINGS[int(i)], strategy, int(world))
+                line = json.dumps(out)
+                print(
+                    f"{model:12} {strategy:13} x{world} r{out['r']:<3} mb{out['micro_batch']} seq{out['seq']:<5} "
+                    f"gc={int(out['checkpointing'])}  traced {out['traced_device_gb']:7.2f}  planned "
+                    f"{out['planned_device_gb']:7.2f}  host {out['traced_host_gb']:6.2f}/{out['planned_host_gb']:6.2f}"
+                    f"  ({out['seconds']} s)",
+                    flush=True,
+                )
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(line + "\n")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

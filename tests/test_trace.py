@@ -1,0 +1,158 @@
+"""The fake-tensor trace of the training step (`launcher plan --trace`): equal to the same step really
+run on CPU, counted the same way, for one process and for 2 ranks; and the planner next to it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+SMALL = dict(seq=256, mb=4)  # a full step of the tiny model in well under a second
+
+
+def _recipe(model: str, seq: int, mb: int, **train):
+    from launcher.recipe import Recipe
+
+    return Recipe.model_validate(
+        {
+            "model": {"name": model, "random_init": True},
+            "data": {"path": "builtin:arithmetic", "max_seq_len": seq},
+            "train": {"micro_batch_size": mb, **train},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def model_100m(tmp_path_factory):
+    """A ~100M Llama (hidden 768, 12 layers, 32k vocabulary) with random weights, written locally."""
+    sys.path.insert(0, str(ROOT))
+    from bench.vs_hf import build_model
+
+    return build_model("100m-32k", tmp_path_factory.mktemp("m100"), gpu=False)
+
+
+def _both(recipe, strategy="single", world=1):
+    from launcher import trace
+    from launcher.source import resolve_source
+
+    source = resolve_source(recipe.model)
+    fake = trace.trace(recipe, source, strategy, world, gpu=False)
+    return fake, trace.trace(recipe, source, strategy, world, gpu=False, real=True) if world == 1 else None
+
+
+def _close(fake: dict, real: dict, rel: float = 0.05) -> None:
+    """Totals within rel, and every category of either within rel of the total."""
+    total = sum(real.values())
+    assert abs(sum(fake.values()) - total) <= rel * total, (fake, real)
+    for cat in set(fake) | set(real):
+        assert abs(fake.get(cat, 0.0) - real.get(cat, 0.0)) <= rel * total, (cat, fake, real)
+
+
+@pytest.mark.parametrize("gc", [True, False])
+def test_one_process_trace_equals_the_real_step(gc):
+    """Fake tensors with the 4-bit stand-in vs real Params4bit layers really computing: same peak."""
+    fake, real = _both(_recipe("builtin:tiny-llama", **{**SMALL, "gradient_checkpointing": gc}))
+    _close(fake.device, real.device)
+    assert real.device["parameters"] > 0 and real.device["activations"] > 0 and real.device["optimizer_state"] > 0
+
+
+@pytest.mark.slow
+def test_100m_trace_equals_the_real_step(model_100m):
+    fake, real = _both(_recipe(model_100m, seq=256, mb=2, gradient_checkpointing=False))
+    _close(fake.device, real.device)
+    assert real.device_total > 0.4  # GB: the logits and activations of a 32k vocabulary are really in it
+
+
+def _real_ranks(tmp_path, model: str, seq: int, mb: int, strategies: list[str]) -> dict:
+    from launcher.cli import _free_port
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        str(ROOT / "tests/helpers/trace_ranks.py"), str(tmp_path), model, str(seq), str(mb), ",".join(strategies),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return json.loads((tmp_path / "real.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["tiny", "100m"])
+def test_two_rank_traces_equal_real_gloo_ranks(size, tmp_path, request):
+    """A fake 2-rank group vs 2 real gloo processes: FSDP2 (with and without offload) and DDP."""
+    from launcher import trace
+    from launcher.source import resolve_source
+
+    model = "builtin:tiny-llama" if size == "tiny" else request.getfixturevalue("model_100m")
+    seq, mb = (SMALL["seq"], SMALL["mb"]) if size == "tiny" else (256, 2)
+    strategies = ["fsdp", "fsdp_offload", "ddp"] if size == "tiny" else ["fsdp"]
+    real = _real_ranks(tmp_path, model, seq, mb, strategies)
+    recipe = _recipe(model, seq, mb)
+    for strategy in strategies:
+        fake = trace.trace(recipe, resolve_source(recipe.model), strategy, 2, gpu=False)
+        _close(fake.device, real[strategy]["device"])
+        if strategy == "fsdp_offload":  # parameters, gradients and optimizer state on the host
+            _close(fake.host, real[strategy]["host"])
+            assert fake.host["parameters"] > 0 and "parameters" not in fake.device
+
+
+@pytest.mark.slow
+def test_trace_plus_process_is_the_measured_resident_size(model_100m, tmp_path):
+    """The real step's peak RSS is the traced peak plus the process's own size (planner.CPU_PROCESS_GB),
+    when the allocator hands memory back promptly (a 1 MB mmap threshold; glibc's default lets freed
+    heap pile up: 1.4-5x the live tensors, measured)."""
+    from launcher import planner, trace
+    from launcher.source import resolve_source
+
+    recipe = _recipe(model_100m, seq=256, mb=4, gradient_checkpointing=False)
+    traced = trace.trace(recipe, resolve_source(recipe.model), "single", 1, gpu=False)
+    code = f"""
+import ctypes, contextlib, resource, sys
+from launcher import model, trace
+from launcher.recipe import Recipe
+libc = ctypes.CDLL("libc.so.6")
+@contextlib.contextmanager
+def prompt():
+    libc.mallopt(-3, 1 << 20); libc.mallopt(-1, 1 << 20)  # mmap and trim thresholds: 1 MB
+    yield
+model.streaming_malloc = prompt
+r = Recipe.model_validate_json({recipe.model_dump_json()!r})
+trace.trace(r, {str(resolve_source(recipe.model))!r}, "single", 1, gpu=False, real=True)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rss = float(res.stdout.split()[-1])
+    expected = traced.device_total + planner.CPU_PROCESS_GB
+    assert abs(rss - expected) <= 0.15 * rss, (rss, expected)
+
+
+@pytest.mark.slow
+def test_plan_trace_at_7b_on_two_gpus():
+    """`launcher plan --trace`: every planned strategy that can be traced, next to the plan; the
+    DeepSpeed ones named with the reason."""
+    res = run_cli(
+        "plan", "--model", "llama-7b", "--gpus-per-node", "2", "--trace", "data.max_seq_len=512",
+        "train.micro_batch_size=1", "--json",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    traced = {t["strategy"]: t for t in out["traced"]}
+    assert set(traced) == {"ddp", "fsdp", "fsdp_offload"}
+    assert traced["fsdp"]["world"] == 2
+    assert 2.0 < sum(traced["fsdp"]["device"].values()) < sum(traced["ddp"]["device"].values())
+    assert "parameters" in traced["fsdp_offload"]["host"] and "parameters" not in traced["fsdp_offload"]["device"]
+    from launcher import planner, trace
+
+    plans = [planner.Plan(**{k: p[k] for k in ("strategy", "device", "host")}) for p in out["plans"]]
+    text = trace.render([trace.Traced(**t) for t in out["traced"]], plans)
+    assert "traced peak" in text and "not traced: zero2 (DeepSpeed" in text, text
+
+
+def test_deepspeed_strategies_say_why_they_are_not_traced():
+    from launcher import trace
+    from launcher.errors import UserError
+
+    with pytest.raises(UserError, match="zero3 cannot be traced: DeepSpeed"):
+        trace.trace(_recipe("builtin:tiny-llama", **SMALL), "unused", "zero3", 2)
