@@ -19,7 +19,7 @@ GRID_MODELS = ("llama-7b", "llama-13b", "llama-33b", "llama-65b", "llama-2-70b",
 # (lora r, micro batch, sequence length, gradient checkpointing)
 SETTINGS = ((16, 1, 512, True), (64, 4, 2048, True), (8, 8, 4096, True), (16, 2, 1024, False))
 # (strategy, GPUs): one GPU, and sharded over 2 and 8
-STRATEGIES = (("single", 1), ("ddp", 2), ("fsdp", 2), ("fsdp", 8), ("fsdp_offload", 2))
+STRATEGIES = (("single", 1), ("fsdp", 2), ("fsdp", 8), ("fsdp_offload", 2))  # ddp: single + its buckets
 
 
 def recipe_for(model: str, r: int, mb: int, seq: int, gc: bool, nproc: int, strategy: str):

@@ -17,7 +17,7 @@ from launcher.errors import UserError, count, listing
 from launcher.recipe import Recipe
 from launcher.source import model_config, resolve_source
 
-from launcher.tables import BNB_OPTIMIZERS, FSDP, OFFLOAD, SHARDED
+from launcher.tables import FSDP, OFFLOAD, SHARDED, bnb_optimizer_refused
 
 
 @dataclass(frozen=True)
@@ -120,16 +120,8 @@ def check(recipe: Recipe, machine: Machine, cfg: dict) -> str:
 
 
 def optimizer_for(strategy: str, optimizer: str, fsdp_version: int = 2) -> str:
-    """Substitute torch AdamW where a bitsandbytes optimizer cannot run (checked on bnb 0.50.2):
-    on CPU-offloaded state, and on FSDP2's DTensor parameters (bnb's update kernels have no
-    sharding rule: "optimizer_update_32bit does not have a sharding strategy registered")."""
-    if optimizer not in BNB_OPTIMIZERS:
-        return optimizer
-    why = None
-    if strategy in OFFLOAD:
-        why = f"its state cannot live on the CPU under {strategy}"
-    elif strategy in FSDP and fsdp_version == 2:
-        why = "its kernels cannot update FSDP2's sharded (DTensor) parameters"
+    """Substitute torch AdamW where a bitsandbytes optimizer cannot run (tables.bnb_optimizer_refused)."""
+    why = bnb_optimizer_refused(strategy, optimizer, fsdp_version)
     if why:
         warnings.warn(f"train.optimizer: {optimizer} replaced by adamw_torch: {why}", stacklevel=2)
         return "adamw_torch"

@@ -94,11 +94,32 @@ class Plan:
         return sum(self.host.values())
 
 
-def _weight_bits(s: Setup, dtype_bytes: int) -> float:
-    """Bits per stored weight of a quantized linear layer (incl. its absmax/scale overhead)."""
+@dataclass(frozen=True)
+class GpuFit:
+    """What the traced GPU step holds beyond its parameters and states (bytes), by whether k-bit
+    training upcasts (fp32 residual stream and adapter: single, ddp, zero2) or not (sharded, bf16)."""
+
+    layer_h: float  # one layer's saved activations per token, per hidden unit
+    layer_f: float  # ... per intermediate unit
+    logit: float  # the loss's transient per logit element (the logits, their fp32 copy, softmax, gradients)
+    layer: float  # a recomputed layer's transient in backward, in units of its saved activations
+
+
+# Fitted to traces of the launcher's real step (bench/trace_vs_plan.py: 7 Llama presets x 4
+# settings x single, fsdp on 2 and 8 GPUs, fsdp_offload; README "Planner vs trace").
+# The logit constants are about 3 fp32 copies (logits, log-softmax, gradient); a layer's saved
+# activations per token are ~43 f + 12 h bytes with the fp32 residual stream and adapter, ~52 h + 5 f
+# in bf16 (the hidden-size terms are the norms', attention's and LoRA's inputs).
+GPU_FIT = {True: GpuFit(11.6, 43.4, 11.7, 1.08), False: GpuFit(51.8, 4.9, 12.4, 1.19)}
+
+
+def _quant_bytes(arch: Arch, s: Setup, dtype: int) -> tuple[float, float]:
+    """(packed weights, quantization state) in bytes: 2 values per byte plus an absmax per 64 values
+    (8-bit with a second-level fp32 absmax per 256 blocks under double quantization)."""
+    n = arch.quantized_params
     if s.quant in ("nf4", "fp4"):
-        return 4 + (8 / 64 + 32 / (64 * 256) if s.double_quant else 32 / 64)
-    return 8.0 if s.quant == "int8" else dtype_bytes * 8.0
+        return n / 2, n * (8 / 64 + 32 / (64 * 256) if s.double_quant else 32 / 64) / 8
+    return n * (1 if s.quant == "int8" else dtype), 0.0
 
 
 def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
@@ -109,41 +130,30 @@ def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
     shard = world if strategy in SHARD_PARAMS else 1
     state_shard = world if strategy in SHARD_STATES else 1
     offload = strategy in OFFLOAD
-    bits = _weight_bits(s, dtype)
     lora = arch.lora_params(s.lora_r, s.targets)
-    opt = OPTIMIZER_BYTES.get(s.optimizer, 8)
+    lora_dtype = 4 if upcast else dtype  # peft upcasts the adapter only for k-bit training
+    adamw = tables.bnb_optimizer_refused(strategy, s.optimizer) or s.optimizer == "adamw_torch"
+    opt = 2 * lora_dtype if adamw else OPTIMIZER_BYTES.get(s.optimizer, 8)  # torch AdamW: 2 moments, param dtype
 
-    weights4 = arch.quantized_params * bits / 8
+    packed, qstate = _quant_bytes(arch, s, dtype)
     other = arch.other_params * (4 if upcast else dtype)
-    lora_b, grads, states = lora * 4, lora * 4, lora * opt
-    tokens = s.micro_batch * s.seq_len
-    per_layer = tokens * dtype * (ACT_HIDDEN * arch.hidden + ACT_INTER * arch.intermediate)
-    resid = 4 if upcast else dtype  # the residual stream follows the (upcast) embedding dtype
-    if s.gradient_checkpointing:
-        recomputed = -(-arch.layers // s.checkpoint_every)  # layers 0, n, 2n, ... (transformers' every_n_layers)
-        kept = arch.layers - recomputed
-        acts = recomputed * tokens * arch.hidden * resid + kept * per_layer + per_layer
-    else:
-        acts = arch.layers * per_layer
-    biggest = max(i * o for i, o in arch.linears().values())
-    layer_bytes = arch.quantized_params / arch.layers * bits / 8
-
+    lora_b, grads, states = lora * lora_dtype, lora * lora_dtype, lora * opt
+    if strategy == "ddp":
+        grads *= 2  # DDP's buckets: a flat copy of the gradients
     device = {
-        "weights_4bit" if s.quant in ("nf4", "fp4") else "weights": 0.0 if offload else weights4 / shard,
+        # the quantization state is a module attribute, not a parameter: no strategy shards it
+        "weights_4bit" if s.quant in ("nf4", "fp4") else "weights": 0.0 if offload else packed / shard + qstate,
         "unquantized_params": 0.0 if offload else other / shard,
         "lora_params": 0.0 if offload else lora_b / shard,
         "gradients": grads / state_shard,
         "optimizer_states": 0.0 if offload else states / state_shard,
-        "activations": acts,
-        "logits": tokens * arch.vocab * LOGIT_BYTES,
-        "dequant_buffers": 2 * biggest * dtype if s.quant != "none" else 0.0,
-        "gathered_layers": 2 * layer_bytes if strategy in SHARD_PARAMS else 0.0,
+        **(_gpu_work(arch, strategy, s, upcast) if s.gpu else _cpu_work(arch, strategy, s, upcast)),
         "framework_overhead": (GPU_OVERHEAD_GB if s.gpu else CPU_PROCESS_GB) * GB,
     }
     per_node = s.gpus_per_node
     host = {"processes": (GPU_PROCESS_HOST_GB * GB if s.gpu else 0.0) * per_node}
     if offload:  # this node's ranks hold their shards of parameters and optimizer state
-        host["offloaded_params_and_states"] = (weights4 + other + lora_b + states) * per_node / world
+        host["offloaded_params_and_states"] = (packed + qstate * world + other + lora_b + states) * per_node / world
     if s.gpu:
         # Loading streams a checkpoint shard at a time (<= 5 GB in 16-bit on the hub) per reading
         # process; with sharded parameters one process per node reads.
@@ -154,6 +164,52 @@ def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
     return Plan(
         strategy, {k: round(v / GB, 3) for k, v in device.items()}, {k: round(v / GB, 3) for k, v in host.items()}
     )
+
+
+def _checkpointed(arch: Arch, s: Setup) -> tuple[int, int]:
+    """(layers recomputed in backward, layers keeping all their activations)."""
+    if not s.gradient_checkpointing:
+        return 0, arch.layers
+    recomputed = -(-arch.layers // s.checkpoint_every)  # layers 0, n, 2n, ... (transformers' every_n_layers)
+    return recomputed, arch.layers - recomputed
+
+
+def _gpu_work(arch: Arch, strategy: str, s: Setup, upcast: bool) -> dict:
+    """What the step holds on a GPU beyond parameters and states, as the trace shows it: the
+    activations kept for backward, the layers FSDP/ZeRO-3 gather (the root's embeddings and head for
+    the whole step, plus one layer), and the largest transient: the loss over the logits, a layer
+    recomputed and back-propagated, or an all-gather's buffer."""
+    fit, tokens = GPU_FIT[upcast], s.micro_batch * s.seq_len
+    resid = 4 if upcast else 2  # the residual stream follows the (upcast) embedding dtype
+    full_layer = tokens * (fit.layer_h * arch.hidden + fit.layer_f * arch.intermediate)
+    recomputed, kept = _checkpointed(arch, s)
+    gathered = 0.0
+    if strategy in SHARD_PARAMS:
+        packed, _ = _quant_bytes(arch, s, 2)
+        root = (arch.other_params - 2 * arch.layers * arch.hidden) * 2  # embeddings, head, final norm
+        gathered = root + packed / arch.layers + arch.lora_params(s.lora_r, s.targets) / arch.layers * 2
+    activations = recomputed * tokens * arch.hidden * resid + kept * full_layer
+    work = max(tokens * arch.vocab * fit.logit, fit.layer * full_layer if recomputed else 0.0)
+    # At the start of forward the root's all-gather buffer sits next to its gathered copy, before
+    # any activation exists: the peak of small steps under FSDP.
+    return {"gathered_params": gathered, "activations": activations, "transient": max(work, gathered - activations)}
+
+
+def _cpu_work(arch: Arch, strategy: str, s: Setup, upcast: bool) -> dict:
+    """CPU processes, calibrated against measured resident size (bench/plan_vs_measured.py), allocator
+    slack included."""
+    tokens = s.micro_batch * s.seq_len
+    per_layer = tokens * 4 * (ACT_HIDDEN * arch.hidden + ACT_INTER * arch.intermediate)
+    recomputed, kept = _checkpointed(arch, s)
+    acts = recomputed * tokens * arch.hidden * 4 + kept * per_layer + (per_layer if recomputed else 0.0)
+    biggest = max(i * o for i, o in arch.linears().values())
+    packed, qstate = _quant_bytes(arch, s, 4)
+    return {
+        "activations": acts,
+        "logits": tokens * arch.vocab * LOGIT_BYTES,
+        "dequant_buffers": 2 * biggest * 4 if s.quant != "none" else 0.0,
+        "gathered_layers": 2 * (packed + qstate) / arch.layers if strategy in SHARD_PARAMS else 0.0,
+    }
 
 
 def largest_micro_batch(arch: Arch, strategy: str, s: Setup, gpu_gb: float, limit: int = 4096) -> int:

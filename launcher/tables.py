@@ -65,6 +65,20 @@ OPTIMIZERS = {
 BNB_OPTIMIZERS = tuple(o.name for o in OPTIMIZERS.values() if o.bnb_class)
 
 
+def bnb_optimizer_refused(strategy: str, optimizer: str, fsdp_version: int = 2) -> str | None:
+    """Why a bitsandbytes optimizer cannot run under this strategy (torch AdamW runs instead), or None.
+    Checked on bitsandbytes 0.50.2: its state cannot live on the CPU, and its update kernels have no
+    sharding rule for FSDP2's DTensor parameters ("optimizer_update_32bit does not have a sharding
+    strategy registered")."""
+    if optimizer not in BNB_OPTIMIZERS:
+        return None
+    if STRATEGIES[strategy].offload:
+        return f"its state cannot live on the CPU under {strategy}"
+    if STRATEGIES[strategy].fsdp and fsdp_version == 2:
+        return "its kernels cannot update FSDP2's sharded (DTensor) parameters"
+    return None
+
+
 # dtypes by the names recipes use (torch's own names); torch.<name> is the dtype. Storage of packed
 # 4-bit weights may also be uint8.
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")

@@ -258,7 +258,7 @@ def run_steps(
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, recipe.train, d.optimizer)
         scheduler = build_scheduler(optimizer, recipe.train, STEPS)
-    tracker.own(list(model.parameters()) + list(model.buffers()), "parameters")
+    tracker.own(list(model.parameters()) + list(model.buffers()) + _quant_states(model), "parameters")
     if ddp:  # DDP's buckets: one flat copy of the trainable gradients, allocated when it wraps the model
         tracker.block(sum(p.numel() * p.element_size() for p in params), "gradients")
     hooks = [
@@ -279,6 +279,18 @@ def run_steps(
             h.remove()
     peaks = tracker.peaks(offload)
     return {where: {k: v / GB for k, v in peak.by_category.items() if v} for where, peak in peaks.items()}
+
+
+def _quant_states(model) -> list:
+    """The 4-bit layers' quantization states (absmax, codes, offsets): module attributes, neither
+    parameters nor buffers, and not sharded by FSDP (every rank holds all of them)."""
+    out = []
+    for module in model.modules():
+        state = getattr(module, "quant_state", None)
+        while state is not None:
+            out += [v for v in vars(state).values() if isinstance(v, torch.Tensor)]
+            state = getattr(state, "state2", None)
+    return out
 
 
 def _forward_done(tracker):

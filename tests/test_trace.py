@@ -156,3 +156,40 @@ def test_deepspeed_strategies_say_why_they_are_not_traced():
 
     with pytest.raises(UserError, match="zero3 cannot be traced: DeepSpeed"):
         trace.trace(_recipe("builtin:tiny-llama", **SMALL), "unused", "zero3", 2)
+
+
+def test_tracker_counts_live_storages_exactly():
+    """Allocation, views (no new memory), frees and in-place resizes (FSDP2's way of freeing)."""
+    import torch
+
+    from launcher import memtrack
+
+    t = memtrack.Tracker()
+    with t:
+        a = torch.empty(1 << 20, dtype=torch.uint8)  # 1 MiB
+        view = a[: 1 << 19]  # same storage
+        b = torch.empty(2 << 20, dtype=torch.uint8)
+        del a, view  # 3 MiB live at most so far
+        c = torch.empty(1 << 20, dtype=torch.uint8)  # 3 MiB again, not 4
+        b.untyped_storage().resize_(0)
+        t.resized(b)
+        d = torch.empty(3 << 20, dtype=torch.uint8)  # 1 + 3 = 4 MiB: the new peak
+    peak = t.peaks()["device"]
+    assert peak.total == 4 << 20 and peak.by_category["temporaries"] == 4 << 20
+    del c, d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model, strategy, world, setting",
+    [("llama-7b", "single", 1, 1), ("llama-7b", "fsdp", 2, 3), ("llama-7b", "fsdp_offload", 2, 2)],
+)
+def test_planner_within_10_percent_of_the_trace(model, strategy, world, setting):
+    """A sample of README's planner-vs-trace table (bench/trace_vs_plan.py), re-traced here: the GPU
+    planner's device peak (less the overhead a trace cannot see) and offloaded host memory."""
+    sys.path.insert(0, str(ROOT))
+    from bench.trace_vs_plan import SETTINGS, row
+
+    out = row(model, SETTINGS[setting], strategy, world)
+    assert abs(out["planned_device_gb"] - out["traced_device_gb"]) <= 0.10 * out["traced_device_gb"], out
+    assert abs(out["planned_host_gb"] - out["traced_host_gb"]) <= 0.10 * max(out["traced_host_gb"], 0.1), out
