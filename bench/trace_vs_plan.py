@@ -7,6 +7,10 @@ tensors per rank. JSON lines go to --out; README's table is made from them.
 
     python bench/trace_vs_plan.py --out trace_vs_plan.jsonl             # the README grid
     python bench/trace_vs_plan.py --models llama-7b --settings 0        # one setting
+    python bench/trace_vs_plan.py --check bench/trace_vs_plan.jsonl     # the planner against saved traces
+
+bench/trace_vs_plan.jsonl holds the 112 traces README's table comes from (2-core CPU, Nov 2026); a
+planner change is checked against them in seconds (tests/test_trace.py does, in CI).
 """
 
 from __future__ import annotations
@@ -37,13 +41,12 @@ def recipe_for(model: str, r: int, mb: int, seq: int, gc: bool, nproc: int, stra
 
 
 def row(model: str, setting: tuple, strategy: str, world: int) -> dict:
-    from launcher import planner, random_model, trace
+    from launcher import random_model, trace
 
     r, mb, seq, gc = setting
     recipe = recipe_for(model, r, mb, seq, gc, world, strategy)
     traced = trace.trace(recipe, str(random_model.preset_dir(model)), strategy, world)
-    plan = planner.estimate(planner.PRESETS[model], strategy, planner.setup_for_recipe(recipe, world, 1, gpu=True))
-    return {
+    out = {
         "model": model,
         "strategy": strategy,
         "world": world,
@@ -52,13 +55,50 @@ def row(model: str, setting: tuple, strategy: str, world: int) -> dict:
         "seq": seq,
         "checkpointing": gc,
         "traced_device_gb": round(traced.device_total, 3),
-        "planned_device_gb": round(plan.device_total - plan.device["framework_overhead"], 3),
         "traced_host_gb": round(traced.host_total, 3),
-        "planned_host_gb": round(plan.host.get("offloaded_params_and_states", 0.0) / world, 3),
         "traced": {k: round(v, 3) for k, v in traced.device.items()},
-        "planned": {k: v for k, v in plan.device.items() if v},
         "seconds": round(traced.seconds, 1),
     }
+    out["planned_device_gb"], out["planned_host_gb"] = (round(x, 3) for x in planned(out))
+    return out
+
+
+def planned(r: dict) -> tuple[float, float]:
+    """The planner's (device GB less its overhead, offloaded host GB per rank) for a saved trace row."""
+    from launcher import planner
+
+    recipe = recipe_for(r["model"], r["r"], r["micro_batch"], r["seq"], r["checkpointing"], r["world"], r["strategy"])
+    p = planner.estimate(
+        planner.PRESETS[r["model"]], r["strategy"], planner.setup_for_recipe(recipe, r["world"], 1, gpu=True)
+    )
+    return p.device_total - p.device["framework_overhead"], p.host.get("offloaded_params_and_states", 0.0) / r["world"]
+
+
+def check(rows: list[dict]) -> list[tuple[float, float | None, dict]]:
+    """(device error, host error or None, row) for each saved trace: planned / traced - 1."""
+    out = []
+    for r in rows:
+        device, host = planned(r)
+        host_err = host / r["traced_host_gb"] - 1 if r["traced_host_gb"] else None
+        out.append((device / r["traced_device_gb"] - 1, host_err, r))
+    return out
+
+
+def summary(errors: list) -> str:
+    lines = [
+        "| strategy | GPUs | traces | mean abs error | max abs error | offloaded host, max abs error |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for strategy, world in STRATEGIES:
+        sel = [(d, h) for d, h, r in errors if r["strategy"] == strategy and r["world"] == world]
+        if sel:
+            dev = [abs(d) for d, _ in sel]
+            host = [abs(h) for _, h in sel if h is not None]
+            lines.append(
+                f"| {strategy} | {world} | {len(sel)} | {100 * sum(dev) / len(dev):.1f}% | {100 * max(dev):.1f}% | "
+                + (f"{100 * max(host):.1f}% |" if host else "- |")
+            )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -67,7 +107,12 @@ def main() -> None:
     ap.add_argument("--settings", default=",".join(str(i) for i in range(len(SETTINGS))))
     ap.add_argument("--strategies", default=",".join(f"{s}:{w}" for s, w in STRATEGIES))
     ap.add_argument("--out", help="append JSON lines here")
+    ap.add_argument("--check", metavar="JSONL", help="no tracing: the current planner against saved traces")
     args = ap.parse_args()
+    if args.check:
+        errors = check([json.loads(line) for line in open(args.check)])
+        print(summary(errors))
+        sys.exit(1 if any(abs(d) > 0.10 or (h is not None and abs(h) > 0.10) for d, h, _ in errors) else 0)
     from launcher import console
 
     console.quiet_libraries()

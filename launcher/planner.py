@@ -1,25 +1,25 @@
 """Memory planner: will this model, strategy and GPU count fit, and with what micro batch?
 
 Every estimate is a sum of named terms (bytes), per GPU and per node's CPU RAM, so a user sees
-*why* a plan does or does not fit. The terms follow what the training loop really holds:
+*why* a plan does or does not fit. On GPUs the terms follow what the traced training step holds
+(launcher.trace: the launcher's own step run at full size on fake tensors):
 
-- 4-bit weights: bitsandbytes NF4/FP4 packs 2 values per byte plus one absmax per 64 values
-  (fp32, or 8-bit with a second-level fp32 absmax per 256 blocks under double quantization:
-  4.127 bits per parameter; 4.5 without).
-- unquantized parameters (embeddings, lm_head, norms, biases): in the parameter dtype, or fp32
-  where prepare_model_for_kbit_training upcasts them (single, ddp, zero2).
-- LoRA parameters, their gradients and the optimizer state: fp32; AdamW keeps 8 bytes per
-  parameter, the 8-bit optimizers 2.
-- activations: with gradient checkpointing each layer keeps its input (hidden x dtype per token)
-  and one layer at a time is recomputed; without, every layer keeps everything.
-- logits: batch x sequence x vocab, kept in fp32 for the loss with its gradient.
-- dequantization: the largest linear layer dequantized for the matmul (forward and backward).
-- under ZeRO-3/FSDP one layer is gathered at a time (two with prefetch).
-- framework overhead: the CUDA context and allocator slack on GPU; on CPU the resident size of a
-  process with torch, transformers and bitsandbytes imported.
+- 4-bit weights: the packed weights (2 values per byte), split under ZeRO-3/FSDP, plus the
+  quantization state (8-bit absmax per 64 values and an fp32 one per 256 blocks under double
+  quantization: 0.127 bits per parameter; fp32 per 64 without), which no strategy splits.
+- unquantized parameters (embeddings, lm_head, norms, biases): fp32 where
+  prepare_model_for_kbit_training upcasts them (single, ddp, zero2), else the parameter dtype.
+- LoRA parameters and gradients in the adapter's dtype (fp32 when upcast; the 4-bit layers'
+  compute dtype otherwise), DDP's buckets, and the optimizer state (bitsandbytes: 8 or 2 bytes per
+  parameter; torch AdamW, which replaces it under FSDP2 and offloading: 2 moments in the adapter's dtype).
+- gathered parameters under ZeRO-3/FSDP: the root's embeddings and head for the whole step, one layer.
+- activations kept for backward, and the largest transient (the loss over the logits, a
+  recomputed layer's backward, or the all-gather buffer): GPU_FIT, fitted to traces.
+- framework overhead: what a trace cannot see (CUDA context, cuBLAS workspaces, allocator
+  fragmentation, NCCL buffers); on CPU the resident size of a process with the libraries imported.
 
-The per-token activation constants are calibrated against measured runs (tests/test_planner.py
-checks the CPU models within 15%).
+CPU plans keep their own activation constants, calibrated against measured resident memory
+(tests/test_planner.py checks the CPU models within 15%), allocator slack included.
 """
 
 from __future__ import annotations
@@ -103,14 +103,18 @@ class GpuFit:
     layer_f: float  # ... per intermediate unit
     logit: float  # the loss's transient per logit element (the logits, their fp32 copy, softmax, gradients)
     layer: float  # a recomputed layer's transient in backward, in units of its saved activations
+    dequant: float  # dequantized copies of the largest 4-bit weight alive at once (compute dtype)
 
 
 # Fitted to traces of the launcher's real step (bench/trace_vs_plan.py: 7 Llama presets x 4
 # settings x single, fsdp on 2 and 8 GPUs, fsdp_offload; README "Planner vs trace").
-# The logit constants are about 3 fp32 copies (logits, log-softmax, gradient); a layer's saved
-# activations per token are ~43 f + 12 h bytes with the fp32 residual stream and adapter, ~52 h + 5 f
-# in bf16 (the hidden-size terms are the norms', attention's and LoRA's inputs).
-GPU_FIT = {True: GpuFit(11.6, 43.4, 11.7, 1.08), False: GpuFit(51.8, 4.9, 12.4, 1.19)}
+# Fitted (random search on the largest relative error, rounded) over 112 traces: within 4.1% for
+# the upcast class and 3.5% for the sharded one. The logit constants are about 3 fp32 copies
+# (logits, log-softmax, gradient); a layer's saved activations per token come to ~20 f + 70 h bytes
+# with the fp32 residual stream and adapter, ~4 f + 58 h in bf16 (the h/f split is loosely
+# determined: Llama's f/h ratio only spans 2.7-3.5); one or two dequantized copies of the largest
+# 4-bit weight sit next to a layer's backward.
+GPU_FIT = {True: GpuFit(70.0, 20.0, 11.7, 1.1, 1.0), False: GpuFit(57.6, 3.7, 11.9, 1.15, 1.38)}
 
 
 def _quant_bytes(arch: Arch, s: Setup, dtype: int) -> tuple[float, float]:
@@ -189,7 +193,9 @@ def _gpu_work(arch: Arch, strategy: str, s: Setup, upcast: bool) -> dict:
         root = (arch.other_params - 2 * arch.layers * arch.hidden) * 2  # embeddings, head, final norm
         gathered = root + packed / arch.layers + arch.lora_params(s.lora_r, s.targets) / arch.layers * 2
     activations = recomputed * tokens * arch.hidden * resid + kept * full_layer
-    work = max(tokens * arch.vocab * fit.logit, fit.layer * full_layer if recomputed else 0.0)
+    biggest = max(i * o for i, o in arch.linears().values())
+    dequant = fit.dequant * biggest * 2 if s.quant != "none" else 0.0  # bf16 copies of the largest weight
+    work = max(tokens * arch.vocab * fit.logit, (fit.layer * full_layer if recomputed else 0.0) + dequant)
     # At the start of forward the root's all-gather buffer sits next to its gathered copy, before
     # any activation exists: the peak of small steps under FSDP.
     return {"gathered_params": gathered, "activations": activations, "transient": max(work, gathered - activations)}

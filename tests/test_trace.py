@@ -193,3 +193,17 @@ def test_planner_within_10_percent_of_the_trace(model, strategy, world, setting)
     out = row(model, SETTINGS[setting], strategy, world)
     assert abs(out["planned_device_gb"] - out["traced_device_gb"]) <= 0.10 * out["traced_device_gb"], out
     assert abs(out["planned_host_gb"] - out["traced_host_gb"]) <= 0.10 * max(out["traced_host_gb"], 0.1), out
+
+
+def test_planner_holds_all_112_saved_traces():
+    """README's planner-vs-trace table: the current planner against every saved trace (no tracing)."""
+    sys.path.insert(0, str(ROOT))
+    from bench.trace_vs_plan import check
+
+    rows = [json.loads(line) for line in (ROOT / "bench/trace_vs_plan.jsonl").read_text().splitlines()]
+    assert len(rows) == 112 and len({r["model"] for r in rows}) == 7
+    errors = check(rows)
+    worst = max(errors, key=lambda e: abs(e[0]))
+    assert abs(worst[0]) <= 0.10, worst
+    assert all(abs(h) <= 0.10 for _, h, _ in errors if h is not None)
+    assert sum(h is not None for _, h, _ in errors) == 28  # every offloading row checks its host memory
