@@ -330,30 +330,34 @@ def cmd_plan(args) -> int:
     setup = planner.setup_for_recipe(recipe, per_node, args.nodes or recipe.dist.nnodes, gpu)
     plans = planner.plan_all(arch, setup, gpu_gb, cpu_gb)
     best, why = planner.recommend(plans)
-    traced = _traces(recipe, arch, setup, plans) if args.trace else None
+    traced, refused = _traces(recipe, arch, setup, plans) if args.trace else (None, {})
     if args.json:
-        print(planner.as_json(arch, setup, plans, best, why, traced))
+        print(planner.as_json(arch, setup, plans, best, why, traced, refused))
         return 0
     print(planner.render(arch, setup, plans, why, gpu_gb, cpu_gb))
     if traced is not None:
         from launcher import trace
 
-        print("\n" + trace.render(traced, plans))
+        print("\n" + trace.render(traced, plans, refused))
     return 0
 
 
-def _traces(recipe, arch, setup, plans) -> list:
-    """Trace each planned strategy that can be traced, at the planned world size."""
+def _traces(recipe, arch, setup, plans) -> tuple[list, dict]:
+    """Trace each planned strategy that can be traced, at the planned world size; (traces, {strategy:
+    why not} for those the recipe cannot run under)."""
     from launcher import console, trace
 
     console.quiet_libraries()  # progress on stderr: stdout stays the table (or JSON)
     source = trace.source_for(recipe, arch)
-    out = []
+    out, refused = [], {}
     for p in plans:
         if p.strategy in trace.TRACEABLE:
             print(f"tracing {p.strategy} on {setup.world} rank(s) ...", file=sys.stderr, flush=True)
-            out.append(trace.trace(recipe, source, p.strategy, setup.world, gpu=setup.gpu))
-    return out
+            try:
+                out.append(trace.trace(recipe, source, p.strategy, setup.world, gpu=setup.gpu))
+            except UserError as e:
+                refused[p.strategy] = " ".join(str(e).split())
+    return out, refused
 
 
 def cmd_validate(args) -> int:

@@ -254,6 +254,19 @@ def apply_peft(
         ) from None
 
 
+def adapter_for(recipe, base, *, kbit_upcast: bool, total_steps: int | None = None):
+    """The recipe's adapter and checkpointing on the base, as every strategy (and the trace) wraps it."""
+    return apply_peft(
+        base,
+        recipe.peft,
+        quantized=recipe.quant.mode != "none",
+        kbit_upcast=kbit_upcast,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
+        total_steps=total_steps,
+        checkpoint_every=recipe.train.checkpoint_every,
+    )
+
+
 @contextlib.contextmanager
 def quiet_peft():
     """peft's PeftModel reads transformers' deprecated `is_gradient_checkpointing` property (peft 0.21,

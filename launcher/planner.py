@@ -76,14 +76,11 @@ class Setup:
         return self.gpus_per_node * self.nodes
 
 
-@dataclass
-class Plan:
-    strategy: str
-    device: dict[str, float] = field(default_factory=dict)  # GB per GPU (per process on CPU)
-    host: dict[str, float] = field(default_factory=dict)  # GB of CPU RAM per node
-    fits: bool | None = None
-    max_micro_batch: int | None = None
-    why: str = ""
+class Totals:
+    """GB summed over the per-device and per-host terms."""
+
+    device: dict
+    host: dict
 
     @property
     def device_total(self) -> float:
@@ -92,6 +89,16 @@ class Plan:
     @property
     def host_total(self) -> float:
         return sum(self.host.values())
+
+
+@dataclass
+class Plan(Totals):
+    strategy: str
+    device: dict[str, float] = field(default_factory=dict)  # GB per GPU (per process on CPU)
+    host: dict[str, float] = field(default_factory=dict)  # GB of CPU RAM per node
+    fits: bool | None = None
+    max_micro_batch: int | None = None
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -339,8 +346,8 @@ def render(arch: Arch, s: Setup, plans: list[Plan], choice: str, gpu_gb: float, 
     return "\n".join(lines)
 
 
-def as_json(arch: Arch, s: Setup, plans: list[Plan], best: Plan | None, choice: str, traced=None) -> str:
-    extra = {} if traced is None else {"traced": [asdict(t) for t in traced]}
+def as_json(arch: Arch, s: Setup, plans: list[Plan], best: Plan | None, choice: str, traced=None, refused=None) -> str:
+    extra = {} if traced is None else {"traced": [asdict(t) for t in traced], "not_traced": refused or {}}
     return json.dumps(
         {
             "model": asdict(arch),

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import torch
 
 from launcher import attention, loop, memtrack, placement, random_model
-from launcher.errors import UserError
+from launcher.errors import UserError, count, listing
+from launcher.planner import Totals
 from launcher.recipe import Recipe
 from launcher.source import model_config
 
@@ -51,7 +52,7 @@ GB = 2**30
 
 
 @dataclass
-class Traced:
+class Traced(Totals):
     """Per-rank peaks of one traced step (GB): what made up the device's peak, and the host's."""
 
     strategy: str
@@ -59,14 +60,6 @@ class Traced:
     device: dict = field(default_factory=dict)
     host: dict = field(default_factory=dict)
     seconds: float = 0.0
-
-    @property
-    def device_total(self) -> float:
-        return sum(self.device.values())
-
-    @property
-    def host_total(self) -> float:
-        return sum(self.host.values())
 
 
 class _Steps:
@@ -321,6 +314,11 @@ def trace(recipe: Recipe, source: str, strategy: str, world: int, *, gpu: bool =
     fidelity tests compare the trace with."""
     if strategy not in TRACEABLE:
         raise UserError(f"dist.strategy: {strategy} cannot be traced: {NOT_TRACED.get(strategy, 'unknown')}")
+    # What a run under this strategy would refuse, the trace refuses too (as if on `world` GPUs).
+    machine = placement.Machine(gpus=max(world, recipe.dist.nproc), gpu_memory_gb=80.0)
+    problems = placement.placement_problems(recipe, strategy, machine, model_config(source))
+    if problems:
+        raise listing(f"{count(len(problems), 'placement problem')} (strategy {strategy})", problems)
     start = time.perf_counter()
     d = dtypes_for(recipe, strategy, gpu)
     fsdp = strategy in ("fsdp", "fsdp_offload")
@@ -340,17 +338,9 @@ def trace(recipe: Recipe, source: str, strategy: str, world: int, *, gpu: bool =
 
 
 def _adapter(recipe: Recipe, base, d: Dtypes):
-    from launcher.model import apply_peft
+    from launcher.model import adapter_for
 
-    model = apply_peft(
-        base,
-        recipe.peft,
-        quantized=recipe.quant.mode != "none",
-        kbit_upcast=d.upcast,
-        gradient_checkpointing=recipe.train.gradient_checkpointing,
-        total_steps=STEPS,
-        checkpoint_every=recipe.train.checkpoint_every,
-    )
+    model = adapter_for(recipe, base, kbit_upcast=d.upcast, total_steps=STEPS)
     if recipe.train.chunked_loss:
         from launcher import chunked_loss
 
@@ -378,10 +368,14 @@ def source_for(recipe: Recipe, arch) -> str:
     return resolve_source(recipe.model)
 
 
-def render(traced: list[Traced], plans: list) -> str:
-    """The traced peaks per category next to the planner's total for the same strategies."""
+def render(traced: list[Traced], plans: list, refused: dict | None = None) -> str:
+    """The traced peaks per category next to the planner's total for the same strategies; `refused`:
+    strategies the recipe cannot run under, with the reason."""
+    why = {**NOT_TRACED, **(refused or {})}
+    skipped = sorted({p.strategy for p in plans} - {t.strategy for t in traced})
+    tail = ["not traced: " + "; ".join(f"{s} ({why.get(s, 'cannot be traced')})" for s in skipped)] if skipped else []
     if not traced:
-        return "traced: no planned strategy can be traced here"
+        return "\n".join(["traced: no planned strategy could be traced", *tail])
     planned = {p.strategy: p for p in plans}
     cats = [c for c in memtrack.CATEGORIES if any(c in t.device for t in traced)]
     lines = [
@@ -397,10 +391,7 @@ def render(traced: list[Traced], plans: list) -> str:
     if any(t.host for t in traced):
         lines.append(f"{'offloaded, per rank':<22}" + "".join(f"{t.host_total:>14.2f}" for t in traced))
     lines.append(f"{'traced in (s)':<22}" + "".join(f"{t.seconds:>14.0f}" for t in traced))
-    skipped = sorted({p.strategy for p in plans} - {t.strategy for t in traced})
-    if skipped:
-        lines.append("not traced: " + "; ".join(f"{s} ({NOT_TRACED.get(s, 'cannot be traced')})" for s in skipped))
-    return "\n".join(lines)
+    return "\n".join(lines + tail)
 
 
 def _planned_device(plan) -> float:

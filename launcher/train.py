@@ -34,7 +34,7 @@ from launcher import (
 from launcher.loop import Fitted, fit
 from launcher.errors import UserError
 from launcher.model import (
-    apply_peft,
+    adapter_for,
     count_parameters,
     load_base_model,
     load_tokenizer,
@@ -237,15 +237,7 @@ def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerato
         )
 
     def wrap(base):
-        return apply_peft(
-            base,
-            recipe.peft,
-            quantized=recipe.quant.mode != "none",
-            kbit_upcast=pl.kbit_upcast,
-            gradient_checkpointing=recipe.train.gradient_checkpointing,
-            total_steps=total_steps,
-            checkpoint_every=recipe.train.checkpoint_every,
-        )
+        return adapter_for(recipe, base, kbit_upcast=pl.kbit_upcast, total_steps=total_steps)
 
     if pl.fsdp2_rank0_reads:
         model = sharding.load_fsdp2(load, wrap, offload=pl.offload, device=accelerator.device)

@@ -207,3 +207,22 @@ def test_planner_holds_all_112_saved_traces():
     assert abs(worst[0]) <= 0.10, worst
     assert all(abs(h) <= 0.10 for _, h, _ in errors if h is not None)
     assert sum(h is not None for _, h, _ in errors) == 28  # every offloading row checks its host memory
+
+
+def test_a_refused_combination_is_refused_by_the_trace_too():
+    from launcher import trace
+    from launcher.errors import UserError
+    from launcher.source import resolve_source
+
+    recipe = _recipe("builtin:tiny-llama", **SMALL, chunked_loss=64)
+    with pytest.raises(UserError, match="train.chunked_loss: not under fsdp"):
+        trace.trace(recipe, resolve_source(recipe.model), "fsdp", 2)
+
+
+@pytest.mark.slow
+def test_plan_trace_names_what_the_recipe_cannot_run_under():
+    res = run_cli("plan", "--trace", "--gpus-per-node", "2", "train.chunked_loss=16", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    assert [t["strategy"] for t in out["traced"]] == ["ddp"]
+    assert "train.chunked_loss: not under fsdp" in out["not_traced"]["fsdp"]
