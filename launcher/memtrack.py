@@ -53,8 +53,9 @@ class Peak:
 
 
 class Tracker(TorchDispatchMode):
-    """Records allocations and frees of every storage created while active. `real_host_ops`: ops whose
-    tensor inputs are all real (not fake) run for real, as the host-side batch bookkeeping does."""
+    """Records allocations and frees of every storage created while active. fake=True (under a
+    FakeTensorMode): ops whose tensor inputs are all real run for real, as the host-side batch
+    bookkeeping does (a decision read from a fake tensor would fail or go the wrong way)."""
 
     def __init__(self, fake: bool = False):
         super().__init__()

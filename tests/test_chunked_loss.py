@@ -4,7 +4,7 @@ eval mode, less memory at a large vocabulary, and refused where it cannot work."
 import pytest
 import torch
 
-from launcher import builtin, chunked_loss
+from launcher import builtin, chunked_loss, memtrack
 from launcher.model import apply_peft, load_base_model
 from launcher.recipe import load_recipe
 
@@ -77,46 +77,14 @@ def test_eval_mode_has_real_logits(big_vocab):
     assert out.logits.shape == (2, 40, 8000) and torch.isfinite(out.loss)
 
 
-class PeakBytes:
-    """Peak bytes of live tensor storages created while active (a dispatch mode: every op's outputs; freed
-    storages are noticed through weak references). MemTracker would do, but it hooks every parameter,
-    and a frozen 4-bit base refuses gradient hooks."""
-
-    def __enter__(self):
-        from torch.multiprocessing.reductions import StorageWeakRef
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
-        tracker = self
-        self.live, self.peak = {}, 0
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                tracker.live = {k: v for k, v in tracker.live.items() if not v[0].expired()}
-                for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr():
-                        st = t.untyped_storage()
-                        tracker.live.setdefault(st.data_ptr(), (StorageWeakRef(st), st.nbytes()))
-                tracker.peak = max(tracker.peak, sum(n for _, n in tracker.live.values()))
-                return out
-
-        self.mode = Mode()
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.mode.__exit__(*exc)
-
-
 def test_peak_memory_drops_by_most_of_the_logits(big_vocab):
     ids, labels = _batch()
     peaks = {}
     for chunk in (0, 16):
         model = _model(big_vocab, chunk)
-        with PeakBytes() as tracker:
+        with memtrack.Tracker() as tracker:
             model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
-        peaks[chunk] = tracker.peak / 2**20
+        peaks[chunk] = tracker.peaks()["device"].total / 2**20
     logits_mb = 2 * 40 * 8000 * 4 / 2**20  # one fp32 copy: 2.4 MiB
     assert peaks[0] - peaks[16] > 2 * logits_mb, peaks  # the full loss keeps several copies
 
