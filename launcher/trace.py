@@ -39,6 +39,7 @@ from launcher import attention, loop, memtrack, placement, random_model
 from launcher.errors import UserError, count, listing
 from launcher.planner import Totals
 from launcher.recipe import Recipe
+from launcher.tables import FSDP
 from launcher.source import model_config
 
 TRACEABLE = ("single", "ddp", "fsdp", "fsdp_offload")
@@ -93,10 +94,12 @@ def dtypes_for(recipe: Recipe, strategy: str, gpu: bool) -> Dtypes:
     from launcher.model import DTYPES
 
     m, q = recipe.model, recipe.quant
-    auto = torch.bfloat16 if gpu else torch.float32
-    param = auto if m.dtype == "auto" else DTYPES[m.dtype]
-    if q.compute_dtype != "auto":
-        param = DTYPES[q.compute_dtype] if m.dtype == "auto" else param
+    if m.dtype != "auto":
+        param = DTYPES[m.dtype]
+    elif q.compute_dtype != "auto":
+        param = DTYPES[q.compute_dtype]
+    else:  # what model.compute_dtype picks on each machine
+        param = torch.bfloat16 if gpu else torch.float32
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = placement.optimizer_for(strategy, recipe.train.optimizer, recipe.dist.fsdp_version)
@@ -218,7 +221,7 @@ def shard(model, strategy: str, mesh=None):
     """Shard the model the way the strategy's run does (launcher.sharding's FSDP2). A DDP rank runs the
     single-process step: DDP's C++ reducer cannot run on fake tensors, and its one addition, the
     buckets, is counted by `run_steps`."""
-    if strategy in ("fsdp", "fsdp_offload"):
+    if strategy in FSDP:
         from launcher import sharding
 
         return sharding.fsdp2_shard(model, offload=strategy == "fsdp_offload", mesh=mesh, pin=False)
@@ -321,7 +324,7 @@ def trace(recipe: Recipe, source: str, strategy: str, world: int, *, gpu: bool =
         raise listing(f"{count(len(problems), 'placement problem')} (strategy {strategy})", problems)
     start = time.perf_counter()
     d = dtypes_for(recipe, strategy, gpu)
-    fsdp = strategy in ("fsdp", "fsdp_offload")
+    fsdp = strategy in FSDP
     tracker = memtrack.Tracker(fake=not real)
     group = fake_group(world) if strategy != "single" and not real else contextlib.nullcontext()
     with fake_torch() if not real else contextlib.nullcontext() as mode, group:
