@@ -338,7 +338,7 @@ def cmd_plan(args) -> int:
     if traced is not None:
         from launcher import trace
 
-        print("\n" + trace.render(traced, plans, refused))
+        print("\n" + trace.render(traced, plans, refused, gpu=setup.gpu))
     return 0
 
 

@@ -371,7 +371,7 @@ def source_for(recipe: Recipe, arch) -> str:
     return resolve_source(recipe.model)
 
 
-def render(traced: list[Traced], plans: list, refused: dict | None = None) -> str:
+def render(traced: list[Traced], plans: list, refused: dict | None = None, gpu: bool = True) -> str:
     """The traced peaks per category next to the planner's total for the same strategies; `refused`:
     strategies the recipe cannot run under, with the reason."""
     why = {**NOT_TRACED, **(refused or {})}
@@ -381,10 +381,11 @@ def render(traced: list[Traced], plans: list, refused: dict | None = None) -> st
         return "\n".join(["traced: no planned strategy could be traced", *tail])
     planned = {p.strategy: p for p in plans}
     cats = [c for c in memtrack.CATEGORIES if any(c in t.device for t in traced)]
+    unseen = "CUDA context, allocator and NCCL" if gpu else "process's own memory (libraries, allocator)"
     lines = [
         f"traced: {STEPS} steps of the training step on fake tensors, rank 0 (GB; the planner's overhead for the "
-        "CUDA context, allocator and NCCL is not in the trace)",
-        f"{'GB per GPU':<22}" + "".join(f"{t.strategy:>14}" for t in traced),
+        f"{unseen} is not in the trace)",
+        f"{'GB per ' + ('GPU' if gpu else 'process'):<22}" + "".join(f"{t.strategy:>14}" for t in traced),
     ]
     lines += [f"  {c:<20}" + "".join(f"{t.device.get(c, 0.0):>14.2f}" for t in traced) for c in cats]
     lines.append(f"  {'traced peak':<20}" + "".join(f"{t.device_total:>14.2f}" for t in traced))
