@@ -240,6 +240,7 @@ trainer = Trainer(model=model, args=args, train_dataset=strip(train_ex), eval_da
 real = sum(len(e["input_ids"]) for e in train_ex)
 result = trainer.train()
 evals = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
+trainer.save_model(out)  # the adapter, for the common held-out evaluation
 world = trainer.args.world_size  # the Trainer splits the epoch across ranks; max_steps counts global steps
 samples = t.max_steps * mb * t.grad_accum * world if t.max_steps else len(train_ex) * t.epochs
 peak = (torch.cuda.max_memory_allocated() / 2**30 if gpu
@@ -300,6 +301,7 @@ trainer = SFTTrainer(model=model, args=args, train_dataset=rows(train_ex), eval_
 real = sum(len(e["input_ids"]) for e in train_ex)
 result = trainer.train()
 ev = trainer.evaluate()  # after training, outside train_runtime
+trainer.save_model(out)  # the adapter, for the common held-out evaluation
 peak = (torch.cuda.max_memory_allocated() / 2**30 if gpu
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 if trainer.args.process_index == 0:
@@ -308,6 +310,53 @@ if trainer.args.process_index == 0:
                       "reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if gpu else 0,
                       "steps": trainer.state.global_step}))
 """
+
+
+EVAL_SCRIPT = r"""
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from launcher import data
+from launcher.model import load_tokenizer, resolve_source
+from launcher.recipe import load_recipe
+
+# One evaluation for every side: the saved adapter on the same NF4 base through plain peft, the mean
+# loss over every label token of the same held-out samples (the recipe's eval split), one sample at a
+# time so no packing or padding choice of either side enters it.
+recipe = load_recipe(None, json.loads(sys.argv[1]))
+gpu = torch.cuda.is_available()
+dtype = torch.bfloat16 if gpu else torch.float32
+source = resolve_source(recipe.model)
+tok = load_tokenizer(source, recipe.model)
+_, eval_ex, _ = data.load_data(recipe.data, tok, recipe.train.seed)
+bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                         bnb_4bit_compute_dtype=dtype)
+base = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb, dtype=dtype,
+                                            device_map={"": 0} if gpu else None)
+model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
+total, count = 0.0, 0
+with torch.no_grad():
+    for e in eval_ex:
+        ids = torch.tensor([e["input_ids"]], device=model.device)
+        labels = torch.tensor([e["labels"]], device=model.device)
+        n = int((labels[:, 1:] != data.IGNORE).sum())
+        if n:
+            total += model(input_ids=ids, labels=labels, use_cache=False).loss.item() * n
+            count += n
+print(json.dumps({"heldout_loss": total / max(count, 1), "heldout_tokens": count}))
+"""
+
+
+def heldout(overrides: list[str], adapter_dir: Path) -> dict:
+    """The common held-out loss of a saved adapter (EVAL_SCRIPT, a fresh process, not timed)."""
+    script = adapter_dir.with_name("eval.py")
+    script.write_text(EVAL_SCRIPT)
+    res = subprocess.run(
+        [sys.executable, str(script), json.dumps(overrides), str(adapter_dir)], capture_output=True, text=True, cwd=ROOT
+    )
+    if res.returncode:
+        raise SystemExit(f"held-out evaluation of {adapter_dir} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def run_hf(
@@ -408,6 +457,8 @@ def main() -> None:
                     overrides, long, Path(tmp) / f"h{i}", args.hf_group_by_length, args.nproc, args.baseline == "trl"
                 )
             )
+            for name, out in (("launcher", f"l{i}"), ("hf", f"h{i}")):  # the same evaluation for both
+                runs[name][-1].update(heldout(overrides, Path(tmp) / out))
             print(json.dumps({"repeat": i, **{k: v[-1] for k, v in runs.items()}}), flush=True)
         med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
         if args.gpu:

@@ -24,6 +24,9 @@ def _vs_hf(*args: str) -> dict:
     out = json.loads(res.stdout[res.stdout.index("{\n") :])
     for side in out["median"].values():
         assert side["tokens_per_s"] > 0 and side["eval_loss"] == side["eval_loss"] and side["steps"] >= 4
+        assert 0 < side["heldout_loss"] < 20  # the common evaluation of each saved adapter
+    launcher, hf = out["median"]["launcher"], out["median"]["hf"]
+    assert launcher["heldout_tokens"] == hf["heldout_tokens"] > 0  # over the same held-out tokens
     return out
 
 
