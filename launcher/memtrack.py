@@ -68,7 +68,7 @@ class Tracker(TorchDispatchMode):
 
     # ---------------------------------------------------------------- recording
 
-    def _see(self, st, phase: str | None = None) -> Block | None:
+    def _see(self, st, phase: str | None = None) -> Block:
         block = self.blocks.get(st)
         if block is not None:
             return block

@@ -113,10 +113,15 @@ def placement_problems(recipe: Recipe, strategy: str, machine: Machine, cfg: dic
 def check(recipe: Recipe, machine: Machine, cfg: dict) -> str:
     """Resolve the strategy and raise one UserError listing every placement problem."""
     strategy = resolve_strategy(recipe, machine, cfg)
+    refuse_problems(recipe, strategy, machine, cfg)
+    return strategy
+
+
+def refuse_problems(recipe: Recipe, strategy: str, machine: Machine, cfg: dict) -> None:
+    """One UserError listing every placement problem of this strategy, if it has any."""
     problems = placement_problems(recipe, strategy, machine, cfg)
     if problems:
         raise listing(f"{count(len(problems), 'placement problem')} (strategy {strategy})", problems)
-    return strategy
 
 
 def optimizer_for(strategy: str, optimizer: str, fsdp_version: int = 2) -> str:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from launcher import attention, loop, memtrack, placement, random_model
-from launcher.errors import UserError, count, listing
+from launcher.errors import UserError
 from launcher.planner import Totals
 from launcher.recipe import Recipe
 from launcher.tables import FSDP
@@ -245,12 +245,20 @@ def batch(recipe: Recipe, vocab: int) -> dict:
 
 
 def run_steps(
-    recipe: Recipe, model, d: Dtypes, tracker: memtrack.Tracker, *, offload: bool = False, ddp: bool = False, mode=None
+    recipe: Recipe,
+    model,
+    d: Dtypes,
+    tracker: memtrack.Tracker,
+    *,
+    offload: bool = False,
+    ddp: bool = False,
+    mode=contextlib.nullcontext(),
 ) -> dict:
-    """STEPS of `loop.train_step` under the tracker; returns its device and host peaks (GB by category)."""
+    """STEPS of `loop.train_step` under the tracker, inside `mode` (the FakeTensorMode, or nothing when
+    the step runs for real); returns its device and host peaks (GB by category)."""
     from launcher.optim import build_optimizer, build_scheduler
 
-    with mode if mode is not None else contextlib.nullcontext():
+    with mode:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, recipe.train, d.optimizer)
         scheduler = build_scheduler(optimizer, recipe.train, STEPS)
@@ -267,7 +275,7 @@ def run_steps(
     b = batch(recipe, vocab)
     steps = _Steps(torch.device("cpu"))
     try:
-        with mode if mode is not None else contextlib.nullcontext(), tracker, memtrack.fsdp_resizes(tracker):
+        with mode, tracker, memtrack.fsdp_resizes(tracker):
             for step in range(STEPS):
                 loop.train_step(recipe, model, dict(b), optimizer, scheduler, steps, step)
     finally:
@@ -319,18 +327,16 @@ def trace(recipe: Recipe, source: str, strategy: str, world: int, *, gpu: bool =
         raise UserError(f"dist.strategy: {strategy} cannot be traced: {NOT_TRACED.get(strategy, 'unknown')}")
     # What a run under this strategy would refuse, the trace refuses too (as if on `world` GPUs).
     machine = placement.Machine(gpus=max(world, recipe.dist.nproc), gpu_memory_gb=80.0)
-    problems = placement.placement_problems(recipe, strategy, machine, model_config(source))
-    if problems:
-        raise listing(f"{count(len(problems), 'placement problem')} (strategy {strategy})", problems)
+    placement.refuse_problems(recipe, strategy, machine, model_config(source))
     start = time.perf_counter()
     d = dtypes_for(recipe, strategy, gpu)
     fsdp = strategy in FSDP
     tracker = memtrack.Tracker(fake=not real)
     group = fake_group(world) if strategy != "single" and not real else contextlib.nullcontext()
-    with fake_torch() if not real else contextlib.nullcontext() as mode, group:
+    with fake_torch() if not real else contextlib.nullcontext(contextlib.nullcontext()) as mode, group:
         mesh = _mesh(world) if fsdp else None
         base = real_model(source, recipe, d) if real else fake_model(source, recipe, d, mode)
-        with mode if mode is not None else contextlib.nullcontext():
+        with mode:
             model = shard(_adapter(recipe, base, d), strategy, mesh)
         if real and strategy == "ddp":
             model = _real_ddp(model, tracker)
