@@ -25,8 +25,10 @@ dense bf16 peak.
 """
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import random
 import statistics
 import subprocess
@@ -397,6 +399,27 @@ def run_hf(
     }
 
 
+@contextlib.contextmanager
+def live_peak(where: Path):
+    """Runs started inside count their live tensor memory (bench/live_peak/sitecustomize.py); yields a
+    dict that gets "live_peak_gb", rank 0's peak, when they are done."""
+    where.mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ.get(k) for k in ("LIVE_PEAK_DIR", "PYTHONPATH")}
+    path = [str(ROOT / "bench" / "live_peak"), saved["PYTHONPATH"] or ""]
+    os.environ.update(LIVE_PEAK_DIR=str(where), PYTHONPATH=os.pathsep.join(filter(None, path)))
+    out: dict = {}
+    try:
+        yield out
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    peaks = [json.loads(f.read_text()) for f in where.glob("*.json")]
+    out["live_peak_gb"] = max((r["live_peak_gb"] for r in peaks if r["rank"] == 0), default=None)
+
+
 def mfu(tokens_per_s: float, model_dir: str) -> float | None:
     """6 x parameters per useful token over the GPU's dense bf16 peak (None when the GPU is unknown)."""
     import torch
@@ -434,6 +457,11 @@ def main() -> None:
         help="a recipe override for the launcher side only (a gain under test, e.g. train.checkpoint_every=2)",
     )
     ap.add_argument(
+        "--live-memory",
+        action="store_true",
+        help="CPU: one more, untimed run per side counting live tensor memory (the GPU's allocated memory)",
+    )
+    ap.add_argument(
         "--hf-group-by-length",
         action="store_true",
         help="a stronger baseline: the Trainer batches samples of similar length (less padding)",
@@ -461,6 +489,13 @@ def main() -> None:
                 runs[name][-1].update(heldout(overrides, Path(tmp) / out))
             print(json.dumps({"repeat": i, **{k: v[-1] for k, v in runs.items()}}), flush=True)
         med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+        if args.live_memory and not args.gpu:
+            with live_peak(Path(tmp) / "live_l") as live:
+                run_launcher(overrides + args.launcher_set, args.packing or long, long, Path(tmp) / "ll", args.nproc)
+            med["launcher"]["live_peak_gb"] = live["live_peak_gb"]
+            with live_peak(Path(tmp) / "live_h") as live:
+                run_hf(overrides, long, Path(tmp) / "hl", args.hf_group_by_length, args.nproc, args.baseline == "trl")
+            med["hf"]["live_peak_gb"] = live["live_peak_gb"]
         if args.gpu:
             import torch
 

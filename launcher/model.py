@@ -231,6 +231,7 @@ def apply_peft(
     gradient_checkpointing: bool,
     total_steps: int | None = None,
     checkpoint_every: int = 1,
+    kept_layers: int = 0,
 ):
     """k-bit preparation (skipped when sharding: its fp32 upcast mixes dtypes), checkpointing, adapter."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -240,7 +241,7 @@ def apply_peft(
         # gradient_checkpointing_enable (a FutureWarning on every run).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if gradient_checkpointing:
-        enable_checkpointing(model, checkpoint_every)
+        enable_checkpointing(model, checkpoint_every, kept_layers)
     if cfg.method in ("lora", "adalora", "loha"):
         check_target_modules(model, cfg.target_modules)
     config = peft_config(cfg, total_steps)
@@ -254,7 +255,7 @@ def apply_peft(
         ) from None
 
 
-def adapter_for(recipe, base, *, kbit_upcast: bool, total_steps: int | None = None):
+def adapter_for(recipe, base, *, kbit_upcast: bool, total_steps: int | None = None, kept_layers: int = 0):
     """The recipe's adapter and checkpointing on the base, as every strategy (and the trace) wraps it."""
     return apply_peft(
         base,
@@ -264,6 +265,7 @@ def adapter_for(recipe, base, *, kbit_upcast: bool, total_steps: int | None = No
         gradient_checkpointing=recipe.train.gradient_checkpointing,
         total_steps=total_steps,
         checkpoint_every=recipe.train.checkpoint_every,
+        kept_layers=kept_layers,
     )
 
 
@@ -276,16 +278,24 @@ def quiet_peft():
         yield
 
 
-def enable_checkpointing(model, every: int = 1) -> None:
+def enable_checkpointing(model, every: int = 1, kept: int = 0) -> None:
     """Non-reentrant activation checkpointing on every `every`-th decoder layer (layers 0, every, 2 every,
-    ...), through transformers' current API (`activation_checkpointing_enable`, transformers 5); older
-    transformers only checkpoint all layers."""
+    ...), except the last `kept` layers, which keep their activations (they are the first backward
+    frees, so the layers recomputed after them start from a lower peak); through transformers' current
+    API (`activation_checkpointing_enable`, transformers 5); older transformers only checkpoint all layers."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for layer in layers[len(layers) - kept :] if kept else []:
+            layer.gradient_checkpointing = False
         return
-    if every != 1:
-        raise UserError("train.checkpoint_every: needs transformers 5 (activation_checkpointing_enable); set it to 1")
+    if every != 1 or kept:
+        raise UserError(
+            "train.checkpoint_every/memory_budget_gb: need transformers 5 (activation_checkpointing_enable); unset them"
+        )
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 

@@ -222,6 +222,7 @@ class Placement:
     storage_dtype: object  # torch dtype holding the packed 4-bit weights
     kbit_upcast: bool  # prepare_model_for_kbit_training's fp32 upcast
     optimizer: str  # the optimizer actually used (bitsandbytes ones are replaced where they cannot run)
+    kept_layers: int = 0  # decoder layers (the last) keeping their activations: train.memory_budget_gb's choice
 
     @property
     def deepspeed(self) -> bool:
@@ -242,7 +243,8 @@ def resolve(recipe: Recipe, accelerator, cfg: dict, machine: Machine | None = No
     from launcher.model import DTYPES, compute_dtype  # torch: not imported by commands that only check recipes
 
     rank, world = rank_and_world()
-    strategy = check(recipe, machine or Machine.detect(), cfg)
+    machine = machine or Machine.detect()
+    strategy = check(recipe, machine, cfg)
     check_launch(strategy, accelerator, world)
     kind = accelerator.distributed_type.value
     fsdp = accelerator.state.fsdp_plugin if kind == "FSDP" else None
@@ -266,7 +268,18 @@ def resolve(recipe: Recipe, accelerator, cfg: dict, machine: Machine | None = No
         storage_dtype=storage_dtype(recipe, strategy, param_dtype),
         kbit_upcast=kbit_upcast(strategy),
         optimizer=optimizer_for(strategy, recipe.train.optimizer, recipe.dist.fsdp_version),
+        kept_layers=kept_layers(recipe, strategy, cfg, gpu=machine.gpus > 0),
     )
+
+
+def kept_layers(recipe: Recipe, strategy: str, cfg: dict, gpu: bool) -> int:
+    """How many of the last decoder layers keep their activations: as many as the memory planner fits in
+    train.memory_budget_gb (0 without a budget: checkpoint_every decides)."""
+    if not recipe.train.memory_budget_gb or "hidden_size" not in cfg:
+        return 0
+    arch = planner.Arch.from_config(cfg, recipe.model.name)
+    setup = planner.setup_for_recipe(recipe, recipe.dist.nproc, recipe.dist.nnodes, gpu=gpu)
+    return planner.estimate(arch, strategy, setup).kept_layers
 
 
 def rank_and_world() -> tuple[int, int]:

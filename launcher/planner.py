@@ -25,7 +25,7 @@ CPU plans keep their own activation constants, calibrated against measured resid
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from launcher import tables
 from launcher.archs import HUB, PRESETS, Arch
@@ -65,6 +65,9 @@ class Setup:
     optimizer: str = "paged_adamw_32bit"
     gradient_checkpointing: bool = True
     checkpoint_every: int = 1  # recompute every n-th layer; the others keep their activations
+    memory_budget_gb: float | None = None  # keep the last layers' activations while the plan fits this
+    kept_layers: int | None = None  # layers keeping their activations (decided from the budget)
+    chunked_loss: int = 0  # the loss over this many tokens at a time: the logits never exist in full
     quant: str = "nf4"  # nf4 | fp4 | int8 | none
     double_quant: bool = True
     gpu: bool = True  # False: CPU processes (fp32 everywhere)
@@ -99,6 +102,7 @@ class Plan(Totals):
     fits: bool | None = None
     max_micro_batch: int | None = None
     why: str = ""
+    kept_layers: int = 0  # decoder layers that keep their activations instead of recomputing them
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,8 @@ def _quant_bytes(arch: Arch, s: Setup, dtype: int) -> tuple[float, float]:
 
 def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
     """Peak memory per GPU and CPU RAM per node, term by term (GB)."""
+    if s.memory_budget_gb and s.kept_layers is None and s.gradient_checkpointing:
+        s = replace(s, kept_layers=layers_to_keep(arch, strategy, s))
     world = s.world
     dtype = 2 if s.gpu else 4  # compute/parameter dtype bytes: bf16 on GPU, fp32 on CPU
     upcast = s.quant != "none" and strategy not in SHARD_PARAMS  # prepare_model_for_kbit_training
@@ -173,14 +179,38 @@ def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
     else:  # a CPU "GPU" is the process itself: the device terms are host memory
         host["cpu_processes"] = sum(device.values()) * per_node
     return Plan(
-        strategy, {k: round(v / GB, 3) for k, v in device.items()}, {k: round(v / GB, 3) for k, v in host.items()}
+        strategy,
+        {k: round(v / GB, 3) for k, v in device.items()},
+        {k: round(v / GB, 3) for k, v in host.items()},
+        kept_layers=_checkpointed(arch, s)[1],
     )
+
+
+def layers_to_keep(arch: Arch, strategy: str, s: Setup) -> int:
+    """How many decoder layers (the last ones) may keep their activations while the plan stays within
+    s.memory_budget_gb: the rest recompute in backward. 0 when even full recompute does not fit."""
+    fits = [
+        k
+        for k in range(arch.layers + 1)
+        if estimate(arch, strategy, replace(s, kept_layers=k)).device_total <= s.memory_budget_gb
+    ]
+    return max(fits, default=0)
+
+
+def _loss_tokens(s: Setup, strategy: str) -> int:
+    """Tokens whose logits exist at once: the micro batch, or one chunk of the chunked loss (which the
+    sharded strategies refuse)."""
+    tokens = s.micro_batch * s.seq_len
+    return min(tokens, s.chunked_loss) if s.chunked_loss and strategy not in SHARD_PARAMS else tokens
 
 
 def _checkpointed(arch: Arch, s: Setup) -> tuple[int, int]:
     """(layers recomputed in backward, layers keeping all their activations)."""
     if not s.gradient_checkpointing:
         return 0, arch.layers
+    if s.kept_layers is not None:
+        kept = min(s.kept_layers, arch.layers)
+        return arch.layers - kept, kept
     recomputed = -(-arch.layers // s.checkpoint_every)  # layers 0, n, 2n, ... (transformers' every_n_layers)
     return recomputed, arch.layers - recomputed
 
@@ -202,7 +232,9 @@ def _gpu_work(arch: Arch, strategy: str, s: Setup, upcast: bool) -> dict:
     activations = recomputed * tokens * arch.hidden * resid + kept * full_layer
     biggest = max(i * o for i, o in arch.linears().values())
     dequant = fit.dequant * biggest * 2 if s.quant != "none" else 0.0  # bf16 copies of the largest weight
-    work = max(tokens * arch.vocab * fit.logit, (fit.layer * full_layer if recomputed else 0.0) + dequant)
+    work = max(
+        _loss_tokens(s, strategy) * arch.vocab * fit.logit, (fit.layer * full_layer if recomputed else 0.0) + dequant
+    )
     # At the start of forward the root's all-gather buffer sits next to its gathered copy, before
     # any activation exists: the peak of small steps under FSDP.
     return {"gathered_params": gathered, "activations": activations, "transient": max(work, gathered - activations)}
@@ -219,7 +251,7 @@ def _cpu_work(arch: Arch, strategy: str, s: Setup, upcast: bool) -> dict:
     packed, qstate = _quant_bytes(arch, s, 4)
     return {
         "activations": acts,
-        "logits": tokens * arch.vocab * LOGIT_BYTES,
+        "logits": _loss_tokens(s, strategy) * arch.vocab * LOGIT_BYTES,
         "dequant_buffers": 2 * biggest * 4 if s.quant != "none" else 0.0,
         "gathered_layers": 2 * (packed + qstate) / arch.layers if strategy in SHARD_PARAMS else 0.0,
     }
@@ -227,8 +259,6 @@ def _cpu_work(arch: Arch, strategy: str, s: Setup, upcast: bool) -> dict:
 
 def largest_micro_batch(arch: Arch, strategy: str, s: Setup, gpu_gb: float, limit: int = 4096) -> int:
     """The largest micro batch whose estimate fits gpu_gb (0 when even 1 does not)."""
-    from dataclasses import replace
-
     lo, hi = 0, limit
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -309,6 +339,8 @@ def setup_for_recipe(recipe, gpus_per_node: int, nodes: int, gpu: bool) -> Setup
         optimizer=t.optimizer,
         gradient_checkpointing=t.gradient_checkpointing,
         checkpoint_every=t.checkpoint_every,
+        memory_budget_gb=t.memory_budget_gb,
+        chunked_loss=t.chunked_loss,
         quant=q.mode,
         double_quant=q.double_quant,
         gpu=gpu,
@@ -320,6 +352,8 @@ def setup_for_recipe(recipe, gpus_per_node: int, nodes: int, gpu: bool) -> Setup
 def _checkpointing(s: Setup) -> str:
     if not s.gradient_checkpointing:
         return "off"
+    if s.memory_budget_gb:
+        return f"on, the last layers that fit {s.memory_budget_gb:g} GB keep their activations (kept_layers)"
     return "on" if s.checkpoint_every == 1 else f"on for 1 layer in {s.checkpoint_every}"
 
 
@@ -342,6 +376,8 @@ def render(arch: Arch, s: Setup, plans: list[Plan], choice: str, gpu_gb: float, 
     lines.append(f"{'CPU RAM per node':<22}" + "".join(f"{p.host_total:>14.2f}" for p in plans))
     lines.append(f"{'fits':<22}" + "".join(f"{'yes' if p.fits else 'no':>14}" for p in plans))
     lines.append(f"{'largest micro batch':<22}" + "".join(f"{p.max_micro_batch:>14}" for p in plans))
+    if s.memory_budget_gb:
+        lines.append(f"{'layers kept':<22}" + "".join(f"{f'{p.kept_layers}/{arch.layers}':>14}" for p in plans))
     lines += ["", f"recommended: {choice}"]
     return "\n".join(lines)
 

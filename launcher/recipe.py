@@ -195,6 +195,13 @@ class TrainCfg(Section):
         description="With gradient_checkpointing: recompute only every n-th decoder layer (1: all). The others keep "
         "their activations: less recompute per step for more memory (launcher plan shows how much).",
     )
+    memory_budget_gb: float | None = Field(
+        None,
+        gt=0,
+        description="With gradient_checkpointing: device memory per GPU (per process on CPU) the step may use. The "
+        "memory planner keeps the activations of as many of the last decoder layers as fit in it and recomputes the "
+        "others: speed for memory that would sit idle. null: recompute as checkpoint_every says.",
+    )
     log_every: int = Field(10, gt=0, description="Optimizer steps between metric lines.")
     eval_every: int = Field(100, gt=0, description="Optimizer steps between evals (and one at the end).")
     eval_batches: int | None = Field(None, gt=0, description="Cap on eval micro batches per eval.")
@@ -436,6 +443,11 @@ def _cross_checks(r: Recipe) -> list[str]:
         problems.append(
             "peft.method: prefix_tuning does not work with gradient checkpointing; "
             "set train.gradient_checkpointing=false"
+        )
+    if r.train.memory_budget_gb and (not r.train.gradient_checkpointing or r.train.checkpoint_every != 1):
+        problems.append(
+            "train.memory_budget_gb: chooses which layers recompute, so it needs train.gradient_checkpointing=true "
+            "and train.checkpoint_every=1; set one or the other"
         )
     if r.quant.mode == "int8" and r.quant.storage_dtype not in ("auto", "uint8"):
         problems.append("quant.storage_dtype: only applies to 4-bit modes (nf4, fp4)")

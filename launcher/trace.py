@@ -271,6 +271,7 @@ def run_steps(
         optimizer.register_step_pre_hook(lambda *_: _stepping(tracker, params)),
         optimizer.register_step_post_hook(lambda opt, *_: tracker.own(_state_tensors(opt), "optimizer_state")),
     ]
+    model.train()  # as loop.fit does: from_pretrained leaves a model in eval mode (no checkpointing, no dropout)
     vocab = _vocab(model)
     b = batch(recipe, vocab)
     steps = _Steps(torch.device("cpu"))
@@ -337,7 +338,8 @@ def trace(recipe: Recipe, source: str, strategy: str, world: int, *, gpu: bool =
         mesh = _mesh(world) if fsdp else None
         base = real_model(source, recipe, d) if real else fake_model(source, recipe, d, mode)
         with mode:
-            model = shard(_adapter(recipe, base, d), strategy, mesh)
+            kept = placement.kept_layers(recipe, strategy, model_config(source), gpu)
+            model = shard(_adapter(recipe, base, d, kept), strategy, mesh)
         if real and strategy == "ddp":
             model = _real_ddp(model, tracker)
         peaks = run_steps(
@@ -346,10 +348,10 @@ def trace(recipe: Recipe, source: str, strategy: str, world: int, *, gpu: bool =
     return Traced(strategy, world, peaks["device"], peaks["host"], time.perf_counter() - start)
 
 
-def _adapter(recipe: Recipe, base, d: Dtypes):
+def _adapter(recipe: Recipe, base, d: Dtypes, kept_layers: int = 0):
     from launcher.model import adapter_for
 
-    model = adapter_for(recipe, base, kbit_upcast=d.upcast, total_steps=STEPS)
+    model = adapter_for(recipe, base, kbit_upcast=d.upcast, total_steps=STEPS, kept_layers=kept_layers)
     if recipe.train.chunked_loss:
         from launcher import chunked_loss
 

@@ -230,6 +230,11 @@ def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerato
         f"loading {recipe.model.name} ({quant}) with a {recipe.peft.method} adapter, "
         f"strategy {pl.strategy} on {pl.world} process(es)"
     )
+    if recipe.train.memory_budget_gb:
+        console.say(
+            f"checkpointing: the last {pl.kept_layers} decoder layer(s) keep their activations, the others "
+            f"recompute (the planner's fit to train.memory_budget_gb={recipe.train.memory_budget_gb:g})"
+        )
 
     def load(device_map):
         return load_base_model(
@@ -237,7 +242,9 @@ def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerato
         )
 
     def wrap(base):
-        return adapter_for(recipe, base, kbit_upcast=pl.kbit_upcast, total_steps=total_steps)
+        return adapter_for(
+            recipe, base, kbit_upcast=pl.kbit_upcast, total_steps=total_steps, kept_layers=pl.kept_layers
+        )
 
     if pl.fsdp2_rank0_reads:
         model = sharding.load_fsdp2(load, wrap, offload=pl.offload, device=accelerator.device)
