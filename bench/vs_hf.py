@@ -502,7 +502,7 @@ def main() -> None:
             for m in med.values():
                 m["mfu"] = mfu(m["tokens_per_s"], model)
             med["gpu"] = torch.cuda.get_device_name(0)
-    ratio = {k: round(med["launcher"][k] / med["hf"][k], 3) for k in med["hf"] if med["hf"][k]}
+    ratio = {k: round(med["launcher"][k] / med["hf"][k], 3) for k in med["hf"] if med["hf"][k] and med["launcher"][k]}
     shape = {"samples": args.samples, "seq_len": args.seq_len} if long else {"steps": args.steps}
     print(
         json.dumps(

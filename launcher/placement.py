@@ -107,6 +107,12 @@ def placement_problems(recipe: Recipe, strategy: str, machine: Machine, cfg: dic
             f"train.chunked_loss: not under {strategy} yet (the output head's weights are gathered only inside "
             "its own forward there); set it to 0, or use single, ddp or zero2"
         )
+    budget = recipe.train.memory_budget_gb
+    if budget and machine.gpus and machine.gpu_memory_gb and budget > machine.gpu_memory_gb:
+        problems.append(
+            f"train.memory_budget_gb: {budget:g} GB is more than this GPU's {machine.gpu_memory_gb:.1f} GB; "
+            "set it at most to that (less what else runs on the GPU)"
+        )
     return problems
 
 

@@ -231,9 +231,10 @@ def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerato
         f"strategy {pl.strategy} on {pl.world} process(es)"
     )
     if recipe.train.memory_budget_gb:
+        kept = f"the last {pl.kept_layers} decoder layer(s) keep" if pl.kept_layers else "no decoder layer keeps"
         console.say(
-            f"checkpointing: the last {pl.kept_layers} decoder layer(s) keep their activations, the others "
-            f"recompute (the planner's fit to train.memory_budget_gb={recipe.train.memory_budget_gb:g})"
+            f"checkpointing: {kept} their activations, the others recompute (what the planner fits in "
+            f"train.memory_budget_gb={recipe.train.memory_budget_gb:g})"
         )
 
     def load(device_map):

@@ -42,8 +42,34 @@ def test_vs_hf_long_data_runs_both_paths_on_the_same_samples():
 
 def test_vs_hf_trl_baseline_packs_the_same_samples():
     """TRL's SFTTrainer (bfd packing, padding-free) as the baseline: both sides train one epoch."""
-    out = _vs_hf("--baseline", "trl")
+    out = _vs_hf("--baseline", "trl", "--live-memory")
     launcher, trl = out["median"]["launcher"], out["median"]["hf"]
+    for side in (launcher, trl):  # live tensors: the model's weights and more, well under the process's RSS
+        assert 0.001 < side["live_peak_gb"] < side["peak_gb"], side
     assert out["baseline"] == "trl" and out["data"] == "long" and out["packing"]
     # both pack ~2 rows of 128 tokens per step: about the same number of steps for the epoch
     assert 0.7 * trl["steps"] <= launcher["steps"] <= 1.4 * trl["steps"], (launcher, trl)
+
+
+LIVE_PROBE = """
+import torch
+layer = torch.nn.Linear(1024, 1024)  # 4 MiB of weights, made before training starts: counted
+x = torch.randn(2048, 1024)  # 8 MiB
+with torch.no_grad():
+    layer(x)  # not training: the count has not started
+layer.train()
+out = layer(x)  # 8 MiB kept for backward
+(out * out).sum().backward()
+"""
+
+
+def test_live_peak_counts_the_tensors_a_step_holds(tmp_path):
+    """bench/live_peak: what `--live-memory` reads, on a step whose tensors are known."""
+    sys.path.insert(0, str(ROOT))
+    from bench.vs_hf import live_peak
+
+    with live_peak(tmp_path / "live") as live:
+        res = subprocess.run([sys.executable, "-c", LIVE_PROBE], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    # at its peak: weights 4 + input 8 + output 8 + out*out 8 (+ its gradient 8, the weight's 4) MiB
+    assert 28 / 1024 <= live["live_peak_gb"] <= 48 / 1024, live

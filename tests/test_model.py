@@ -74,14 +74,16 @@ def test_unknown_peft_option_names_the_field():
 
 def test_checkpoint_every_recomputes_every_nth_layer_with_the_same_gradients():
     """train.checkpoint_every=2 on the 4-layer tiny model: layers 0 and 2 recompute, 1 and 3 keep their
-    activations; the LoRA gradients equal those of full checkpointing and of none (the same math)."""
+    activations; with 3 kept layers (train.memory_budget_gb's choice) only layer 0 recomputes; the LoRA
+    gradients equal those of full checkpointing and of none (the same math)."""
     from launcher.model import apply_peft, load_base_model, resolve_source
     from launcher.recipe import load_recipe
 
     r = load_recipe(None, ["peft.dropout=0.0"])
     x = torch.randint(4, 40, (2, 12))
     grads, flags = {}, {}
-    for name, on, every in (("all", True, 1), ("half", True, 2), ("none", False, 1)):
+    cases = (("all", True, 1, 0), ("half", True, 2, 0), ("kept3", True, 1, 3), ("none", False, 1, 0))
+    for name, on, every, kept in cases:
         torch.manual_seed(0)
         model = apply_peft(
             load_base_model(resolve_source(r.model), r.model, r.quant),
@@ -90,6 +92,7 @@ def test_checkpoint_every_recomputes_every_nth_layer_with_the_same_gradients():
             kbit_upcast=True,
             gradient_checkpointing=on,
             checkpoint_every=every,
+            kept_layers=kept,
         )
         with torch.no_grad():  # a non-zero B, so every LoRA tensor gets a gradient
             for n, p in model.named_parameters():
@@ -99,7 +102,12 @@ def test_checkpoint_every_recomputes_every_nth_layer_with_the_same_gradients():
         model(input_ids=x, labels=x).loss.backward()
         grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         flags[name] = [layer.gradient_checkpointing for layer in model.base_model.model.model.layers]
-    assert flags == {"all": [True] * 4, "half": [True, False, True, False], "none": [False] * 4}
-    for name in ("half", "none"):
+    assert flags == {
+        "all": [True] * 4,
+        "half": [True, False, True, False],
+        "kept3": [True, False, False, False],
+        "none": [False] * 4,
+    }
+    for name in ("half", "kept3", "none"):
         for n, g in grads["all"].items():
             torch.testing.assert_close(grads[name][n], g, atol=1e-6, rtol=1e-5)

@@ -184,3 +184,46 @@ def test_strategy_must_match_the_launch(tmp_path):
 
 
 # ---------------------------------------------------------------- FSDP2 on CPU
+
+
+def test_memory_budget_decides_the_kept_layers_once():
+    """train.memory_budget_gb becomes Placement.kept_layers: the planner's choice for this strategy and
+    machine (70B on 8 GPUs: a budget between full recompute and none keeps some of the 80 layers)."""
+    from launcher import planner
+
+    def kept(*overrides, gpu=True):
+        r = load_recipe(None, ["data.max_seq_len=2048", "train.micro_batch_size=4", *overrides])
+        return placement.kept_layers(r, "fsdp", LLAMA_70B, gpu)
+
+    assert kept() == 0  # no budget: checkpoint_every decides
+    arch = planner.Arch.from_config(LLAMA_70B)
+    s = planner.Setup(micro_batch=4, seq_len=2048, lora_r=16, gpus_per_node=1)
+    low = planner.estimate(arch, "fsdp", s).device_total
+    high = planner.estimate(arch, "fsdp", planner.Setup(**{**s.__dict__, "kept_layers": 80})).device_total
+    middle = kept(f"train.memory_budget_gb={(low + high) / 2:.2f}")
+    assert 0 < middle < 80
+    assert kept(f"train.memory_budget_gb={high + 1:.2f}") == 80
+    assert kept(f"train.memory_budget_gb={low - 1:.2f}") == 0
+
+
+def test_a_run_with_a_memory_budget_says_what_it_kept(tmp_path):
+    out = tmp_path / "run"
+    res = run_cli(
+        "train",
+        "train.max_steps=2",
+        "train.eval_every=2",
+        "train.save_every=2",
+        "train.eval_accuracy_samples=0",
+        "train.memory_budget_gb=100",
+        f"train.output_dir={out}",
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "the last 4 decoder layer(s) keep their activations" in res.stdout + res.stderr
+
+
+def test_a_budget_beyond_the_gpu_is_refused():
+    assert any(
+        "train.memory_budget_gb: 90 GB is more than this GPU's 80.0 GB" in p
+        for p in problems("train.memory_budget_gb=90")
+    )
+    assert not problems("train.memory_budget_gb=70")

@@ -196,3 +196,49 @@ def test_checkpoint_every_trades_activation_memory_between_all_and_none():
         "activations"
     ]
     assert acts[1] < acts[2] < acts[4] < acts[32] < off * 1.05
+
+
+def test_memory_budget_keeps_the_most_layers_that_fit():
+    """train.memory_budget_gb: the planner keeps the activations of as many layers as fit the budget;
+    more budget keeps more, the plan at the choice fits it and one more layer would not."""
+    from dataclasses import replace
+
+    from launcher.archs import PRESETS
+    from launcher.planner import Setup, estimate
+
+    arch = PRESETS["llama-7b"]
+    base = Setup(micro_batch=4, seq_len=2048)
+    everything = estimate(arch, "single", base).device_total
+    nothing = estimate(arch, "single", replace(base, gradient_checkpointing=False)).device_total
+    kept = []
+    for budget in (everything - 1, everything + 0.5, (everything + nothing) / 2, nothing + 1):
+        plan = estimate(arch, "single", replace(base, memory_budget_gb=budget))
+        kept.append(plan.kept_layers)
+        if 0 < plan.kept_layers < arch.layers:
+            assert plan.device_total <= budget
+            more = estimate(arch, "single", replace(base, kept_layers=plan.kept_layers + 1))
+            assert more.device_total > budget
+    assert kept[0] == 0 and kept[-1] == arch.layers and kept == sorted(kept) and 0 < kept[2] < arch.layers, kept
+
+
+def test_chunked_loss_shrinks_the_logits_where_it_runs():
+    from dataclasses import replace
+
+    from launcher.archs import PRESETS
+    from launcher.planner import Setup, estimate
+
+    arch = PRESETS["llama-3-8b"]  # a 128k vocabulary: the loss's logits are the largest transient
+    s = Setup(micro_batch=4, seq_len=4096)
+    for strategy, shrinks in (("single", True), ("fsdp", False)):  # FSDP refuses the chunked loss
+        full = estimate(arch, strategy, s).device["transient"]
+        chunked = estimate(arch, strategy, replace(s, chunked_loss=1024)).device["transient"]
+        assert (chunked < full / 2) if shrinks else chunked == full, (strategy, full, chunked)
+
+
+def test_plan_shows_the_layers_a_budget_keeps():
+    res = run_cli("plan", "--model", "llama-7b", "train.memory_budget_gb=20", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    plans = {p["strategy"]: p for p in json.loads(res.stdout)["plans"]}
+    assert 0 < plans["single"]["kept_layers"] <= 32 and plans["single"]["device_total_gb"] <= 20
+    text = run_cli("plan", "--model", "llama-7b", "train.memory_budget_gb=20").stdout
+    assert "layers kept" in text and f"{plans['single']['kept_layers']}/32" in text

@@ -226,3 +226,19 @@ def test_plan_trace_names_what_the_recipe_cannot_run_under():
     out = json.loads(res.stdout)
     assert [t["strategy"] for t in out["traced"]] == ["ddp"]
     assert "train.chunked_loss: not under fsdp" in out["not_traced"]["fsdp"]
+
+
+def test_the_trace_keeps_the_layers_the_budget_keeps():
+    """train.memory_budget_gb reaches the traced step: a budget that keeps every layer traces like no
+    checkpointing, one that keeps none like full checkpointing."""
+    from launcher import trace
+    from launcher.source import resolve_source
+
+    def acts(**train):
+        recipe = _recipe("builtin:tiny-llama", **SMALL, **train)
+        return trace.trace(recipe, resolve_source(recipe.model), "single", 1, gpu=False).device["activations"]
+
+    full, none = acts(), acts(gradient_checkpointing=False)
+    assert none > 2 * full
+    assert acts(memory_budget_gb=1000.0) == pytest.approx(none, rel=0.01)
+    assert acts(memory_budget_gb=0.001) == pytest.approx(full, rel=0.01)

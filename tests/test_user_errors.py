@@ -107,6 +107,13 @@ CASES = [
         ["train.chunked_loss", "zero3"],
     ),
     ("validate_checkpoint_every_zero", ["validate", "train.checkpoint_every=0"], {}, ["train.checkpoint_every"]),
+    (
+        "validate_budget_without_checkpointing",
+        ["validate", "train.memory_budget_gb=40", "train.gradient_checkpointing=false"],
+        {},
+        ["train.memory_budget_gb", "train.gradient_checkpointing=true"],
+    ),
+    ("validate_budget_negative", ["validate", "train.memory_budget_gb=-1"], {}, ["train.memory_budget_gb"]),
     ("configs_zero_nproc", ["configs", "dist.nproc=0", "--out", "{d}/c"], {}, ["dist.nproc"]),
     # --- plan ---
     ("plan_zero_gpu_memory", ["plan", "--gpu-memory", "0"], {}, ["--gpu-memory"]),

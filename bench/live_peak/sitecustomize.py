@@ -36,6 +36,11 @@ if os.environ.get("LIVE_PEAK_DIR"):
         with open(os.path.join(os.environ["LIVE_PEAK_DIR"], f"{os.getpid()}.json"), "w") as f:
             json.dump({"rank": int(os.environ.get("RANK", 0)), "live_peak_gb": peak / 2**30}, f)
 
+    def _exit(code, _exit=os._exit):  # ranks of a multi-process launcher run end with os._exit: no atexit
+        _write()
+        _exit(code)
+
     torch.nn.modules.module.register_module_forward_pre_hook(_mark)
     _tracker.__enter__()
     atexit.register(_write)
+    os._exit = _exit
