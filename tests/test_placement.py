@@ -211,6 +211,7 @@ def test_a_run_with_a_memory_budget_says_what_it_kept(tmp_path):
     res = run_cli(
         "train",
         "train.max_steps=2",
+        "train.warmup_steps=0",
         "train.eval_every=2",
         "train.save_every=2",
         "train.eval_accuracy_samples=0",
