@@ -188,7 +188,8 @@ def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
 
 def layers_to_keep(arch: Arch, strategy: str, s: Setup) -> int:
     """How many decoder layers (the last ones) may keep their activations while the plan stays within
-    s.memory_budget_gb: the rest recompute in backward. 0 when even full recompute does not fit."""
+    s.memory_budget_gb: the rest recompute in backward. 0 when even full recompute does not fit. A scan, not
+    a bisection: keeping every layer can plan below keeping all but one (no recomputed layer's transient)."""
     fits = [
         k
         for k in range(arch.layers + 1)
@@ -355,7 +356,7 @@ def _checkpointing(s: Setup) -> str:
     if not s.gradient_checkpointing:
         return "off"
     if s.memory_budget_gb:
-        return f"on, the last layers that fit {s.memory_budget_gb:g} GB keep their activations (kept_layers)"
+        return f"on, except the last layers that fit {s.memory_budget_gb:g} GB (layers kept, below)"
     return "on" if s.checkpoint_every == 1 else f"on for 1 layer in {s.checkpoint_every}"
 
 

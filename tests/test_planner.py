@@ -242,3 +242,14 @@ def test_plan_shows_the_layers_a_budget_keeps():
     assert 0 < plans["single"]["kept_layers"] <= 32 and plans["single"]["device_total_gb"] <= 20
     text = run_cli("plan", "--model", "llama-7b", "train.memory_budget_gb=20").stdout
     assert "layers kept" in text and f"{plans['single']['kept_layers']}/32" in text
+
+
+def test_keeping_every_layer_can_plan_below_keeping_all_but_one():
+    """No layer recomputed means no recomputed layer's transient in backward: on CPU the plan that keeps
+    all 32 layers is smaller than the one keeping 31, and a budget between them keeps all 32."""
+    arch = PRESETS["llama-7b"]
+    s = Setup(micro_batch=4, seq_len=2048, gpu=False)
+    all_kept, all_but_one = (estimate(arch, "single", replace(s, kept_layers=k)).device_total for k in (32, 31))
+    assert all_kept < all_but_one
+    budget = (all_kept + all_but_one) / 2
+    assert estimate(arch, "single", replace(s, memory_budget_gb=budget)).kept_layers == 32
