@@ -19,20 +19,17 @@ if os.environ.get("LIVE_PEAK_DIR"):
     from launcher import memtrack
 
     _tracker = memtrack.Tracker()
-    _start: list[int] = []
+    _started: list[bool] = []
 
     def _mark(module, args):
-        if not _start and module.training and torch.is_grad_enabled():
-            _start.append(len(_tracker.events))
+        if not _started and module.training and torch.is_grad_enabled():
+            _tracker.rebase()  # what is alive now (weights, data) is where the count starts
+            _started.append(True)
 
     def _write():
-        if not _start:
+        if not _started:
             return
-        live = peak = 0
-        for i, (_, delta) in enumerate(_tracker.events):
-            live += delta
-            if i >= _start[0]:
-                peak = max(peak, live)
+        peak = _tracker.peaks()["device"].total
         with open(os.path.join(os.environ["LIVE_PEAK_DIR"], f"{os.getpid()}.json"), "w") as f:
             json.dump({"rank": int(os.environ.get("RANK", 0)), "live_peak_gb": peak / 2**30}, f)
 
