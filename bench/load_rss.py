@@ -18,7 +18,7 @@ def build_model(path: Path, layers: int, hidden: int) -> float:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from launcher.builtin import build_tokenizer
+    from launcher.demo.builtin import build_tokenizer
 
     tok = build_tokenizer()
     cfg = LlamaConfig(

@@ -58,7 +58,7 @@ def model_dir(size: str, root: Path, gpu: bool) -> str:
     on the GPU layer by layer (model.random_init), the same model without writing 16 GB."""
     if SIZES[size] is None:
         return "builtin:tiny-llama"
-    from launcher.builtin import write_random_llama
+    from launcher.demo.builtin import write_random_llama
 
     path = root / size
     if not path.exists():
@@ -98,8 +98,8 @@ def measure(model: str, mb: int, seq: int, gc: bool, out: Path, random_init: boo
 
 
 def planned(model: str, mb: int, seq: int, gc: bool, gpu: bool) -> float:
-    from launcher import planner
-    from launcher.recipe import load_recipe
+    from launcher.plan import planner
+    from launcher.config.recipe import load_recipe
 
     recipe = load_recipe(
         None,
@@ -131,7 +131,7 @@ def main() -> None:
             summary = measure(model, mb, seq, gc, root / f"run{i}", random_init)
             measured = max(summary["peak_mem_gb_per_rank"])
             if args.gpu:
-                from launcher.planner import GPU_OVERHEAD_GB
+                from launcher.plan.planner import GPU_OVERHEAD_GB
 
                 measured += GPU_OVERHEAD_GB  # max_memory_allocated leaves out what this term covers
             plan = planned(model, mb, seq, gc, args.gpu)

@@ -27,7 +27,7 @@ STRATEGIES = (("single", 1), ("fsdp", 2), ("fsdp", 8), ("fsdp_offload", 2))  # d
 
 
 def recipe_for(model: str, r: int, mb: int, seq: int, gc: bool, nproc: int, strategy: str):
-    from launcher.recipe import Recipe
+    from launcher.config.recipe import Recipe
 
     return Recipe.model_validate(
         {
@@ -41,7 +41,8 @@ def recipe_for(model: str, r: int, mb: int, seq: int, gc: bool, nproc: int, stra
 
 
 def row(model: str, setting: tuple, strategy: str, world: int) -> dict:
-    from launcher import random_model, trace
+    from launcher.plan import random_model
+    from launcher import trace
 
     r, mb, seq, gc = setting
     recipe = recipe_for(model, r, mb, seq, gc, world, strategy)
@@ -65,7 +66,7 @@ def row(model: str, setting: tuple, strategy: str, world: int) -> dict:
 
 def planned(r: dict) -> tuple[float, float]:
     """The planner's (device GB less its overhead, offloaded host GB per rank) for a saved trace row."""
-    from launcher import planner
+    from launcher.plan import planner
 
     recipe = recipe_for(r["model"], r["r"], r["micro_batch"], r["seq"], r["checkpointing"], r["world"], r["strategy"])
     p = planner.estimate(
@@ -113,7 +114,7 @@ def main() -> None:
         errors = check([json.loads(line) for line in open(args.check)])
         print(summary(errors))
         sys.exit(1 if any(abs(d) > 0.10 or (h is not None and abs(h) > 0.10) for d, h, _ in errors) else 0)
-    from launcher import console
+    from launcher.run import console
 
     console.quiet_libraries()
     for model in args.models.split(","):

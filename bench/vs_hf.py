@@ -85,8 +85,8 @@ def build_model(kind: str, where: Path, gpu: bool) -> str:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from launcher import random_model
-    from launcher.builtin import build_tokenizer
+    from launcher.plan import random_model
+    from launcher.demo.builtin import build_tokenizer
 
     tok = build_tokenizer()
     cfg = LlamaConfig(
@@ -196,9 +196,9 @@ import psutil, torch
 from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
                           TrainerCallback, TrainingArguments)
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from launcher import data
-from launcher.model import load_tokenizer, resolve_source
-from launcher.recipe import load_recipe
+from launcher.run import data
+from launcher.run.model import load_tokenizer, resolve_source
+from launcher.config.recipe import load_recipe
 
 recipe = load_recipe(None, json.loads(sys.argv[1]))
 out, mb, group = sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
@@ -262,9 +262,9 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 from trl import SFTConfig, SFTTrainer
-from launcher import data
-from launcher.model import load_tokenizer, resolve_source
-from launcher.recipe import load_recipe
+from launcher.run import data
+from launcher.run.model import load_tokenizer, resolve_source
+from launcher.config.recipe import load_recipe
 
 # TRL's best settings for packed SFT (trl 1.16): best-fit-decreasing packing into rows of max_length,
 # padding-free rows with position ids (TRL turns padding_free on for bfd), the loss on the completion
@@ -318,9 +318,9 @@ EVAL_SCRIPT = r"""
 import json, sys, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-from launcher import data
-from launcher.model import load_tokenizer, resolve_source
-from launcher.recipe import load_recipe
+from launcher.run import data
+from launcher.run.model import load_tokenizer, resolve_source
+from launcher.config.recipe import load_recipe
 
 # One evaluation for every side: the saved adapter on the same NF4 base through plain peft, the mean
 # loss over every label token of the same held-out samples (the recipe's eval split), one sample at a
@@ -424,7 +424,8 @@ def mfu(tokens_per_s: float, model_dir: str) -> float | None:
     """6 x parameters per useful token over the GPU's dense bf16 peak (None when the GPU is unknown)."""
     import torch
 
-    from launcher import placement, planner
+    from launcher.run import placement
+    from launcher.plan import planner
 
     name = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
-from launcher.archs import PRESETS
-from launcher.errors import UserError
-from launcher.tables import FLOAT_DTYPES
-from launcher.recipe import SlurmCfg, describe_fields, load_recipe
-from launcher.recipe import split_args as _split_recipe_args
-from launcher.userio import quote
+from launcher.plan.archs import PRESETS
+from launcher.config.errors import UserError
+from launcher.config.tables import FLOAT_DTYPES
+from launcher.config.recipe import SlurmCfg, describe_fields, load_recipe
+from launcher.config.recipe import split_args as _split_recipe_args
+from launcher.config.userio import quote
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,10 +66,10 @@ def _free_port() -> int:
 def _spawn_command(recipe, recipe_args: list[str], strategy: str, gpu: bool, resume: bool) -> list[str]:
     """One node, several processes: write the accelerate config and launch exactly what a user would.
     (On CPU, `launcher.train.main` sets ACCELERATE_USE_CPU for DDP ranks itself, as for a hand launch.)"""
-    from launcher import configs
+    from launcher.run import launch_configs
 
     out = Path(recipe.train.output_dir) / "launch"
-    acc = configs.write(recipe, strategy, out, strategy, gpu, "the run's recipe")[0]
+    acc = launch_configs.write(recipe, strategy, out, strategy, gpu, "the run's recipe")[0]
     cmd = [
         sys.executable,
         "-m",
@@ -87,7 +87,7 @@ def _spawn_command(recipe, recipe_args: list[str], strategy: str, gpu: bool, res
 
 def _interrupted_code(recipe) -> int:
     """Exit 3 when the run stopped early on a signal (its checkpoint is saved), else 0."""
-    from launcher import preempt
+    from launcher.run import preempt
 
     stopped = preempt.interrupted(Path(recipe.train.output_dir))
     if stopped:
@@ -102,7 +102,7 @@ def _interrupted_code(recipe) -> int:
 
 def _dead_rank(failure, recipe, args) -> str:
     """One line: which rank failed and how, the newest complete checkpoint, the command that resumes."""
-    from launcher import checkpoint
+    from launcher.run import checkpoint
 
     newest = checkpoint.newest(Path(recipe.train.output_dir))
     saved = f"newest complete checkpoint: {newest}" if newest else "no checkpoint was saved yet"
@@ -114,7 +114,7 @@ def _dead_rank(failure, recipe, args) -> str:
 
 
 def cmd_train(args) -> int:
-    from launcher import console
+    from launcher.run import console
 
     if args.quiet or args.verbose:  # the ranks a run starts inherit it
         console.set_level(console.QUIET if args.quiet else console.VERBOSE)
@@ -125,12 +125,12 @@ def cmd_train(args) -> int:
     in_launch = "LOCAL_RANK" in os.environ
     needs_launch = recipe.dist.nproc > 1 or recipe.dist.strategy not in ("auto", "single", "ddp")
     if needs_launch and not in_launch:  # ZeRO/FSDP need accelerate's launcher even for one process
-        from launcher import placement
+        from launcher.run import placement
 
         strategy, gpu = placement.for_target(recipe)  # refuse before spawning anything
         cmd = _spawn_command(recipe, args.recipe, strategy, gpu, args.resume)
         console.say(f"launching: {shlex.join(cmd)}")
-        from launcher import ranks
+        from launcher.run import ranks
 
         started = time.time()
         code, failure = ranks.run(cmd)
@@ -147,7 +147,7 @@ def cmd_train(args) -> int:
         if failure is not None and failure.exitcode != UserError.exit_code:  # a rank's own error is printed above
             print(_dead_rank(failure, recipe, args), file=sys.stderr)
         return code
-    from launcher.train import train
+    from launcher.run.train import train
 
     summary, _ = train(recipe, resume=args.resume)  # it prints the result
     if summary.get("interrupted"):
@@ -157,8 +157,8 @@ def cmd_train(args) -> int:
 
 def cmd_preprocess(args) -> int:
     """Tokenize and cache ahead of time (a login node or CPU job); `launcher train` then reads the cache."""
-    from launcher import data
-    from launcher.model import load_tokenizer, resolve_source
+    from launcher.run import data
+    from launcher.run.model import load_tokenizer, resolve_source
 
     path, overrides = _split_recipe_args(args.recipe)
     recipe = load_recipe(path, overrides)
@@ -170,15 +170,15 @@ def cmd_preprocess(args) -> int:
 
 
 def cmd_configs(args) -> int:
-    from launcher import configs
+    from launcher.run import launch_configs
 
     path, overrides = _split_recipe_args(args.recipe)
     recipe = load_recipe(path, overrides)
-    from launcher import placement
+    from launcher.run import placement
 
     strategy, gpu = placement.for_target(recipe, args.device, need_model=False)
     note = f"{path or 'the built-in demo'}" + (f" with {' '.join(overrides)}" if overrides else "")
-    for written in configs.write(recipe, strategy, Path(args.out), args.name or strategy, gpu, note):
+    for written in launch_configs.write(recipe, strategy, Path(args.out), args.name or strategy, gpu, note):
         print(written)
     return 0
 
@@ -217,7 +217,7 @@ def _slurm_recipe(args):
 def _finish(job_ids: list[str], wait: bool) -> int:
     if not wait:
         return 0
-    from launcher import slurm
+    from launcher.cluster import slurm
 
     states = slurm.wait(job_ids)
     failed = {j: st for j, st in states.items() if st != "COMPLETED"}
@@ -227,7 +227,7 @@ def _finish(job_ids: list[str], wait: bool) -> int:
 
 
 def cmd_submit(args) -> int:
-    from launcher import slurm
+    from launcher.cluster import slurm
 
     _, _, _, recipe = _slurm_recipe(args)
     p = slurm.prepare(recipe, resume=args.resume)
@@ -254,7 +254,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from launcher.sweep import submit_sweep
+    from launcher.cluster.sweep import submit_sweep
 
     path, overrides, flags, _ = _slurm_recipe(args)
     sweep_dir, job_ids = submit_sweep(
@@ -265,7 +265,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from launcher.sweep import report
+    from launcher.cluster.sweep import report
 
     md, written = report(args.sweep_dir, args.out)
     print(md, end="")
@@ -312,8 +312,8 @@ def _gb(text: str | None, flag: str) -> float | None:
 
 
 def cmd_plan(args) -> int:
-    from launcher import planner
-    from launcher.placement import Machine
+    from launcher.plan import planner
+    from launcher.run.placement import Machine
 
     path, overrides = _split_recipe_args(args.recipe)
     recipe = load_recipe(path, overrides)
@@ -345,7 +345,8 @@ def cmd_plan(args) -> int:
 def _traces(recipe, arch, setup, plans) -> tuple[list, dict]:
     """Trace each planned strategy that can be traced, at the planned world size; (traces, {strategy:
     why not} for those the recipe cannot run under)."""
-    from launcher import console, trace
+    from launcher.run import console
+    from launcher import trace
 
     console.quiet_libraries()  # progress on stderr: stdout stays the table (or JSON)
     source = trace.source_for(recipe, arch)
@@ -372,7 +373,7 @@ def cmd_fields(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from launcher.export import generate
+    from launcher.run.export import generate
 
     for text in generate(args.run_dir, args.prompt, args.max_new_tokens):
         print(text)
@@ -380,7 +381,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from launcher.export import merge
+    from launcher.run.export import merge
 
     out = merge(args.run_dir, args.out_dir, args.dtype)
     print(f"merged model written to {out}")

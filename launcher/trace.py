@@ -35,12 +35,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from launcher import attention, loop, memtrack, placement, random_model
-from launcher.errors import UserError
-from launcher.planner import Totals
-from launcher.recipe import Recipe
-from launcher.tables import FSDP
-from launcher.source import model_config
+from launcher.run import attention, loop, placement
+from launcher.plan import memtrack, random_model
+from launcher.config.errors import UserError
+from launcher.plan.planner import Totals
+from launcher.config.recipe import Recipe
+from launcher.config.tables import FSDP
+from launcher.plan.source import model_config
 
 TRACEABLE = ("single", "ddp", "fsdp", "fsdp_offload")
 NOT_TRACED = {
@@ -91,7 +92,7 @@ class Dtypes:
 
 def dtypes_for(recipe: Recipe, strategy: str, gpu: bool) -> Dtypes:
     """The placement's decisions for this strategy on a GPU (bf16) or CPU (fp32) machine."""
-    from launcher.model import DTYPES
+    from launcher.run.model import DTYPES
 
     m, q = recipe.model, recipe.quant
     if m.dtype != "auto":
@@ -157,7 +158,7 @@ def fake_model(source: str, recipe: Recipe, d: Dtypes, mode):
     import bitsandbytes as bnb
     from bitsandbytes.functional import quantize_4bit
 
-    from launcher.model import quantization_config
+    from launcher.run.model import quantization_config
 
     if recipe.quant.mode == "int8":
         raise UserError("quant.mode: int8 layers cannot be traced yet (use nf4 or fp4, or plan without --trace)")
@@ -194,7 +195,7 @@ def fake_model(source: str, recipe: Recipe, d: Dtypes, mode):
 
 def real_model(source: str, recipe: Recipe, d: Dtypes):
     """The same model really loaded (random weights), for checking the trace against a real step."""
-    from launcher.model import load_base_model
+    from launcher.run.model import load_base_model
 
     return load_base_model(source, recipe.model, recipe.quant, dtype=d.param, storage=d.storage)
 
@@ -218,11 +219,11 @@ def fake_group(world: int):
 
 
 def shard(model, strategy: str, mesh=None):
-    """Shard the model the way the strategy's run does (launcher.sharding's FSDP2). A DDP rank runs the
+    """Shard the model the way the strategy's run does (launcher.run.sharding's FSDP2). A DDP rank runs the
     single-process step: DDP's C++ reducer cannot run on fake tensors, and its one addition, the
     buckets, is counted by `run_steps`."""
     if strategy in FSDP:
-        from launcher import sharding
+        from launcher.run import sharding
 
         return sharding.fsdp2_shard(model, offload=strategy == "fsdp_offload", mesh=mesh, pin=False)
     return model
@@ -256,7 +257,7 @@ def run_steps(
 ) -> dict:
     """STEPS of `loop.train_step` under the tracker, inside `mode` (the FakeTensorMode, or nothing when
     the step runs for real); returns its device and host peaks (GB by category)."""
-    from launcher.optim import build_optimizer, build_scheduler
+    from launcher.run.optim import build_optimizer, build_scheduler
 
     with mode:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -313,7 +314,7 @@ def _state_tensors(optimizer) -> list:
 
 
 def _vocab(model) -> int:
-    from launcher.sharding import unwrap
+    from launcher.run.sharding import unwrap
 
     return unwrap(model).config.vocab_size
 
@@ -349,11 +350,11 @@ def trace(recipe: Recipe, source: str, strategy: str, world: int, *, gpu: bool =
 
 
 def _adapter(recipe: Recipe, base, d: Dtypes, kept_layers: int = 0):
-    from launcher.model import adapter_for
+    from launcher.run.model import adapter_for
 
     model = adapter_for(recipe, base, kbit_upcast=d.upcast, total_steps=STEPS, kept_layers=kept_layers)
     if recipe.train.chunked_loss:
-        from launcher import chunked_loss
+        from launcher.run import chunked_loss
 
         chunked_loss.install(model, recipe.train.chunked_loss)
     return model
@@ -371,8 +372,8 @@ def _real_ddp(model, tracker: memtrack.Tracker):
 
 def source_for(recipe: Recipe, arch) -> str:
     """A directory with the architecture's config.json: a preset's, or the recipe's model's."""
-    from launcher.archs import PRESETS
-    from launcher.source import resolve_source
+    from launcher.plan.archs import PRESETS
+    from launcher.plan.source import resolve_source
 
     if arch.name in PRESETS:
         return str(random_model.preset_dir(arch.name))

@@ -61,7 +61,7 @@ def test_sharded_strategies_through_accelerate_on_gpu(strategy, extra, tmp_path)
     a = load_file(tmp_path / "single" / "adapter_model.safetensors")
     b = load_file(tmp_path / strategy / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(t.numel() for t in b.values())
-    from launcher.export import load_with_adapter
+    from launcher.run.export import load_with_adapter
 
     model, _ = load_with_adapter(str(tmp_path / strategy))  # plain peft on the saved files
     assert sum("lora_" in n for n, _ in model.named_parameters()) == len(b)
@@ -92,7 +92,7 @@ def test_65b_random_weights_train_on_one_gpu_within_the_plan(tmp_path):
     loads in 4-bit on one GPU, trains a few steps, and its peak is the planner's estimate within 15%."""
     import torch
 
-    from launcher import planner
+    from launcher.plan import planner
 
     setup = planner.Setup(micro_batch=1, seq_len=512, optimizer="paged_adamw_32bit")
     plan = planner.estimate(planner.PRESETS["llama-65b"], "single", setup).device_total

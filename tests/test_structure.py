@@ -1,4 +1,5 @@
-"""The package's shape: modules import downward only (no cycle, counting imports inside functions)."""
+"""The package's shape: layer folders that import downward only, and no module cycle (counting imports
+inside functions)."""
 
 from __future__ import annotations
 
@@ -8,23 +9,40 @@ from pathlib import Path
 from conftest import ROOT
 
 PACKAGE = ROOT / "launcher"
+# Bottom to top. A module may import its own layer and the layers below it; the entry points on top
+# (cli, trace, train, __main__) may import anything.
+LAYERS = ("config", "demo", "plan", "run", "cluster")
 
 
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
-    """module -> the package's modules it imports anywhere in its file (top level or in a function)."""
-    modules = {p.stem for p in package.glob("*.py")}
+    """module ("run.loop", "cli") -> the package's modules it imports anywhere in its file (top level or
+    in a function)."""
+    files = {".".join(p.relative_to(package).with_suffix("").parts): p for p in package.rglob("*.py")}
+    modules = {m.removesuffix(".__init__") for m in files}
     graph: dict[str, set[str]] = {m: set() for m in modules}
-    for module in modules:
-        for node in ast.walk(ast.parse((package / f"{module}.py").read_text())):
+    for module_file, path in files.items():
+        module = module_file.removesuffix(".__init__")
+        for node in ast.walk(ast.parse(path.read_text())):
             names: list[str] = []
-            if isinstance(node, ast.ImportFrom) and node.module == "launcher":
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("launcher."):
-                names = [node.module.split(".")[1]]
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "launcher":
+                base = node.module.removeprefix("launcher").lstrip(".")
+                names = [f"{base}.{a.name}".lstrip(".") for a in node.names]
+                names = [n if n in modules else base for n in names]  # `from launcher.run import loop` or a name
             elif isinstance(node, ast.Import):
-                names = [a.name.split(".")[1] for a in node.names if a.name.startswith("launcher.")]
+                names = [a.name.removeprefix("launcher.") for a in node.names if a.name.startswith("launcher.")]
             graph[module] |= {n for n in names if n in modules and n != module}
     return graph
+
+
+def layer(module: str) -> int:
+    """Height of a module's layer: its folder's place in LAYERS, the top for the entry points."""
+    folder = module.split(".")[0]
+    return LAYERS.index(folder) if folder in LAYERS else len(LAYERS)
+
+
+def upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(importer, imported) pairs where a module imports a layer above its own."""
+    return sorted((m, n) for m, deps in graph.items() for n in deps if layer(n) > layer(m))
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -63,6 +81,12 @@ def test_no_import_cycle_in_the_package():
     assert cycles(import_graph()) == []
 
 
+def test_layers_import_downward_only():
+    graph = import_graph()
+    assert {m.split(".")[0] for m in graph if "." in m} == set(LAYERS)  # every folder is a known layer
+    assert upward(graph) == []
+
+
 def test_the_cycle_finder_finds_cycles(tmp_path):
     (tmp_path / "a.py").write_text("def f():\n    from launcher import b\n")
     (tmp_path / "b.py").write_text("from launcher.c import x\n")
@@ -71,10 +95,23 @@ def test_the_cycle_finder_finds_cycles(tmp_path):
     assert cycles(import_graph(tmp_path)) == [["a", "b", "c"]]
 
 
+def test_the_layer_check_finds_an_upward_import(tmp_path):
+    for folder in ("config", "run"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "__init__.py").write_text("")
+    (tmp_path / "config" / "recipe.py").write_text("def f():\n    from launcher.run import loop\n")
+    (tmp_path / "run" / "loop.py").write_text("from launcher.config.recipe import f\n")
+    (tmp_path / "cli.py").write_text("from launcher.run.loop import x\nfrom launcher.config import recipe\n")
+    graph = import_graph(tmp_path)
+    assert graph["cli"] == {"run.loop", "config.recipe"}
+    assert upward(graph) == [("config.recipe", "run.loop")]
+
+
 def test_leaf_modules_stay_leaves():
     """What everything reads (errors, the input readers, the architecture table) imports almost nothing."""
     graph = import_graph()
-    assert graph["errors"] == set() and graph["userio"] == {"errors"} and graph["archs"] == {"errors"}
+    assert graph["config.errors"] == set() and graph["config.userio"] == {"config.errors"}
+    assert graph["plan.archs"] == {"config.errors"}
 
 
 def _readme_recipe_rows() -> list[tuple[list[str], str]]:
@@ -95,7 +132,7 @@ def _readme_recipe_rows() -> list[tuple[list[str], str]]:
 
 def test_readme_recipe_table_matches_the_schema():
     """Every key README's Recipe table names exists, and a single key's stated default is the schema's."""
-    from launcher.recipe import Recipe
+    from launcher.config.recipe import Recipe
 
     rows = _readme_recipe_rows()
     assert len(rows) >= 15

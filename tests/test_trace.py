@@ -13,7 +13,7 @@ SMALL = dict(seq=256, mb=4)  # a full step of the tiny model in well under a sec
 
 
 def _recipe(model: str, seq: int, mb: int, **train):
-    from launcher.recipe import Recipe
+    from launcher.config.recipe import Recipe
 
     return Recipe.model_validate(
         {
@@ -35,7 +35,7 @@ def model_100m(tmp_path_factory):
 
 def _both(recipe, strategy="single", world=1):
     from launcher import trace
-    from launcher.source import resolve_source
+    from launcher.plan.source import resolve_source
 
     source = resolve_source(recipe.model)
     fake = trace.trace(recipe, source, strategy, world, gpu=False)
@@ -82,7 +82,7 @@ def _real_ranks(tmp_path, model: str, seq: int, mb: int, strategies: list[str]) 
 def test_two_rank_traces_equal_real_gloo_ranks(size, tmp_path, request):
     """A fake 2-rank group vs 2 real gloo processes: FSDP2 (with and without offload) and DDP."""
     from launcher import trace
-    from launcher.source import resolve_source
+    from launcher.plan.source import resolve_source
 
     model = "builtin:tiny-llama" if size == "tiny" else request.getfixturevalue("model_100m")
     seq, mb = (SMALL["seq"], SMALL["mb"]) if size == "tiny" else (256, 2)
@@ -102,15 +102,17 @@ def test_trace_plus_process_is_the_measured_resident_size(model_100m, tmp_path):
     """The real step's peak RSS is the traced peak plus the process's own size (planner.CPU_PROCESS_GB),
     when the allocator hands memory back promptly (a 1 MB mmap threshold; glibc's default lets freed
     heap pile up: 1.4-5x the live tensors, measured)."""
-    from launcher import planner, trace
-    from launcher.source import resolve_source
+    from launcher.plan import planner
+    from launcher import trace
+    from launcher.plan.source import resolve_source
 
     recipe = _recipe(model_100m, seq=256, mb=4, gradient_checkpointing=False)
     traced = trace.trace(recipe, resolve_source(recipe.model), "single", 1, gpu=False)
     code = f"""
 import ctypes, contextlib, resource, sys
-from launcher import model, trace
-from launcher.recipe import Recipe
+from launcher.run import model
+from launcher import trace
+from launcher.config.recipe import Recipe
 libc = ctypes.CDLL("libc.so.6")
 @contextlib.contextmanager
 def prompt():
@@ -143,7 +145,8 @@ def test_plan_trace_at_7b_on_two_gpus():
     assert traced["fsdp"]["world"] == 2
     assert 2.0 < sum(traced["fsdp"]["device"].values()) < sum(traced["ddp"]["device"].values())
     assert "parameters" in traced["fsdp_offload"]["host"] and "parameters" not in traced["fsdp_offload"]["device"]
-    from launcher import planner, trace
+    from launcher.plan import planner
+    from launcher import trace
 
     plans = [planner.Plan(**{k: p[k] for k in ("strategy", "device", "host")}) for p in out["plans"]]
     text = trace.render([trace.Traced(**t) for t in out["traced"]], plans)
@@ -152,7 +155,7 @@ def test_plan_trace_at_7b_on_two_gpus():
 
 def test_deepspeed_strategies_say_why_they_are_not_traced():
     from launcher import trace
-    from launcher.errors import UserError
+    from launcher.config.errors import UserError
 
     with pytest.raises(UserError, match="zero3 cannot be traced: DeepSpeed"):
         trace.trace(_recipe("builtin:tiny-llama", **SMALL), "unused", "zero3", 2)
@@ -162,7 +165,7 @@ def test_tracker_counts_live_storages_exactly():
     """Allocation, views (no new memory), frees and in-place resizes (FSDP2's way of freeing)."""
     import torch
 
-    from launcher import memtrack
+    from launcher.plan import memtrack
 
     t = memtrack.Tracker()
     with t:
@@ -211,8 +214,8 @@ def test_planner_holds_all_112_saved_traces():
 
 def test_a_refused_combination_is_refused_by_the_trace_too():
     from launcher import trace
-    from launcher.errors import UserError
-    from launcher.source import resolve_source
+    from launcher.config.errors import UserError
+    from launcher.plan.source import resolve_source
 
     recipe = _recipe("builtin:tiny-llama", **SMALL, chunked_loss=64)
     with pytest.raises(UserError, match="train.chunked_loss: not under fsdp"):
@@ -232,7 +235,7 @@ def test_the_trace_keeps_the_layers_the_budget_keeps():
     """train.memory_budget_gb reaches the traced step: a budget that keeps every layer traces like no
     checkpointing, one that keeps none like full checkpointing."""
     from launcher import trace
-    from launcher.source import resolve_source
+    from launcher.plan.source import resolve_source
 
     def acts(**train):
         recipe = _recipe("builtin:tiny-llama", **SMALL, **train)

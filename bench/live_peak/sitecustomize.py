@@ -3,7 +3,7 @@
 On CPU, resident size is mostly glibc's (what it keeps after frees depends on its mmap threshold), so
 it says little about what the same run needs on a GPU. Python imports this file at start-up when its
 directory is on PYTHONPATH and LIVE_PEAK_DIR is set (bench/vs_hf.py --live-memory does both, so
-torchrun's and accelerate's ranks inherit it): launcher.memtrack's dispatch mode sees every storage
+torchrun's and accelerate's ranks inherit it): launcher.plan.memtrack's dispatch mode sees every storage
 torch creates and frees; at exit the largest live total from the first forward in training mode on
 (so loading is left out, the model's weights and the data are not) goes to LIVE_PEAK_DIR/<pid>.json.
 The mode slows every op: these runs are not timed.
@@ -16,7 +16,7 @@ import os
 if os.environ.get("LIVE_PEAK_DIR"):
     import torch
 
-    from launcher import memtrack
+    from launcher.plan import memtrack
 
     _tracker = memtrack.Tracker()
     _started: list[bool] = []

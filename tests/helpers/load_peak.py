@@ -1,4 +1,4 @@
-"""Load a model 4-bit through launcher.model.load_base_model on CPU and report memory (JSON).
+"""Load a model 4-bit through launcher.run.model.load_base_model on CPU and report memory (JSON).
 
 Anonymous memory (RssAnon: heap, tensors) is sampled every 5 ms during the load; the
 checkpoint's file-backed pages (RssFile: the mmap'd safetensors, reclaimable page cache) are
@@ -24,8 +24,8 @@ def status() -> dict:
 def main() -> None:
     import torch
 
-    from launcher.model import load_base_model, resolve_source
-    from launcher.recipe import load_recipe
+    from launcher.run.model import load_base_model, resolve_source
+    from launcher.config.recipe import load_recipe
 
     # Load the built-in tiny model first so that imports and bitsandbytes' native library are
     # in memory: what follows measures the load itself.

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from launcher import console, trace
-from launcher.source import resolve_source
+from launcher.run import console
+from launcher import trace
+from launcher.plan.source import resolve_source
 
 
 def recipe(model: str, seq: int, mb: int):
-    from launcher.recipe import Recipe
+    from launcher.config.recipe import Recipe
 
     return Recipe.model_validate(
         {

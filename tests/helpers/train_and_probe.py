@@ -4,8 +4,8 @@ import sys
 
 import torch
 
-from launcher.recipe import load_recipe
-from launcher.train import train
+from launcher.config.recipe import load_recipe
+from launcher.run.train import train
 
 PROBE = torch.tensor([[1, 5, 6, 14, 7, 8, 17], [1, 9, 9, 14, 9, 9, 17]])  # BOS 12+34= / BOS 55+55=
 

@@ -1,0 +1,404 @@
+"""Memory planner: will this model, strategy and GPU count fit, and with what micro batch?
+
+Every estimate is a sum of named terms (bytes), per GPU and per node's CPU RAM, so a user sees
+*why* a plan does or does not fit. On GPUs the terms follow what the traced training step holds
+(launcher.trace: the launcher's own step run at full size on fake tensors):
+
+- 4-bit weights: the packed weights (2 values per byte), split under ZeRO-3/FSDP, plus the
+  quantization state (8-bit absmax per 64 values and an fp32 one per 256 blocks under double
+  quantization: 0.127 bits per parameter; fp32 per 64 without), which no strategy splits.
+- unquantized parameters (embeddings, lm_head, norms, biases): fp32 where
+  prepare_model_for_kbit_training upcasts them (single, ddp, zero2), else the parameter dtype.
+- LoRA parameters and gradients in the adapter's dtype (fp32 when upcast; the 4-bit layers'
+  compute dtype otherwise), DDP's buckets, and the optimizer state (bitsandbytes: 8 or 2 bytes per
+  parameter; torch AdamW, which replaces it under FSDP2 and offloading: 2 moments in the adapter's dtype).
+- gathered parameters under ZeRO-3/FSDP: the root's embeddings and head for the whole step, one layer.
+- activations kept for backward, and the largest transient (the loss over the logits, a
+  recomputed layer's backward, or the all-gather buffer): GPU_FIT, fitted to traces.
+- framework overhead: what a trace cannot see (CUDA context, cuBLAS workspaces, allocator
+  fragmentation, NCCL buffers); on CPU the resident size of a process with the libraries imported.
+
+CPU plans keep their own activation constants, calibrated against measured resident memory
+(tests/test_planner.py checks the CPU models within 15%), allocator slack included.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+from launcher.config import tables
+from launcher.plan.archs import HUB, PRESETS, Arch
+from launcher.config.errors import UserError
+from launcher.plan.source import model_config, resolve_source
+
+GB = 2**30
+STRATEGIES = tuple(tables.STRATEGIES)
+SHARD_PARAMS = set(tables.SHARDED)  # parameters split over the ranks
+SHARD_STATES = {s.name for s in tables.STRATEGIES.values() if s.shards_states}  # gradients, optimizer state too
+OFFLOAD = set(tables.OFFLOAD)  # parameters and optimizer state on CPU
+# Preference when several fit: least communication first (see recommend()).
+PREFERENCE = ("single", "ddp", "zero2", "fsdp", "zero3", "fsdp_offload", "zero3_offload")
+OPTIMIZER_BYTES = {o.name: o.state_bytes for o in tables.OPTIMIZERS.values()}
+
+# Calibration (bench/plan_vs_measured.py, 2-core CPU, fp32, a 108M model with batch 1-8 x 256
+# tokens, checkpointing on and off): what one decoder layer keeps for backward per token, as
+# multiples of hidden and intermediate size in the activation dtype (LoRA dropout copies and
+# masks included; counting the saved tensors of a LoRA layer gives ~17.5 h + 5.3 f, the rest is
+# temporaries), and bytes per logit element (the logits the output keeps, log-softmax, its
+# gradient and the logits' gradient: ~6 fp32 copies at the peak). Not yet calibrated on GPU.
+ACT_HIDDEN, ACT_INTER = 20.0, 8.5
+LOGIT_BYTES = 24.0
+GPU_OVERHEAD_GB = 1.0  # CUDA context, cuBLAS workspace, allocator slack (not in max_memory_allocated)
+CPU_PROCESS_GB = 0.5  # resident size of a CPU training process without model and batch (measured 0.47)
+GPU_PROCESS_HOST_GB = 3.0  # host RAM of a CUDA training process (libraries, pinned buffers)
+
+
+@dataclass
+class Setup:
+    """What the plan depends on besides the architecture (filled from a recipe by `from_recipe`)."""
+
+    micro_batch: int = 1
+    seq_len: int = 2048
+    lora_r: int = 16
+    targets: object = "all-linear"
+    optimizer: str = "paged_adamw_32bit"
+    gradient_checkpointing: bool = True
+    checkpoint_every: int = 1  # recompute every n-th layer; the others keep their activations
+    memory_budget_gb: float | None = None  # keep the last layers' activations while the plan fits this
+    kept_layers: int | None = None  # layers keeping their activations (decided from the budget)
+    chunked_loss: int = 0  # the loss over this many tokens at a time: the logits never exist in full
+    quant: str = "nf4"  # nf4 | fp4 | int8 | none
+    double_quant: bool = True
+    gpu: bool = True  # False: CPU processes (fp32 everywhere)
+    gpus_per_node: int = 1
+    nodes: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+class Totals:
+    """GB summed over the per-device and per-host terms."""
+
+    device: dict
+    host: dict
+
+    @property
+    def device_total(self) -> float:
+        return sum(self.device.values())
+
+    @property
+    def host_total(self) -> float:
+        return sum(self.host.values())
+
+
+@dataclass
+class Plan(Totals):
+    strategy: str
+    device: dict[str, float] = field(default_factory=dict)  # GB per GPU (per process on CPU)
+    host: dict[str, float] = field(default_factory=dict)  # GB of CPU RAM per node
+    fits: bool | None = None
+    max_micro_batch: int | None = None
+    why: str = ""
+    kept_layers: int = 0  # decoder layers that keep their activations instead of recomputing them
+
+
+@dataclass(frozen=True)
+class GpuFit:
+    """What the traced GPU step holds beyond its parameters and states (bytes), by whether k-bit
+    training upcasts (fp32 residual stream and adapter: single, ddp, zero2) or not (sharded, bf16)."""
+
+    layer_h: float  # one layer's saved activations per token, per hidden unit
+    layer_f: float  # ... per intermediate unit
+    logit: float  # the loss's transient per logit element (the logits, their fp32 copy, softmax, gradients)
+    layer: float  # a recomputed layer's transient in backward, in units of its saved activations
+    dequant: float  # dequantized copies of the largest 4-bit weight alive at once (compute dtype)
+
+
+# Fitted to traces of the launcher's real step (bench/trace_vs_plan.py: 7 Llama presets x 4
+# settings x single, fsdp on 2 and 8 GPUs, fsdp_offload; README "Planner vs trace").
+# Fitted (random search on the largest relative error, rounded) over 112 traces: within 4.1% for
+# the upcast class and 3.5% for the sharded one. The logit constants are about 3 fp32 copies
+# (logits, log-softmax, gradient); a layer's saved activations per token come to ~20 f + 70 h bytes
+# with the fp32 residual stream and adapter, ~4 f + 58 h in bf16 (the h/f split is loosely
+# determined: Llama's f/h ratio only spans 2.7-3.5); one or two dequantized copies of the largest
+# 4-bit weight sit next to a layer's backward.
+GPU_FIT = {True: GpuFit(70.0, 20.0, 11.7, 1.1, 1.0), False: GpuFit(57.6, 3.7, 11.9, 1.15, 1.38)}
+
+
+def _quant_bytes(arch: Arch, s: Setup, dtype: int) -> tuple[float, float]:
+    """(packed weights, quantization state) in bytes: 2 values per byte plus an absmax per 64 values
+    (8-bit with a second-level fp32 absmax per 256 blocks under double quantization)."""
+    n = arch.quantized_params
+    if s.quant in ("nf4", "fp4"):
+        return n / 2, n * (8 / 64 + 32 / (64 * 256) if s.double_quant else 32 / 64) / 8
+    return n * (1 if s.quant == "int8" else dtype), 0.0
+
+
+def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
+    """Peak memory per GPU and CPU RAM per node, term by term (GB)."""
+    if s.memory_budget_gb and s.kept_layers is None and s.gradient_checkpointing:
+        s = replace(s, kept_layers=layers_to_keep(arch, strategy, s))
+    world = s.world
+    dtype = 2 if s.gpu else 4  # compute/parameter dtype bytes: bf16 on GPU, fp32 on CPU
+    upcast = s.quant != "none" and strategy not in SHARD_PARAMS  # prepare_model_for_kbit_training
+    shard = world if strategy in SHARD_PARAMS else 1
+    state_shard = world if strategy in SHARD_STATES else 1
+    offload = strategy in OFFLOAD
+    lora = arch.lora_params(s.lora_r, s.targets)
+    lora_dtype = 4 if upcast else dtype  # peft upcasts the adapter only for k-bit training
+    adamw = tables.bnb_optimizer_refused(strategy, s.optimizer) or s.optimizer == "adamw_torch"
+    opt = 2 * lora_dtype if adamw else OPTIMIZER_BYTES.get(s.optimizer, 8)  # torch AdamW: 2 moments, param dtype
+
+    packed, qstate = _quant_bytes(arch, s, dtype)
+    other = arch.other_params * (4 if upcast else dtype)
+    lora_b, grads, states = lora * lora_dtype, lora * lora_dtype, lora * opt
+    if strategy == "ddp":
+        grads *= 2  # DDP's buckets: a flat copy of the gradients
+    device = {
+        # the quantization state is a module attribute, not a parameter: no strategy shards it
+        "weights_4bit" if s.quant in ("nf4", "fp4") else "weights": 0.0 if offload else packed / shard + qstate,
+        "unquantized_params": 0.0 if offload else other / shard,
+        "lora_params": 0.0 if offload else lora_b / shard,
+        "gradients": grads / state_shard,
+        "optimizer_states": 0.0 if offload else states / state_shard,
+        **(_gpu_work(arch, strategy, s, upcast) if s.gpu else _cpu_work(arch, strategy, s, upcast)),
+        "framework_overhead": (GPU_OVERHEAD_GB if s.gpu else CPU_PROCESS_GB) * GB,
+    }
+    per_node = s.gpus_per_node
+    host = {"processes": (GPU_PROCESS_HOST_GB * GB if s.gpu else 0.0) * per_node}
+    if offload:  # this node's ranks hold their shards of parameters and optimizer state
+        host["offloaded_params_and_states"] = (packed + qstate * world + other + lora_b + states) * per_node / world
+    if s.gpu:
+        # Loading streams a checkpoint shard at a time (<= 5 GB in 16-bit on the hub) per reading
+        # process; with sharded parameters one process per node reads.
+        readers = 1 if strategy in SHARD_PARAMS else per_node
+        host["loading_buffers"] = readers * min(5 * GB, arch.params * 2)
+    else:  # a CPU "GPU" is the process itself: the device terms are host memory
+        host["cpu_processes"] = sum(device.values()) * per_node
+    return Plan(
+        strategy,
+        {k: round(v / GB, 3) for k, v in device.items()},
+        {k: round(v / GB, 3) for k, v in host.items()},
+        kept_layers=_checkpointed(arch, s)[1],
+    )
+
+
+def layers_to_keep(arch: Arch, strategy: str, s: Setup) -> int:
+    """How many decoder layers (the last ones) may keep their activations while the plan stays within
+    s.memory_budget_gb: the rest recompute in backward. 0 when even full recompute does not fit. A scan, not
+    a bisection: keeping every layer can plan below keeping all but one (no recomputed layer's transient)."""
+    fits = [
+        k
+        for k in range(arch.layers + 1)
+        if estimate(arch, strategy, replace(s, kept_layers=k)).device_total <= s.memory_budget_gb
+    ]
+    return max(fits, default=0)
+
+
+def _loss_tokens(s: Setup, strategy: str) -> int:
+    """Tokens whose logits exist at once: the micro batch, or one chunk of the chunked loss (which the
+    sharded strategies refuse)."""
+    tokens = s.micro_batch * s.seq_len
+    return min(tokens, s.chunked_loss) if s.chunked_loss and strategy not in SHARD_PARAMS else tokens
+
+
+def _checkpointed(arch: Arch, s: Setup) -> tuple[int, int]:
+    """(layers recomputed in backward, layers keeping all their activations)."""
+    if not s.gradient_checkpointing:
+        return 0, arch.layers
+    if s.kept_layers is not None:
+        kept = min(s.kept_layers, arch.layers)
+        return arch.layers - kept, kept
+    recomputed = -(-arch.layers // s.checkpoint_every)  # layers 0, n, 2n, ... (transformers' every_n_layers)
+    return recomputed, arch.layers - recomputed
+
+
+def _gpu_work(arch: Arch, strategy: str, s: Setup, upcast: bool) -> dict:
+    """What the step holds on a GPU beyond parameters and states, as the trace shows it: the
+    activations kept for backward, the layers FSDP/ZeRO-3 gather (the root's embeddings and head for
+    the whole step, plus one layer), and the largest transient: the loss over the logits, a layer
+    recomputed and back-propagated, or an all-gather's buffer."""
+    fit, tokens = GPU_FIT[upcast], s.micro_batch * s.seq_len
+    resid = 4 if upcast else 2  # the residual stream follows the (upcast) embedding dtype
+    full_layer = tokens * (fit.layer_h * arch.hidden + fit.layer_f * arch.intermediate)
+    recomputed, kept = _checkpointed(arch, s)
+    gathered = 0.0
+    if strategy in SHARD_PARAMS:
+        packed, _ = _quant_bytes(arch, s, 2)
+        root = (arch.other_params - 2 * arch.layers * arch.hidden) * 2  # embeddings, head, final norm
+        gathered = root + packed / arch.layers + arch.lora_params(s.lora_r, s.targets) / arch.layers * 2
+    activations = recomputed * tokens * arch.hidden * resid + kept * full_layer
+    biggest = max(i * o for i, o in arch.linears().values())
+    dequant = fit.dequant * biggest * 2 if s.quant != "none" else 0.0  # bf16 copies of the largest weight
+    work = max(
+        _loss_tokens(s, strategy) * arch.vocab * fit.logit, (fit.layer * full_layer if recomputed else 0.0) + dequant
+    )
+    # At the start of forward the root's all-gather buffer sits next to its gathered copy, before
+    # any activation exists: the peak of small steps under FSDP.
+    return {"gathered_params": gathered, "activations": activations, "transient": max(work, gathered - activations)}
+
+
+def _cpu_work(arch: Arch, strategy: str, s: Setup, upcast: bool) -> dict:
+    """CPU processes, calibrated against measured resident size (bench/plan_vs_measured.py), allocator
+    slack included."""
+    tokens = s.micro_batch * s.seq_len
+    per_layer = tokens * 4 * (ACT_HIDDEN * arch.hidden + ACT_INTER * arch.intermediate)
+    recomputed, kept = _checkpointed(arch, s)
+    # A recomputed layer in backward: its activations and their gradients, about two layers' worth
+    # (one under-counted the 100m checkpointed run by 10-14% of its RSS: 1.63 vs 1.81-1.89 GB).
+    acts = recomputed * tokens * arch.hidden * 4 + kept * per_layer + (2 * per_layer if recomputed else 0.0)
+    biggest = max(i * o for i, o in arch.linears().values())
+    packed, qstate = _quant_bytes(arch, s, 4)
+    return {
+        "activations": acts,
+        "logits": _loss_tokens(s, strategy) * arch.vocab * LOGIT_BYTES,
+        "dequant_buffers": 2 * biggest * 4 if s.quant != "none" else 0.0,
+        "gathered_layers": 2 * (packed + qstate) / arch.layers if strategy in SHARD_PARAMS else 0.0,
+    }
+
+
+def largest_micro_batch(arch: Arch, strategy: str, s: Setup, gpu_gb: float, limit: int = 4096) -> int:
+    """The largest micro batch whose estimate fits gpu_gb (0 when even 1 does not)."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate(arch, strategy, replace(s, micro_batch=mid)).device_total <= gpu_gb:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def plan_all(arch: Arch, s: Setup, gpu_gb: float, cpu_gb: float, strategies=STRATEGIES) -> list[Plan]:
+    plans = []
+    for strategy in strategies:
+        if strategy == "single" and s.world > 1 or strategy == "ddp" and s.world == 1:
+            continue  # single is one process; ddp of one process is single
+        if strategy.startswith("fsdp") and not s.gpu:
+            continue  # accelerate refuses FSDP on CPU
+        p = estimate(arch, strategy, s)
+        p.fits = p.device_total <= gpu_gb and p.host_total <= cpu_gb
+        p.max_micro_batch = largest_micro_batch(arch, strategy, s, gpu_gb)
+        if p.host_total > cpu_gb:
+            p.why = f"needs {p.host_total:.1f} GB of CPU RAM per node (have {cpu_gb:g})"
+        elif p.device_total > gpu_gb:
+            p.why = f"needs {p.device_total:.1f} GB per GPU (have {gpu_gb:g})"
+        plans.append(p)
+    return plans
+
+
+def recommend(plans: list[Plan]) -> tuple[Plan | None, str]:
+    """The first fitting plan in order of least communication, and why."""
+    fitting = {p.strategy: p for p in plans if p.fits}
+    for name in PREFERENCE:
+        if name in fitting:
+            p = fitting[name]
+            reasons = {
+                "single": "one process holds everything",
+                "ddp": "a full 4-bit replica fits each GPU, and DDP only all-reduces the small LoRA gradients",
+                "zero2": "replicas fit once gradients and optimizer state are split over the ranks",
+                "fsdp": "the model fits only when its parameters are split over the GPUs",
+                "zero3": "the model fits only when its parameters are split over the GPUs",
+                "fsdp_offload": "even split over the GPUs it does not fit; parameters and optimizer state go to "
+                "CPU RAM",
+                "zero3_offload": "even split over the GPUs it does not fit; parameters and optimizer state go to "
+                "CPU RAM",
+            }
+            return p, (
+                f"{name}: {reasons[name]} ({p.device_total:.1f} GB per GPU at this micro batch; "
+                f"up to micro batch {p.max_micro_batch})"
+            )
+    if not plans:
+        return None, "no strategy applies"
+    closest = min(plans, key=lambda p: p.device_total)
+    return None, (
+        f"nothing fits: the smallest is {closest.strategy} at {closest.device_total:.1f} GB per GPU; "
+        "add GPUs, lower train.micro_batch_size or data.max_seq_len, or enable gradient checkpointing"
+    )
+
+
+def arch_for_recipe(recipe, preset: str | None = None) -> Arch:
+    """A preset by name, a hub name that maps onto one, or the model's config.json."""
+
+    name = preset or HUB.get(recipe.model.name) or (recipe.model.name if recipe.model.name in PRESETS else None)
+    if name:
+        if name not in PRESETS:
+            raise UserError(f"--model: unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        return PRESETS[name]
+    source = resolve_source(recipe.model)
+    return Arch.from_config(model_config(source, recipe.model.trust_remote_code), recipe.model.name)
+
+
+def setup_for_recipe(recipe, gpus_per_node: int, nodes: int, gpu: bool) -> Setup:
+    t, q = recipe.train, recipe.quant
+    return Setup(
+        micro_batch=t.micro_batch_size,
+        seq_len=recipe.data.max_seq_len,
+        lora_r=recipe.peft.r,
+        targets=recipe.peft.target_modules,
+        optimizer=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        checkpoint_every=t.checkpoint_every,
+        memory_budget_gb=t.memory_budget_gb,
+        chunked_loss=t.chunked_loss,
+        quant=q.mode,
+        double_quant=q.double_quant,
+        gpu=gpu,
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+    )
+
+
+def _checkpointing(s: Setup) -> str:
+    if not s.gradient_checkpointing:
+        return "off"
+    if s.memory_budget_gb:
+        return f"on, except the last layers that fit {s.memory_budget_gb:g} GB (layers kept, below)"
+    return "on" if s.checkpoint_every == 1 else f"on for 1 layer in {s.checkpoint_every}"
+
+
+def render(arch: Arch, s: Setup, plans: list[Plan], choice: str, gpu_gb: float, cpu_gb: float) -> str:
+    unit = "GPU" if s.gpu else "process"
+    lines = [
+        f"{arch.name}: {arch.params / 1e9:.2f}B parameters ({arch.quantized_params / 1e9:.2f}B quantized), "
+        f"LoRA r={s.lora_r}: {arch.lora_params(s.lora_r, s.targets) / 1e6:.1f}M trainable",
+        f"{s.nodes} node(s) x {s.gpus_per_node} {unit}(s), {gpu_gb:g} GB per {unit}, {cpu_gb:g} GB CPU RAM per node; "
+        f"micro batch {s.micro_batch} x {s.seq_len} tokens, gradient checkpointing "
+        f"{_checkpointing(s)}, {s.optimizer}",
+        "",
+    ]
+    terms = list(plans[0].device) if plans else []
+    head = f"{'GB per ' + unit:<22}" + "".join(f"{p.strategy:>14}" for p in plans)
+    lines.append(head)
+    for term in terms:
+        lines.append(f"  {term:<20}" + "".join(f"{p.device[term]:>14.2f}" for p in plans))
+    lines.append(f"  {'total':<20}" + "".join(f"{p.device_total:>14.2f}" for p in plans))
+    lines.append(f"{'CPU RAM per node':<22}" + "".join(f"{p.host_total:>14.2f}" for p in plans))
+    lines.append(f"{'fits':<22}" + "".join(f"{'yes' if p.fits else 'no':>14}" for p in plans))
+    lines.append(f"{'largest micro batch':<22}" + "".join(f"{p.max_micro_batch:>14}" for p in plans))
+    if s.memory_budget_gb:
+        lines.append(f"{'layers kept':<22}" + "".join(f"{f'{p.kept_layers}/{arch.layers}':>14}" for p in plans))
+    lines += ["", f"recommended: {choice}"]
+    return "\n".join(lines)
+
+
+def as_json(arch: Arch, s: Setup, plans: list[Plan], best: Plan | None, choice: str, traced=None, refused=None) -> str:
+    extra = {} if traced is None else {"traced": [asdict(t) for t in traced], "not_traced": refused or {}}
+    return json.dumps(
+        {
+            "model": asdict(arch),
+            "params": arch.params,
+            "setup": asdict(s),
+            "plans": [
+                {**asdict(p), "device_total_gb": round(p.device_total, 3), "host_total_gb": round(p.host_total, 3)}
+                for p in plans
+            ],
+            "recommended": best.strategy if best else None,
+            "why": choice,
+            **extra,
+        },
+        indent=1,
+    )
