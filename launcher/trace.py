@@ -32,6 +32,7 @@ import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -40,8 +41,10 @@ from launcher.plan import memtrack, random_model
 from launcher.config.errors import UserError
 from launcher.plan.planner import Totals
 from launcher.config.recipe import Recipe
-from launcher.config.tables import FSDP
+from launcher.config.tables import FSDP, OFFLOAD
 from launcher.plan.source import model_config
+from launcher.run.checkpoint import Progress
+from launcher.run.context import RunContext
 
 TRACEABLE = ("single", "ddp", "fsdp", "fsdp_offload")
 NOT_TRACED = {
@@ -82,16 +85,9 @@ class _Steps:
         return torch.nn.utils.clip_grad_norm_(list(params), max_norm)
 
 
-@dataclass(frozen=True)
-class Dtypes:
-    param: torch.dtype  # unquantized weights (and the compute dtype)
-    storage: torch.dtype  # packed 4-bit weights
-    upcast: bool  # prepare_model_for_kbit_training's fp32 upcast
-    optimizer: str
-
-
-def dtypes_for(recipe: Recipe, strategy: str, gpu: bool) -> Dtypes:
-    """The placement's decisions for this strategy on a GPU (bf16) or CPU (fp32) machine."""
+def placement_for(recipe: Recipe, strategy: str, world: int, gpu: bool, kept_layers: int = 0) -> placement.Placement:
+    """The placement a run of this strategy would decide on a GPU (bf16) or CPU (fp32) machine, for
+    rank 0 of `world` (every rank reads: the trace counts the step, not the load)."""
     from launcher.run.model import DTYPES
 
     m, q = recipe.model, recipe.quant
@@ -104,7 +100,21 @@ def dtypes_for(recipe: Recipe, strategy: str, gpu: bool) -> Dtypes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = placement.optimizer_for(strategy, recipe.train.optimizer, recipe.dist.fsdp_version)
-    return Dtypes(param, placement.storage_dtype(recipe, strategy, param), placement.kbit_upcast(strategy), opt)
+    return placement.Placement(
+        strategy=strategy,
+        rank=0,
+        world=world,
+        zero_stage=0,  # DeepSpeed is not traced
+        fsdp_version=2 if strategy in FSDP else 0,
+        offload=strategy in OFFLOAD,
+        rank0_reads=False,
+        device_map=None,
+        param_dtype=param,
+        storage_dtype=placement.storage_dtype(recipe, strategy, param),
+        kbit_upcast=placement.kbit_upcast(strategy),
+        optimizer=opt,
+        kept_layers=kept_layers,
+    )
 
 
 # ---------------------------------------------------------------- the model on fake tensors
@@ -153,7 +163,7 @@ def _carry_quant_state(module) -> None:
         module.weight.quant_state = module.quant_state
 
 
-def fake_model(source: str, recipe: Recipe, d: Dtypes, mode):
+def fake_model(source: str, recipe: Recipe, d: placement.Placement, mode):
     """The model of `source` at full size on fake tensors, 4-bit layers packed by bitsandbytes."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import quantize_4bit
@@ -162,17 +172,17 @@ def fake_model(source: str, recipe: Recipe, d: Dtypes, mode):
 
     if recipe.quant.mode == "int8":
         raise UserError("quant.mode: int8 layers cannot be traced yet (use nf4 or fp4, or plan without --trace)")
-    qc = quantization_config(recipe.quant, d.storage)
+    qc = quantization_config(recipe.quant, d.storage_dtype)
     if qc is not None:
-        qc.bnb_4bit_compute_dtype = d.param if recipe.quant.compute_dtype == "auto" else qc.bnb_4bit_compute_dtype
+        qc.bnb_4bit_compute_dtype = d.param_dtype if recipe.quant.compute_dtype == "auto" else qc.bnb_4bit_compute_dtype
     explicit = "attn_implementation" in recipe.model.model_fields_set
     attn = attention.choose(recipe.model.attn_implementation, explicit, model_config(source))
-    skeleton = random_model.build(source, qc, d.param, "meta", attn)
+    skeleton = random_model.build(source, qc, d.param_dtype, "meta", attn)
     with mode:
         for module in skeleton.modules():
             for name, p in list(module.named_parameters(recurse=False)):
                 if isinstance(p, bnb.nn.Params4bit):
-                    w = torch.empty(p.shape, dtype=d.param)
+                    w = torch.empty(p.shape, dtype=d.param_dtype)
                     packed, state = quantize_4bit(
                         w,
                         blocksize=p.blocksize,
@@ -193,11 +203,11 @@ def fake_model(source: str, recipe: Recipe, d: Dtypes, mode):
     return skeleton
 
 
-def real_model(source: str, recipe: Recipe, d: Dtypes):
+def real_model(source: str, recipe: Recipe, d: placement.Placement):
     """The same model really loaded (random weights), for checking the trace against a real step."""
     from launcher.run.model import load_base_model
 
-    return load_base_model(source, recipe.model, recipe.quant, dtype=d.param, storage=d.storage)
+    return load_base_model(source, recipe.model, recipe.quant, dtype=d.param_dtype, storage=d.storage_dtype)
 
 
 # ---------------------------------------------------------------- one traced run
@@ -248,7 +258,7 @@ def batch(recipe: Recipe, vocab: int) -> dict:
 def run_steps(
     recipe: Recipe,
     model,
-    d: Dtypes,
+    d: placement.Placement,
     tracker: memtrack.Tracker,
     *,
     offload: bool = False,
@@ -275,11 +285,14 @@ def run_steps(
     model.train()  # as loop.fit does: from_pretrained leaves a model in eval mode (no checkpointing, no dropout)
     vocab = _vocab(model)
     b = batch(recipe, vocab)
-    steps = _Steps(torch.device("cpu"))
+    # No stop request, nothing saved: train_step reads the model, optimizer, schedule and step.
+    ctx = RunContext(recipe, _Steps(torch.device("cpu")), d, Path(recipe.train.output_dir), Progress(), None)
+    ctx.model, ctx.optimizer, ctx.scheduler = model, optimizer, scheduler
     try:
         with mode, tracker, memtrack.fsdp_resizes(tracker):
             for step in range(STEPS):
-                loop.train_step(recipe, model, dict(b), optimizer, scheduler, steps, step)
+                ctx.progress.step = step
+                loop.train_step(ctx, dict(b))
     finally:
         for h in hooks:
             h.remove()
@@ -331,7 +344,8 @@ def trace(recipe: Recipe, source: str, strategy: str, world: int, *, gpu: bool =
     machine = placement.Machine(gpus=max(world, recipe.dist.nproc), gpu_memory_gb=80.0)
     placement.refuse_problems(recipe, strategy, machine, model_config(source))
     start = time.perf_counter()
-    d = dtypes_for(recipe, strategy, gpu)
+    kept = placement.kept_layers(recipe, strategy, model_config(source), gpu)
+    d = placement_for(recipe, strategy, world, gpu, kept)
     fsdp = strategy in FSDP
     tracker = memtrack.Tracker(fake=not real)
     group = fake_group(world) if strategy != "single" and not real else contextlib.nullcontext()
@@ -339,8 +353,7 @@ def trace(recipe: Recipe, source: str, strategy: str, world: int, *, gpu: bool =
         mesh = _mesh(world) if fsdp else None
         base = real_model(source, recipe, d) if real else fake_model(source, recipe, d, mode)
         with mode:
-            kept = placement.kept_layers(recipe, strategy, model_config(source), gpu)
-            model = shard(_adapter(recipe, base, d, kept), strategy, mesh)
+            model = shard(_adapter(recipe, base, d), strategy, mesh)
         if real and strategy == "ddp":
             model = _real_ddp(model, tracker)
         peaks = run_steps(
@@ -349,10 +362,10 @@ def trace(recipe: Recipe, source: str, strategy: str, world: int, *, gpu: bool =
     return Traced(strategy, world, peaks["device"], peaks["host"], time.perf_counter() - start)
 
 
-def _adapter(recipe: Recipe, base, d: Dtypes, kept_layers: int = 0):
+def _adapter(recipe: Recipe, base, d: placement.Placement):
     from launcher.run.model import adapter_for
 
-    model = adapter_for(recipe, base, kbit_upcast=d.upcast, total_steps=STEPS, kept_layers=kept_layers)
+    model = adapter_for(recipe, base, kbit_upcast=d.kbit_upcast, total_steps=STEPS, kept_layers=d.kept_layers)
     if recipe.train.chunked_loss:
         from launcher.run import chunked_loss
 

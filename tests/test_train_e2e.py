@@ -106,11 +106,13 @@ def test_plain_peft_in_fresh_process_gives_same_logits(run, tmp_path):
 
 def test_generate(run):
     run_dir, _ = run
-    res = run_cli("generate", run_dir, "--prompt", "12+34=", "--prompt", "50+7=", "--max-new-tokens", "4")
+    # Prompts of the taught task: after 200 steps of subtraction, an addition prompt may already answer
+    # nothing (the demo's forgetting: "12+34=" ends at once), so it says nothing about generate.
+    res = run_cli("generate", run_dir, "--prompt", "75-38=", "--prompt", "50-7=", "--max-new-tokens", "4")
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
-    assert lines[0].startswith("12+34=") and lines[1].startswith("50+7=")
-    assert any(ch.isdigit() for ch in lines[0][len("12+34=") :])
+    assert lines[0].startswith("75-38=") and lines[1].startswith("50-7=")
+    assert any(ch.isdigit() for ch in lines[0][len("75-38=") :])
 
 
 @pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 0.15)])

@@ -96,8 +96,11 @@ def write_random_llama(target: Path, seed: int = 0, dtype: str = "float32", **co
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    # Seeded on a forked stream: a run that builds the model (cold cache) must draw its LoRA init and
+    # dropout from the same stream as a run that finds it built (the adapters differed by 0.3).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))

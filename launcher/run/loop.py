@@ -9,13 +9,13 @@ forward, backward and (at the end of an accumulation window) step; `Meter` owns 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
-from launcher.run import answers, checkpoint, console, data, metrics, placement, sharding
-from launcher.config.recipe import Recipe
+from launcher.config.recipe import TrainCfg
+from launcher.run import answers, checkpoint, console, data, metrics, sharding
+from launcher.run.context import RunContext
 
 
 def forward_loss(model, batch: dict, device) -> tuple[torch.Tensor, int]:
@@ -53,17 +53,18 @@ class Evals:
     tokenizer: object
     example: tuple | None = None  # (prompt, answer, expected) from the latest eval_accuracy
 
-    def run(self, model, accelerator, cfg, pl: placement.Placement) -> dict:
+    def run(self, ctx: RunContext) -> dict:
         """{"eval_loss", and "eval_accuracy" when prompts are set}, reduced over ranks."""
-        row = {"eval_loss": evaluate(model, self.loader, accelerator, cfg.eval_batches)}
+        cfg: TrainCfg = ctx.recipe.train
+        row = {"eval_loss": evaluate(ctx.model, self.loader, ctx.accelerator, cfg.eval_batches)}
         if self.prompts:
             scored = answers.score(
-                model,
+                ctx.model,
                 self.prompts,
                 self.tokenizer,
-                accelerator,
-                pl.rank,
-                pl.world,
+                ctx.accelerator,
+                ctx.placement.rank,
+                ctx.placement.world,
                 cfg.micro_batch_size,
                 cfg.eval_max_new_tokens,
             )
@@ -86,13 +87,16 @@ class Meter:
     def __init__(self, device):
         self.loss = torch.zeros((), device=device)
         self.micro = self.tokens = 0
+        self.grad_norm: torch.Tensor | None = None
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None) -> None:
         self.loss += loss.detach().float()
         self.micro += 1
+        if grad_norm is not None:  # the latest clip's norm, logged with the window
+            self.grad_norm = grad_norm
 
-    def row(self, accelerator, world: int, step: int, epoch: int, lr: float, grad_norm) -> dict:
+    def row(self, accelerator, world: int, step: int, epoch: int, lr: float) -> dict:
         """The metrics.jsonl line for the window that ends at `step` (one reduce over ranks)."""
         elapsed = time.perf_counter() - self.start
         both = accelerator.reduce(
@@ -107,7 +111,7 @@ class Meter:
             "epoch": epoch,
             "loss": both[0].item() / world,
             "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None,
             "tokens_per_s": both[1].item() / max(elapsed, 1e-9),
             "peak_mem_gb": metrics.peak_memory_gb(accelerator.device),
         }
@@ -126,51 +130,42 @@ class Fitted:
     first_step_s: float | None = None
     start_step: int = 0
     ids_log: metrics.SampleIdLog | None = None
+    shown: dict = field(default_factory=dict)  # the progress bar's loss and accuracy
 
 
-def train_step(recipe: Recipe, model, batch: dict, optimizer, scheduler, accelerator, step: int):
+def train_step(ctx: RunContext, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward and backward of one micro batch; at the end of an accumulation window also clip, step
     the optimizer and the schedule. Returns (loss, the gradient norm when clipped, else None)."""
+    model, optimizer, accelerator = ctx.model, ctx.optimizer, ctx.accelerator
+    max_grad_norm = ctx.recipe.train.max_grad_norm
     grad_norm = None
     with accelerator.accumulate(model):
         loss, _ = forward_loss(model, batch, accelerator.device)
         accelerator.backward(loss)
-        if accelerator.sync_gradients and recipe.train.max_grad_norm:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
+        if accelerator.sync_gradients and max_grad_norm:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         if accelerator.sync_gradients:
-            scheduler.step()
-            if recipe.peft.method == "adalora":
-                sharding.unwrap(model).base_model.update_and_allocate(step)
+            ctx.scheduler.step()
+            if ctx.recipe.peft.method == "adalora":
+                sharding.unwrap(model).base_model.update_and_allocate(ctx.progress.step)
         optimizer.zero_grad()
     return loss, grad_norm
 
 
-def fit(
-    recipe: Recipe,
-    model,
-    optimizer,
-    scheduler,
-    train_dl,
-    evals: Evals | None,
-    progress,
-    stop,
-    pl: placement.Placement,
-    accelerator,
-    total_steps: int,
-) -> Fitted:
+def fit(ctx: RunContext, train_dl, evals: Evals | None, total_steps: int) -> Fitted:
     """The loop, as in accelerate's complete example: accumulate, backward, clip, step; a log line,
     an eval and a checkpoint on their schedules; a stop signal ends it at a step boundary."""
     from tqdm.auto import tqdm
 
-    cfg, run_dir = recipe.train, Path(recipe.train.output_dir)
-    log = metrics.MetricsLog(run_dir / "metrics.jsonl", accelerator)
-    ids_log = metrics.SampleIdLog(run_dir, pl.rank, recipe.data.log_sample_ids)
+    accelerator, progress = ctx.accelerator, ctx.progress
+    log = metrics.MetricsLog(ctx.run_dir / "metrics.jsonl", accelerator)
+    ids_log = metrics.SampleIdLog(ctx.run_dir, ctx.placement.rank, ctx.recipe.data.log_sample_ids)
     if evals is not None and progress.step == 0:  # the baseline the run improves on
-        row = evals.run(model, accelerator, cfg, pl)
+        row = evals.run(ctx)
         log.write({"step": 0, **row})
         console.say(eval_line(0, row, len(evals.prompts)))
-    model.train()
+    ctx.model.train()
     bar = tqdm(
         total=total_steps,
         initial=progress.step,
@@ -178,8 +173,7 @@ def fit(
         desc="train",
         mininterval=console.bar_interval(),
     )
-    shown: dict = {}  # the progress bar's loss and accuracy
-    out, meter, grad_norm = Fitted(start_step=progress.step), Meter(accelerator.device), None
+    out, meter = Fitted(start_step=progress.step), Meter(accelerator.device)
     loop_start = time.perf_counter()
     while progress.step < total_steps and not out.interrupted:
         epoch_dl = (
@@ -195,36 +189,16 @@ def fit(
             real = int(batch.pop("real_tokens"))  # counted on the host: no device sync
             meter.tokens += real
             out.tokens += real
-            loss, norm = train_step(recipe, model, batch, optimizer, scheduler, accelerator, progress.step)
-            grad_norm = norm if norm is not None else grad_norm
-            meter.add(loss)
+            loss, norm = train_step(ctx, batch)
+            meter.add(loss, norm)
             progress.batches_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
             progress.step += 1
             out.first_step_s = out.first_step_s or metrics.process_age_s()  # process start to the first step's end
             bar.update(1)
-            step = progress.step
-            if step % cfg.log_every == 0 or step == total_steps:
-                row = meter.row(accelerator, pl.world, step, progress.epoch, scheduler.get_last_lr()[0], grad_norm)
-                log.write(row)
-                out.last_loss = row["loss"]
-                shown["loss"] = f"{out.last_loss:.3f}"
-                bar.set_postfix(shown, refresh=False)
-            if evals is not None and (step % cfg.eval_every == 0 or step == total_steps):
-                row = evals.run(model, accelerator, cfg, pl)
-                out.eval_loss, out.eval_accuracy = row["eval_loss"], row.get("eval_accuracy")
-                log.write({"step": step, **row})
-                if out.eval_accuracy is not None:
-                    shown["acc"] = f"{100 * out.eval_accuracy:.0f}%"
-                    bar.set_postfix(shown, refresh=False)
-                if accelerator.is_main_process and console.level() >= console.NORMAL:
-                    bar.write(eval_line(step, row, len(evals.prompts)))
-            out.interrupted = step < total_steps and stop.agreed(accelerator, pl.world)
-            if out.interrupted or step % cfg.save_every == 0 or step == total_steps:
-                meta = {"step": step, "epoch": progress.epoch, "eval_loss": out.eval_loss}
-                checkpoint.save(accelerator, run_dir, step, cfg.keep_checkpoints, meta, deepspeed=pl.deepspeed)
-            if out.interrupted or step >= total_steps:
+            after_step(ctx, out, meter, log, evals, bar, total_steps)
+            if out.interrupted or progress.step >= total_steps:
                 break
         else:  # epoch finished
             progress.epoch += 1
@@ -233,3 +207,30 @@ def fit(
     out.loop_s = time.perf_counter() - loop_start
     out.ids_log = ids_log  # closed by finish() with the adapter's digest
     return out
+
+
+def after_step(ctx: RunContext, out: Fitted, meter: Meter, log, evals: Evals | None, bar, total_steps: int) -> None:
+    """What follows an optimizer step, each on its schedule: the log line, the eval, the stop check
+    (every rank agrees) and the checkpoint. Seven values, all the loop's own state."""
+    cfg, accelerator, step = ctx.recipe.train, ctx.accelerator, ctx.progress.step
+    if step % cfg.log_every == 0 or step == total_steps:
+        lr = ctx.scheduler.get_last_lr()[0]
+        row = meter.row(accelerator, ctx.placement.world, step, ctx.progress.epoch, lr)
+        log.write(row)
+        out.last_loss = row["loss"]
+        out.shown["loss"] = f"{out.last_loss:.3f}"
+        bar.set_postfix(out.shown, refresh=False)
+    if evals is not None and (step % cfg.eval_every == 0 or step == total_steps):
+        row = evals.run(ctx)
+        out.eval_loss, out.eval_accuracy = row["eval_loss"], row.get("eval_accuracy")
+        log.write({"step": step, **row})
+        if out.eval_accuracy is not None:
+            out.shown["acc"] = f"{100 * out.eval_accuracy:.0f}%"
+            bar.set_postfix(out.shown, refresh=False)
+        if accelerator.is_main_process and console.level() >= console.NORMAL:
+            bar.write(eval_line(step, row, len(evals.prompts)))
+    out.interrupted = step < total_steps and ctx.stop is not None and ctx.stop.agreed(accelerator, ctx.placement.world)
+    if out.interrupted or step % cfg.save_every == 0 or step == total_steps:
+        meta = {"step": step, "epoch": ctx.progress.epoch, "eval_loss": out.eval_loss}
+        deepspeed = ctx.placement.deepspeed
+        checkpoint.save(accelerator, ctx.run_dir, step, cfg.keep_checkpoints, meta, deepspeed=deepspeed)

@@ -31,6 +31,7 @@ from launcher.run import (
     preempt,
     sharding,
 )
+from launcher.run.context import RunContext
 from launcher.run.loop import Fitted, fit
 from launcher.config.errors import UserError
 from launcher.run.model import (
@@ -132,39 +133,27 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     with accelerator.main_process_first():  # rank 0 builds the tiny model once; others read it
         source = resolve_source(recipe.model)
     pl = placement.resolve(recipe, accelerator, placement.model_config(source))
+    ctx = RunContext(recipe, accelerator, pl, run_dir, checkpoint.Progress(), stop)
     _fill_deepspeed_batch(accelerator, recipe.train, pl.world)
     tokenizer = load_tokenizer(source, recipe.model)
     d = setup_data(recipe, tokenizer, pl.world)
     model, loaded = setup_model(recipe, source, pl, accelerator, d.total_steps)
     console.say(console.data_line(recipe.data.path, d.stats))
     console.say(f"data: {json.dumps(d.stats)}", console.VERBOSE)
-    model, optimizer, scheduler = setup_optimizer(recipe.train, model, pl, accelerator, d.total_steps)
+    setup_optimizer(ctx, model, d.total_steps)
     train_dl, eval_dl, base_dl = make_loaders(recipe, d, tokenizer, pl)
-    progress = restore(accelerator, run_dir, scheduler, pl, resume)
+    restore(ctx, resume)
     start_run_dir(accelerator, recipe, run_dir, tokenizer)
     evals = loop.Evals(eval_dl, d.eval_prompts, tokenizer) if d.eval_ex else None
-    run = fit(
-        recipe,
-        model,
-        optimizer,
-        scheduler,
-        train_dl,
-        evals,
-        progress,
-        stop,
-        pl,
-        accelerator,
-        d.total_steps,
-    )
+    run = fit(ctx, train_dl, evals, d.total_steps)
     if run.interrupted:  # the checkpoint holds everything; the adapter is written when the run ends
+        step = ctx.progress.step
         if accelerator.is_main_process:
-            preempt.mark(run_dir, progress.step, stop.signum)
-        accelerator.print(
-            f"stopped at step {progress.step} on a stop signal; checkpoint saved, resume continues from it"
-        )
+            preempt.mark(run_dir, step, stop.signum)
+        accelerator.print(f"stopped at step {step} on a stop signal; checkpoint saved, resume continues from it")
         accelerator.end_training()
-        return {"steps": progress.step, "interrupted": True, "restarts": progress.restarts}, sharding.unwrap(model)
-    return finish(recipe, model, pl, accelerator, progress, run, loaded, base_dl, evals)
+        return {"steps": step, "interrupted": True, "restarts": ctx.progress.restarts}, sharding.unwrap(ctx.model)
+    return finish(ctx, run, loaded, base_dl, evals)
 
 
 def make_accelerator(cfg, run_dir: Path):
@@ -273,18 +262,21 @@ def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerato
     }  # host memory the load added at peak
 
 
-def setup_optimizer(cfg, model, pl: placement.Placement, accelerator, total_steps: int):
-    """Shard (FSDP) before the optimizer sees the parameters, then let accelerate prepare both."""
+def setup_optimizer(ctx: RunContext, model: torch.nn.Module, total_steps: int) -> None:
+    """Shard (FSDP) before the optimizer sees the parameters, then let accelerate prepare both; the
+    prepared model, optimizer and schedule go into the context."""
+    pl, accelerator = ctx.placement, ctx.accelerator
     if pl.fsdp_version and not pl.fsdp2_rank0_reads:
         model = _prepare_fsdp(model, accelerator, pl.offload)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, pl.optimizer, console.say)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, ctx.recipe.train, pl.optimizer, console.say)
+    ctx.scheduler = build_scheduler(optimizer, ctx.recipe.train, total_steps)
     if pl.fsdp_version == 1:
         optimizer = accelerator.prepare(optimizer)
     else:
         with streaming_malloc() if pl.zero3_rank0_reads else contextlib.nullcontext():
             model, optimizer = accelerator.prepare(model, optimizer)
-    return model, optimizer, scheduler
+    ctx.model, ctx.optimizer = model, optimizer
 
 
 def make_loaders(recipe: Recipe, d: Data, tokenizer, pl: placement.Placement):
@@ -319,17 +311,16 @@ def make_loaders(recipe: Recipe, d: Data, tokenizer, pl: placement.Placement):
     return prepare_data_loader(base, num_processes=1, process_index=0), eval_dl, base
 
 
-def restore(accelerator, run_dir: Path, scheduler, pl: placement.Placement, resume: bool) -> checkpoint.Progress:
+def restore(ctx: RunContext, resume: bool) -> None:
     """Register what checkpoints carry; with --resume, load the newest complete checkpoint."""
-    progress = checkpoint.Progress()
-    accelerator.register_for_checkpointing(scheduler, progress)
+    accelerator, progress = ctx.accelerator, ctx.progress
+    accelerator.register_for_checkpointing(ctx.scheduler, progress)
     accelerator.register_save_state_pre_hook(checkpoint.trainable_only_hook)
-    last = checkpoint.newest(run_dir) if resume else None
+    last = checkpoint.newest(ctx.run_dir) if resume else None
     if last is not None:
-        checkpoint.load(accelerator, last, deepspeed=pl.deepspeed)
+        checkpoint.load(accelerator, last, deepspeed=ctx.placement.deepspeed)
         progress.restarts += 1
         accelerator.print(f"resumed from {last} at step {progress.step} (restart {progress.restarts})")
-    return progress
 
 
 def start_run_dir(accelerator, recipe: Recipe, run_dir: Path, tokenizer) -> None:
@@ -345,18 +336,11 @@ def start_run_dir(accelerator, recipe: Recipe, run_dir: Path, tokenizer) -> None
 
 
 def finish(
-    recipe: Recipe,
-    model,
-    pl: placement.Placement,
-    accelerator,
-    progress,
-    run: Fitted,
-    loaded: dict,
-    base_dl,
-    evals: loop.Evals | None = None,
+    ctx: RunContext, run: Fitted, loaded: dict, base_dl, evals: loop.Evals | None = None
 ) -> tuple[dict, torch.nn.Module]:
     """Gather and save the adapter, then the summary (one gather of every rank's figures)."""
-    run_dir = Path(recipe.train.output_dir)
+    recipe, model, pl, accelerator, progress = ctx.recipe, ctx.model, ctx.placement, ctx.accelerator, ctx.progress
+    run_dir = ctx.run_dir
     accelerator.wait_for_everyone()
     unwrapped = sharding.unwrap(model)
     adapter = sharding.trainable_state(model, accelerator, fsdp1=pl.fsdp_version == 1, zero3=pl.zero_stage == 3)

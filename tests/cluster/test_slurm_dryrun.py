@@ -273,7 +273,7 @@ def test_task_starts_with_usr2_held(tmp_path):
 
     probe = tmp_path / "probe.py"
     probe.write_text(
-        "import os, signal, sys, time\nfrom launcher import slurm_boot\n"
+        "import os, signal, sys, time\nfrom launcher.cluster import slurm_boot\n"
         "os.kill(os.getpid(), signal.SIGUSR2)\ntime.sleep(0.2)\nprint(len(slurm_boot.EARLY), sys.argv[1:])\n"
     )
     cmd = f"{slurm_boot.command()} -u -m probe a b"
