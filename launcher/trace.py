@@ -261,7 +261,6 @@ def run_steps(
     d: placement.Placement,
     tracker: memtrack.Tracker,
     *,
-    offload: bool = False,
     ddp: bool = False,
     mode=contextlib.nullcontext(),
 ) -> dict:
@@ -296,7 +295,7 @@ def run_steps(
     finally:
         for h in hooks:
             h.remove()
-    peaks = tracker.peaks(offload)
+    peaks = tracker.peaks(d.offload)
     return {where: {k: v / GB for k, v in peak.by_category.items() if v} for where, peak in peaks.items()}
 
 
@@ -356,9 +355,7 @@ def trace(recipe: Recipe, source: str, strategy: str, world: int, *, gpu: bool =
             model = shard(_adapter(recipe, base, d), strategy, mesh)
         if real and strategy == "ddp":
             model = _real_ddp(model, tracker)
-        peaks = run_steps(
-            recipe, model, d, tracker, offload=strategy == "fsdp_offload", ddp=strategy == "ddp" and not real, mode=mode
-        )
+        peaks = run_steps(recipe, model, d, tracker, ddp=strategy == "ddp" and not real, mode=mode)
     return Traced(strategy, world, peaks["device"], peaks["host"], time.perf_counter() - start)
 
 

@@ -153,3 +153,23 @@ def test_readme_recipe_table_matches_the_schema():
                 f"[{', '.join(actual)}]" if isinstance(actual, list) else None,
             }
             assert shown in expected, (key, shown, actual)
+
+
+def _functions():
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield path.relative_to(PACKAGE), node
+
+
+def test_long_functions_and_wide_signatures_say_why():
+    """Over 80 lines: the docstring says why it is one piece ("on purpose"). Over 6 parameters: a docstring
+    (each of those says why its values travel separately)."""
+    for path, fn in _functions():
+        doc = ast.get_docstring(fn) or ""
+        if fn.end_lineno - fn.lineno + 1 > 80:
+            assert "on purpose" in doc, f"{path}:{fn.lineno} {fn.name} is over 80 lines without saying why"
+        a = fn.args
+        params = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs if p.arg not in ("self", "cls")]
+        if len(params) > 6:
+            assert doc, f"{path}:{fn.lineno} {fn.name} takes {len(params)} parameters without a docstring"

@@ -99,7 +99,8 @@ def submit_sweep(
     flags: dict | None = None,
     setup: list[str] = (),
 ) -> tuple[Path, list[str]]:
-    """Validate every point first, then write run dirs and submit; returns (sweep dir, job ids)."""
+    """Validate every point first, then write run dirs and submit; returns (sweep dir, job ids).
+    The parameters are `launcher sweep`'s flags, one each, as the CLI parsed them."""
     grid = parse_grid(grid_items, flags)
     combos = points(grid)
     recipes, problems = [], []

@@ -287,11 +287,12 @@ def time_seconds(text: str) -> int:
     m = re.fullmatch(r"(?:(\d{1,5})-)?(\d{1,7})(?::(\d{1,7}))?(?::(\d{1,7}))?", text, flags=re.ASCII)
     if not m:
         raise ValueError(f"{quote(text)} is not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS)")
-    days, a, b, c = (int(x) if x else None for x in m.groups())
+    days, first, b, c = (int(x) if x else None for x in m.groups())
+    a = first or 0  # the pattern always matches a first number
     if days is not None:  # D-HH[:MM[:SS]]
         seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
     elif c is not None:  # HH:MM:SS
-        seconds = a * 3600 + b * 60 + c
+        seconds = a * 3600 + (b or 0) * 60 + c
     elif b is not None:  # MM:SS
         seconds = a * 60 + b
     else:  # MM
@@ -498,7 +499,7 @@ def load_recipe(
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        problems = [_format_error(err) for err in e.errors()]
+        problems = [_format_error(dict(err)) for err in e.errors()]
     else:
         problems = _cross_checks(recipe)
     for key, (flag, _) in (flags or {}).items():
@@ -518,6 +519,7 @@ def describe_fields() -> str:
     lines = []
     for section, field in Recipe.model_fields.items():
         model = field.annotation
+        assert model is not None and model.__doc__  # every section is a documented Section
         lines.append(f"{section}:  {model.__doc__.strip().splitlines()[0]}")
         for name, f in model.model_fields.items():
             ann = f.annotation

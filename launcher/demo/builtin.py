@@ -20,6 +20,7 @@ import random
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 TINY_LLAMA = "builtin:tiny-llama"
 TINY_MATH = "builtin:tiny-math"
@@ -36,7 +37,7 @@ _CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
 
-TINY_CONFIG = dict(
+TINY_CONFIG: dict[str, Any] = dict(
     hidden_size=128,
     intermediate_size=384,
     num_hidden_layers=4,

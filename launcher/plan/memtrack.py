@@ -159,7 +159,8 @@ class Tracker(TorchDispatchMode):
         absmax_offset=None,
     ):
         """bitsandbytes' fused 4-bit matmul as its CUDA fallback and CPU kernel run it (dequantize the
-        weight, then one matmul): a fake kernel would only show the output, not the dequantized weight."""
+        weight, then one matmul): a fake kernel would only show the output, not the dequantized weight.
+        The parameters are the op's own (`torch.ops.bitsandbytes.gemm_4bit`)."""
         ops = torch.ops.bitsandbytes
         if absmax_8bit is not None:
             absmax = self._call(ops.dequantize_blockwise.default, absmax_8bit, absmax, absmax_code, 256, torch.float32)

@@ -190,11 +190,9 @@ def layers_to_keep(arch: Arch, strategy: str, s: Setup) -> int:
     """How many decoder layers (the last ones) may keep their activations while the plan stays within
     s.memory_budget_gb: the rest recompute in backward. 0 when even full recompute does not fit. A scan, not
     a bisection: keeping every layer can plan below keeping all but one (no recomputed layer's transient)."""
-    fits = [
-        k
-        for k in range(arch.layers + 1)
-        if estimate(arch, strategy, replace(s, kept_layers=k)).device_total <= s.memory_budget_gb
-    ]
+    budget = s.memory_budget_gb or 0.0
+    totals = {k: estimate(arch, strategy, replace(s, kept_layers=k)).device_total for k in range(arch.layers + 1)}
+    fits = [k for k, total in totals.items() if total <= budget]
     return max(fits, default=0)
 
 
@@ -386,6 +384,8 @@ def render(arch: Arch, s: Setup, plans: list[Plan], choice: str, gpu_gb: float, 
 
 
 def as_json(arch: Arch, s: Setup, plans: list[Plan], best: Plan | None, choice: str, traced=None, refused=None) -> str:
+    """`launcher plan --json`: the same values the table shows (and, with --trace, what was traced and
+    why the rest was not), one argument each."""
     extra = {} if traced is None else {"traced": [asdict(t) for t in traced], "not_traced": refused or {}}
     return json.dumps(
         {

@@ -103,11 +103,11 @@ def build(source: str, quantization_config, dtype: torch.dtype, device_map=None,
                         quant_storage=p.quant_storage,
                         module=module,
                     )
-                    setattr(module, name, q.to(device))  # quantizes; the 16-bit matrix is freed here
+                    setattr(module, name, q.to(device))  # type: ignore[misc]  # quantizes; the 16-bit matrix is freed here
                 elif isinstance(p, bnb.nn.Int8Params):
                     w = torch.empty(p.shape, dtype=dtype, device=device).normal_(0, std, generator=gen)
                     w = w.to(device="cpu", dtype=torch.float16)  # Int8Params quantizes on the way to the GPU
-                    setattr(module, name, bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to(device))
+                    setattr(module, name, bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to(device))  # type: ignore[misc]
                 else:
                     value = (
                         torch.ones(p.shape, dtype=dtype, device=device)

@@ -59,7 +59,8 @@ def greedy(
     forward: the same call under DDP, ZeRO and FSDP, where the wrapper gathers shards, so no
     KV cache and no generate(). Rows are left-padded, positions follow the mask, and only the
     last position's logits are computed. `agree(still_going) -> bool` makes every rank run the
-    same number of forwards (sharded models need all ranks in each one)."""
+    same number of forwards (sharded models need all ranks in each one). Seven values: a generation
+    loop's own (prompts, pad, end, length, device) beside the model and the ranks' agreement."""
     ids, mask = _left_padded(prompts, pad_id, device)
     answers: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool)
@@ -86,7 +87,8 @@ def greedy(
 def score(
     model, items: list[dict], tokenizer, accelerator, rank: int, world: int, batch_size: int, max_new_tokens: int
 ) -> Scored:
-    """Exact-match accuracy of greedy answers to `items` over all ranks (one reduce at the end)."""
+    """Exact-match accuracy of greedy answers to `items` over all ranks (one reduce at the end). Plain
+    values, not the run context: tests score a bare model over gloo ranks with no run around it."""
     mine = items[rank::world]
     per_rank = -(-len(items) // world)  # every rank runs the same batches; fillers are not counted
     padded = mine + [items[0]] * (per_rank - len(mine))

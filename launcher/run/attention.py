@@ -116,7 +116,8 @@ def segments(position_ids: torch.Tensor) -> list[list[int]]:
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """query (batch, heads, len, dim), key/value (batch, kv_heads, len, dim) -> (batch, len, heads, dim)."""
+    """query (batch, heads, len, dim), key/value (batch, kv_heads, len, dim) -> (batch, len, heads, dim).
+    The parameters are transformers' attention-interface signature (`sdpa_attention_forward`'s)."""
     position_ids = kwargs.get("position_ids")
     if (
         attention_mask is not None

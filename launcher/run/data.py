@@ -264,6 +264,7 @@ class ShardSampler(Sampler):
         lengths: list[int] | None = None,
         batch_size: int = 1,
     ):
+        """The sampler's settings, each a value of the data or train section (or of the eval loader's)."""
         self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
         self.remainder = remainder
         self.lengths, self.batch_size = lengths, batch_size  # lengths set: group by length
@@ -401,6 +402,8 @@ def make_loader(
     remainder: str = "drop",
     group_by_length: bool = False,
 ) -> torch.utils.data.DataLoader:
+    """A loader over this rank's share of `examples`: the sampler's settings (rank, world, seed, shuffle,
+    remainder, grouping) and the collator's pad id, each a value from the data and train sections."""
     lengths = [len(e["input_ids"]) for e in examples] if group_by_length else None
     sampler = ShardSampler(len(examples), rank, world, seed, shuffle, remainder, lengths, batch_size)
     # Its own generator: otherwise every new iterator draws a seed from the global RNG, and a

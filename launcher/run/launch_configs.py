@@ -91,36 +91,7 @@ def accelerate_config(recipe: Recipe, strategy: str, gpu: bool, ds_file: str | N
             )
         items += [("distributed_type", "DEEPSPEED", None), ("deepspeed_config", ds, None)]
     elif strategy in FSDP:
-        v2 = d.fsdp_version == 2
-        fs: list[Item] = [
-            ("fsdp_version", d.fsdp_version, "2: fully_shard, per-parameter DTensor sharding"),
-            (
-                "fsdp_auto_wrap_policy",
-                "TRANSFORMER_BASED_WRAP",
-                "one unit per decoder layer (model._no_split_modules); the LoRA weights live inside",
-            ),
-            ("fsdp_cpu_ram_efficient_loading", True, "rank 0 reads the checkpoint, the others start empty"),
-            ("fsdp_offload_params", strategy in OFFLOAD, "parameters and optimizer state on CPU"),
-            ("fsdp_state_dict_type", "SHARDED_STATE_DICT", "checkpoints are written shard by shard"),
-            (
-                "fsdp_activation_checkpointing",
-                False,
-                "the recipe's train.gradient_checkpointing does it (non-reentrant)",
-            ),
-        ]
-        if v2:
-            fs.append(("fsdp_reshard_after_forward", True, None))
-        else:
-            fs += [
-                ("fsdp_sharding_strategy", "FULL_SHARD", None),
-                (
-                    "fsdp_use_orig_params",
-                    False,
-                    "with the peft-aware wrap policy: every unit has uniform requires_grad",
-                ),
-                ("fsdp_sync_module_states", True, "broadcast rank 0's weights (needed with RAM-efficient loading)"),
-                ("fsdp_backward_prefetch", "BACKWARD_PRE", None),
-            ]
+        fs = _fsdp_items(d.fsdp_version, strategy in OFFLOAD)
         items += [
             (
                 "distributed_type",
@@ -168,6 +139,40 @@ def accelerate_config(recipe: Recipe, strategy: str, gpu: bool, ds_file: str | N
         ("tpu_use_sudo", False, None),
     ]
     return items
+
+
+def _fsdp_items(version: int, offload: bool) -> list[Item]:
+    """The fsdp_config block: FSDP2 (fully_shard) or FSDP1 with the peft-aware wrap policy."""
+    fs: list[Item] = [
+        ("fsdp_version", version, "2: fully_shard, per-parameter DTensor sharding"),
+        (
+            "fsdp_auto_wrap_policy",
+            "TRANSFORMER_BASED_WRAP",
+            "one unit per decoder layer (model._no_split_modules); the LoRA weights live inside",
+        ),
+        ("fsdp_cpu_ram_efficient_loading", True, "rank 0 reads the checkpoint, the others start empty"),
+        ("fsdp_offload_params", offload, "parameters and optimizer state on CPU"),
+        ("fsdp_state_dict_type", "SHARDED_STATE_DICT", "checkpoints are written shard by shard"),
+        (
+            "fsdp_activation_checkpointing",
+            False,
+            "the recipe's train.gradient_checkpointing does it (non-reentrant)",
+        ),
+    ]
+    if version == 2:
+        fs.append(("fsdp_reshard_after_forward", True, None))
+    else:
+        fs += [
+            ("fsdp_sharding_strategy", "FULL_SHARD", None),
+            (
+                "fsdp_use_orig_params",
+                False,
+                "with the peft-aware wrap policy: every unit has uniform requires_grad",
+            ),
+            ("fsdp_sync_module_states", True, "broadcast rank 0's weights (needed with RAM-efficient loading)"),
+            ("fsdp_backward_prefetch", "BACKWARD_PRE", None),
+        ]
+    return fs
 
 
 def _render(items: list[Item], indent: int = 0) -> list[str]:

@@ -235,7 +235,9 @@ def apply_peft(
     checkpoint_every: int = 1,
     kept_layers: int = 0,
 ):
-    """k-bit preparation (skipped when sharding: its fp32 upcast mixes dtypes), checkpointing, adapter."""
+    """k-bit preparation (skipped when sharding: its fp32 upcast mixes dtypes), checkpointing, adapter.
+    Every keyword is one decision the caller already made (the placement's upcast, the train section's
+    checkpointing), passed as values so the trace and the run wrap a model the same way."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized and kbit_upcast:

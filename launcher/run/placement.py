@@ -235,8 +235,23 @@ class Placement:
         return self.zero_stage > 0
 
     @property
+    def fsdp1(self) -> bool:
+        """FSDP1: accelerate wraps the model in prepare(), and the optimizer is built after it."""
+        return self.fsdp_version == 1
+
+    @property
+    def zero3(self) -> bool:
+        """ZeRO-3: parameters are partitioned, so the adapter is gathered to be saved."""
+        return self.zero_stage == 3
+
+    @property
+    def shards_before_optimizer(self) -> bool:
+        """FSDP wraps here, before the optimizer sees the parameters (FSDP2 rank-0 reads wrapped at load)."""
+        return self.fsdp_version > 0 and not self.fsdp2_rank0_reads
+
+    @property
     def zero3_rank0_reads(self) -> bool:
-        return self.rank0_reads and self.zero_stage == 3
+        return self.rank0_reads and self.zero3
 
     @property
     def fsdp2_rank0_reads(self) -> bool:

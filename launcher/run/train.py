@@ -266,12 +266,12 @@ def setup_optimizer(ctx: RunContext, model: torch.nn.Module, total_steps: int) -
     """Shard (FSDP) before the optimizer sees the parameters, then let accelerate prepare both; the
     prepared model, optimizer and schedule go into the context."""
     pl, accelerator = ctx.placement, ctx.accelerator
-    if pl.fsdp_version and not pl.fsdp2_rank0_reads:
+    if pl.shards_before_optimizer:
         model = _prepare_fsdp(model, accelerator, pl.offload)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, ctx.recipe.train, pl.optimizer, console.say)
     ctx.scheduler = build_scheduler(optimizer, ctx.recipe.train, total_steps)
-    if pl.fsdp_version == 1:
+    if pl.fsdp1:
         optimizer = accelerator.prepare(optimizer)
     else:
         with streaming_malloc() if pl.zero3_rank0_reads else contextlib.nullcontext():
@@ -343,7 +343,7 @@ def finish(
     run_dir = ctx.run_dir
     accelerator.wait_for_everyone()
     unwrapped = sharding.unwrap(model)
-    adapter = sharding.trainable_state(model, accelerator, fsdp1=pl.fsdp_version == 1, zero3=pl.zero_stage == 3)
+    adapter = sharding.trainable_state(model, accelerator, fsdp1=pl.fsdp1, zero3=pl.zero3)
     run.ids_log.close({"done": progress.step, "adapter_sha256": sharding.digest(adapter)})
     if accelerator.is_main_process:
         _save_adapter(unwrapped, adapter, run_dir)
