@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end (their figures go in the README, not in assertions on speed)."""
+"""The benchmark scripts run end to end (their figures go in docs/benchmarks.md, not in assertions on speed)."""
 
 import json
 import subprocess

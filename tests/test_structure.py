@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 PACKAGE = ROOT / "launcher"
@@ -114,12 +116,12 @@ def test_leaf_modules_stay_leaves():
     assert graph["plan.archs"] == {"config.errors"}
 
 
-def _readme_recipe_rows() -> list[tuple[list[str], str]]:
-    """(dotted keys, default column) of each row of README's Recipe table."""
+def _recipe_rows(path: Path, heading: str) -> list[tuple[list[str], str]]:
+    """(dotted keys, default column) of each row of the recipe table under `heading` in a Markdown file."""
     import re
 
-    text = (ROOT / "README.md").read_text()
-    section_text = text.split("## Recipe", 1)[1]
+    text = path.read_text()
+    section_text = text.split(heading, 1)[1]
     table = section_text[section_text.index("\n| key") :].strip().split("\n\n")[0]
     rows = []
     for line in table.splitlines()[2:]:
@@ -130,12 +132,14 @@ def _readme_recipe_rows() -> list[tuple[list[str], str]]:
     return rows
 
 
-def test_readme_recipe_table_matches_the_schema():
-    """Every key README's Recipe table names exists, and a single key's stated default is the schema's."""
+@pytest.mark.parametrize("page, heading, least", [("docs/recipe.md", "## Recipe", 15), ("README.md", "## A recipe", 8)])
+def test_recipe_tables_match_the_schema(page, heading, least):
+    """Every key the docs' and README's recipe tables name exists, and a single key's stated default is
+    the schema's."""
     from launcher.config.recipe import Recipe
 
-    rows = _readme_recipe_rows()
-    assert len(rows) >= 15
+    rows = _recipe_rows(ROOT / page, heading)
+    assert len(rows) >= least
     for keys, default in rows:
         for key in keys:
             section, name = key.split(".")

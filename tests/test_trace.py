@@ -188,7 +188,7 @@ def test_tracker_counts_live_storages_exactly():
     [("llama-7b", "single", 1, 1), ("llama-7b", "fsdp", 2, 3), ("llama-7b", "fsdp_offload", 2, 2)],
 )
 def test_planner_within_10_percent_of_the_trace(model, strategy, world, setting):
-    """A sample of README's planner-vs-trace table (bench/trace_vs_plan.py), re-traced here: the GPU
+    """A sample of docs/memory.md's planner-vs-trace table (bench/trace_vs_plan.py), re-traced here: the GPU
     planner's device peak (less the overhead a trace cannot see) and offloaded host memory."""
     sys.path.insert(0, str(ROOT))
     from bench.trace_vs_plan import SETTINGS, row
@@ -199,7 +199,7 @@ def test_planner_within_10_percent_of_the_trace(model, strategy, world, setting)
 
 
 def test_planner_holds_all_112_saved_traces():
-    """README's planner-vs-trace table: the current planner against every saved trace (no tracing)."""
+    """docs/memory.md's planner-vs-trace table: the current planner against every saved trace (no tracing)."""
     sys.path.insert(0, str(ROOT))
     from bench.trace_vs_plan import check
 
