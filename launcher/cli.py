@@ -128,6 +128,10 @@ def cmd_train(args) -> int:
         from launcher.run import placement
 
         strategy, gpu = placement.for_target(recipe)  # refuse before spawning anything
+        if args.resume:  # one error here, not one per rank (the ranks check again, silently passing)
+            from launcher.run import resume as resume_contract
+
+            resume_contract.check(Path(recipe.train.output_dir), recipe, lambda _: None)
         cmd = _spawn_command(recipe, args.recipe, strategy, gpu, args.resume)
         console.say(f"launching: {shlex.join(cmd)}")
         from launcher.run import ranks

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.run import checkpoint, launch_configs, placement, preempt
+from launcher.run import resume as resume_contract
 from launcher.cluster import slurm_boot
 from launcher.config.errors import UserError, listing
 from launcher.config.recipe import Recipe, load_recipe, save_recipe, time_minutes
@@ -401,6 +402,8 @@ def prepare(recipe: Recipe, resume: bool = False) -> Prepared:
     checkpoint.check_run_dir(run_dir, resume)
     strategy, gpu = placement.for_target(recipe, "gpu" if shape.gpus_per_node else "cpu", need_model=False)
     recipe.dist.strategy = strategy  # every node runs what was checked here
+    if resume:  # before recipe.yaml is rewritten: the checkpoint was trained under the old one
+        resume_contract.check(run_dir, recipe, print)
     (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run_dir / "recipe.yaml")
     config = launch_configs.write(recipe, strategy, run_dir / "launch", strategy, gpu, f"{run_dir}/recipe.yaml")[0]

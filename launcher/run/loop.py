@@ -175,35 +175,37 @@ def fit(ctx: RunContext, train_dl, evals: Evals | None, total_steps: int) -> Fit
     )
     out, meter = Fitted(start_step=progress.step), Meter(accelerator.device)
     loop_start = time.perf_counter()
-    while progress.step < total_steps and not out.interrupted:
-        epoch_dl = (
-            accelerator.skip_first_batches(train_dl, progress.batches_in_epoch)
-            if progress.batches_in_epoch
-            else train_dl
-        )
-        # accelerate's loader re-seeds the sampler from its own epoch counter on every
-        # iteration, so tell the loader (not just our sampler) which epoch this is.
-        epoch_dl.set_epoch(progress.epoch)
-        for batch in epoch_dl:
-            ids_log.write({"step": progress.step, "epoch": progress.epoch, "ids": batch.pop("sample_ids").tolist()})
-            real = int(batch.pop("real_tokens"))  # counted on the host: no device sync
-            meter.tokens += real
-            out.tokens += real
-            loss, norm = train_step(ctx, batch)
-            meter.add(loss, norm)
-            progress.batches_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
-            progress.step += 1
-            out.first_step_s = out.first_step_s or metrics.process_age_s()  # process start to the first step's end
-            bar.update(1)
-            after_step(ctx, out, meter, log, evals, bar, total_steps)
-            if out.interrupted or progress.step >= total_steps:
-                break
-        else:  # epoch finished
-            progress.epoch += 1
-            progress.batches_in_epoch = 0
-    bar.close()
+    try:  # the bar ends its line before an error is printed below it
+        while progress.step < total_steps and not out.interrupted:
+            epoch_dl = (
+                accelerator.skip_first_batches(train_dl, progress.batches_in_epoch)
+                if progress.batches_in_epoch
+                else train_dl
+            )
+            # accelerate's loader re-seeds the sampler from its own epoch counter on every
+            # iteration, so tell the loader (not just our sampler) which epoch this is.
+            epoch_dl.set_epoch(progress.epoch)
+            for batch in epoch_dl:
+                ids_log.write({"step": progress.step, "epoch": progress.epoch, "ids": batch.pop("sample_ids").tolist()})
+                real = int(batch.pop("real_tokens"))  # counted on the host: no device sync
+                meter.tokens += real
+                out.tokens += real
+                loss, norm = train_step(ctx, batch)
+                meter.add(loss, norm)
+                progress.batches_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
+                progress.step += 1
+                out.first_step_s = out.first_step_s or metrics.process_age_s()  # process start to the first step's end
+                bar.update(1)
+                after_step(ctx, out, meter, log, evals, bar, total_steps)
+                if out.interrupted or progress.step >= total_steps:
+                    break
+            else:  # epoch finished
+                progress.epoch += 1
+                progress.batches_in_epoch = 0
+    finally:
+        bar.close()
     out.loop_s = time.perf_counter() - loop_start
     out.ids_log = ids_log  # closed by finish() with the adapter's digest
     return out

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
-import time
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -48,6 +50,17 @@ class MetricsLog:
         self.accelerator.log(
             {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=row["step"]
         )
+
+
+def keep_rows(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Rewrite a JSONL log with only the rows `keep` accepts (atomically: a kill leaves the old file or
+    the new one). A resumed run drops what it logged past its checkpoint, so each step appears once."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in rows))
+    os.replace(tmp, path)
 
 
 def read(path: Path) -> list[dict]:

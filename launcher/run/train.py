@@ -31,6 +31,8 @@ from launcher.run import (
     preempt,
     sharding,
 )
+from launcher.run import preflight
+from launcher.run import resume as resume_contract
 from launcher.run.context import RunContext
 from launcher.run.loop import Fitted, fit
 from launcher.config.errors import UserError
@@ -44,6 +46,7 @@ from launcher.run.model import (
 )
 from launcher.run.optim import build_optimizer, build_scheduler
 from launcher.config.recipe import Recipe, load_recipe, save_recipe, split_args
+from launcher.config.tables import OPTIMIZERS
 from launcher.config.userio import first_line
 
 
@@ -118,15 +121,28 @@ def _prepare_fsdp(model, accelerator, offload: bool):
 
 
 def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
-    """Run the recipe; returns (summary, the trained peft model unwrapped from accelerate).
+    """Run the recipe; returns (summary, the trained peft model unwrapped from accelerate). A write that
+    fails during the run (a full disk, a quota) ends it with one line, not a traceback."""
+    try:
+        return _train(recipe, resume)
+    except Exception as e:
+        if isinstance(e, UserError) or not preflight.is_io_error(e):
+            raise
+        run_dir = Path(recipe.train.output_dir)
+        raise preflight.io_failure(run_dir, "the run's files", e, checkpoint.newest(run_dir)) from None
 
-    The phases, each a function below: set up (accelerator, placement), data, model (load, shard,
+
+def _train(recipe: Recipe, resume: bool) -> tuple[dict, torch.nn.Module]:
+    """The phases, each a function below: set up (accelerator, placement), data, model (load, shard,
     prepare, optimizer), resume, the loop, finish (adapter and summary)."""
     from accelerate.utils import set_seed
 
     console.quiet_libraries()
     run_dir = Path(recipe.train.output_dir)
     checkpoint.check_run_dir(run_dir, resume)
+    if resume:
+        resume_contract.check(run_dir, recipe, console.say)
+    preflight.writable(run_dir, recipe.data.cache_dir)
     accelerator = make_accelerator(recipe.train, run_dir)
     stop = preempt.StopRequest(run_dir)  # USR2 (time limit) / TERM (preemption): checkpoint at the next step, exit
     set_seed(recipe.train.seed)
@@ -138,6 +154,7 @@ def train(recipe: Recipe, resume: bool = False) -> tuple[dict, torch.nn.Module]:
     tokenizer = load_tokenizer(source, recipe.model)
     d = setup_data(recipe, tokenizer, pl.world)
     model, loaded = setup_model(recipe, source, pl, accelerator, d.total_steps)
+    preflight.room(run_dir, preflight.checkpoint_bytes(loaded["trainable"], OPTIMIZERS[pl.optimizer].state_bytes))
     console.say(console.data_line(recipe.data.path, d.stats))
     console.say(f"data: {json.dumps(d.stats)}", console.VERBOSE)
     setup_optimizer(ctx, model, d.total_steps)
@@ -316,11 +333,19 @@ def restore(ctx: RunContext, resume: bool) -> None:
     accelerator, progress = ctx.accelerator, ctx.progress
     accelerator.register_for_checkpointing(ctx.scheduler, progress)
     accelerator.register_save_state_pre_hook(checkpoint.trainable_only_hook)
-    last = checkpoint.newest(ctx.run_dir) if resume else None
+    if not resume:
+        return
+    last = checkpoint.newest_intact(ctx.run_dir, console.say)
     if last is not None:
         checkpoint.load(accelerator, last, deepspeed=ctx.placement.deepspeed)
         progress.restarts += 1
         accelerator.print(f"resumed from {last} at step {progress.step} (restart {progress.restarts})")
+    # What was logged past the checkpoint (everything, without one) is done again: each step is logged once.
+    step, rank = progress.step, ctx.placement.rank
+    if accelerator.is_main_process:
+        metrics.keep_rows(ctx.run_dir / "metrics.jsonl", lambda row: last is not None and row.get("step", 0) <= step)
+    ids = ctx.run_dir / "sample_ids" / f"rank{rank}.jsonl"
+    metrics.keep_rows(ids, lambda row: "ids" in row and row["step"] < step)
 
 
 def start_run_dir(accelerator, recipe: Recipe, run_dir: Path, tokenizer) -> None:
