@@ -148,7 +148,10 @@ def cmd_train(args) -> int:
                 file=sys.stderr,
             )
             return 0
-        if failure is not None and failure.exitcode != UserError.exit_code:  # a rank's own error is printed above
+        from launcher.run import watch
+
+        own_line = watch.reported(Path(recipe.train.output_dir), started)  # a rank named the frozen one
+        if failure is not None and failure.exitcode != UserError.exit_code and not own_line:  # else it is above
             print(_dead_rank(failure, recipe, args), file=sys.stderr)
         return code
     from launcher.run.train import train

@@ -232,6 +232,12 @@ class DistCfg(Section):
     )
     nproc: int = Field(1, gt=0, description="Processes per node (one per GPU).")
     nnodes: int = Field(1, gt=0, description="Nodes.")
+    timeout_s: int = Field(
+        600,
+        gt=0,
+        description="A collective that waits longer ends the run, naming the rank that stopped answering "
+        "(start-up and the first step get at least 1800 s).",
+    )
 
 
 class SlurmCfg(Section):

@@ -15,6 +15,7 @@ from launcher.config.recipe import Recipe
 from launcher.run.checkpoint import Progress
 from launcher.run.placement import Placement
 from launcher.run.preempt import StopRequest
+from launcher.run.watch import Watch
 
 if TYPE_CHECKING:  # torch and accelerate: only for the annotations
     import torch
@@ -32,3 +33,4 @@ class RunContext:
     model: torch.nn.Module | None = None  # the prepared (wrapped) model, once the model phase has run
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    watch: Watch | None = None  # this rank's heartbeat (several processes)

@@ -196,6 +196,8 @@ def fit(ctx: RunContext, train_dl, evals: Evals | None, total_steps: int) -> Fit
                 if not accelerator.sync_gradients:
                     continue
                 progress.step += 1
+                if ctx.watch is not None:
+                    ctx.watch.beat(progress.step)
                 out.first_step_s = out.first_step_s or metrics.process_age_s()  # process start to the first step's end
                 bar.update(1)
                 after_step(ctx, out, meter, log, evals, bar, total_steps)

@@ -40,6 +40,7 @@ SAFE = frozenset(
         "data.log_sample_ids",
         "model.attn_implementation",
         "model.device_map",
+        "dist.timeout_s",
     }
 )
 SAFE_SECTIONS = ("slurm.",)  # how the job is submitted

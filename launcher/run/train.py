@@ -31,7 +31,7 @@ from launcher.run import (
     preempt,
     sharding,
 )
-from launcher.run import preflight
+from launcher.run import preflight, watch
 from launcher.run import resume as resume_contract
 from launcher.run.context import RunContext
 from launcher.run.loop import Fitted, fit
@@ -143,13 +143,14 @@ def _train(recipe: Recipe, resume: bool) -> tuple[dict, torch.nn.Module]:
     if resume:
         resume_contract.check(run_dir, recipe, console.say)
     preflight.writable(run_dir, recipe.data.cache_dir)
-    accelerator = make_accelerator(recipe.train, run_dir)
+    accelerator = make_accelerator(recipe.train, run_dir, recipe.dist.timeout_s)
     stop = preempt.StopRequest(run_dir)  # USR2 (time limit) / TERM (preemption): checkpoint at the next step, exit
     set_seed(recipe.train.seed)
     with accelerator.main_process_first():  # rank 0 builds the tiny model once; others read it
         source = resolve_source(recipe.model)
     pl = placement.resolve(recipe, accelerator, placement.model_config(source))
     ctx = RunContext(recipe, accelerator, pl, run_dir, checkpoint.Progress(), stop)
+    ctx.watch = watch.Watch(run_dir, pl.rank, pl.world, recipe.dist.timeout_s)
     _fill_deepspeed_batch(accelerator, recipe.train, pl.world)
     tokenizer = load_tokenizer(source, recipe.model)
     d = setup_data(recipe, tokenizer, pl.world)
@@ -173,14 +174,13 @@ def _train(recipe: Recipe, resume: bool) -> tuple[dict, torch.nn.Module]:
     return finish(ctx, run, loaded, base_dl, evals)
 
 
-def make_accelerator(cfg, run_dir: Path):
+def make_accelerator(cfg, run_dir: Path, timeout_s: int):
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     deepspeed = placement.launched_with_deepspeed()
-    handlers = []
-    if deepspeed and not torch.cuda.is_available():
-        # Without a backend accelerate counts one process on every CPU DeepSpeed rank.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # Without a backend accelerate counts one process on every CPU DeepSpeed rank.
+    backend = "gloo" if deepspeed and not torch.cuda.is_available() else None
+    handlers = [InitProcessGroupKwargs(backend=backend, timeout=watch.start_timeout(timeout_s))]
     return Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=None
@@ -452,13 +452,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     resume = "--resume" in argv
     path, overrides = split_args([a for a in argv if a != "--resume"])
+    recipe = None
     try:
-        train(load_recipe(path, overrides), resume=resume)
+        recipe = load_recipe(path, overrides)
+        train(recipe, resume=resume)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except RuntimeError as e:  # a collective whose peer is gone: the launcher reports the dead rank itself
-        if int(os.environ.get("WORLD_SIZE", 1)) == 1 or not PEER_GONE.search(str(e)):
+        if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+            raise
+        if recipe is not None and watch.timed_out(e):
+            run_dir = Path(recipe.train.output_dir)
+            rank = int(os.environ.get("RANK", 0))
+            line = watch.report(run_dir, rank, recipe.dist.timeout_s, checkpoint.newest(run_dir))
+            print(f"error: {line}", file=sys.stderr)
+            return watch.HUNG_EXIT
+        if not PEER_GONE.search(str(e)):
             raise
         print(
             f"rank {os.environ.get('RANK', '?')}: stopping, another rank is gone ({first_line(e)[:160]})",

@@ -346,3 +346,51 @@ def test_kill_9_at_random_moments_then_resume_equals_one_uninterrupted_run(tmp_p
     assert _steps(run) == list(range(1, 25))
     assert json.loads((run / "summary.json").read_text())["steps"] == 24
     assert torch.equal(torch.tensor(_steps(ref)), torch.tensor(_steps(run)))
+
+
+# ---------------------------------------------------------------- a frozen rank
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_ends_the_run_within_the_timeout_naming_it_then_resume_finishes(tmp_path):
+    """SIGSTOP rank 1 of a 2-process DDP run (a wedged GPU or a stuck filesystem looks like this): the
+    run ends within dist.timeout_s + 30 s with one line naming rank 1; --resume then finishes."""
+    import psutil
+
+    from launcher.run import checkpoint
+
+    run, timeout = tmp_path / "run", 15
+    args = ["dist.nproc=2", f"train.output_dir={run}", *SHORT, "train.max_steps=40", f"dist.timeout_s={timeout}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    victim = None
+    try:
+        deadline = time.time() + 300
+        while checkpoint.newest(run) is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert checkpoint.newest(run) is not None, proc.communicate(timeout=60)[1][-3000:]
+        victim = next(
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "launcher.train" in " ".join(p.cmdline()) and p.environ().get("LOCAL_RANK") == "1"
+        )
+        victim.send_signal(signal.SIGSTOP)
+        frozen = time.time()
+        _, err = proc.communicate(timeout=timeout + 120)
+        took = time.time() - frozen
+    finally:
+        proc.kill()
+        if victim is not None and victim.is_running():
+            victim.kill()
+    assert proc.returncode not in (0, None), err[-3000:]
+    assert took <= timeout + 30, (took, err[-3000:])
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    line = errors[0]
+    assert f"dist.timeout_s={timeout} s" in line and f"rank 1 (pid {victim.pid} on " in line, line
+    assert "newest intact checkpoint: step_" in line and "--resume" in line, line
+    res = run_cli("train", *args, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 40
+    assert _steps(run) == list(range(1, 41))
