@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import sys
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
@@ -50,10 +51,17 @@ def quiet_libraries() -> None:
     - transformers' "Loading weights" progress bar: the launcher says what it loads in one line;
     - DeepSpeed's "Setting accelerator to CPU" warning, when something imports DeepSpeed on a machine
       without CUDA (transformers' save_pretrained does, through accelerate): naming the CPU in its own
-      DS_ACCELERATOR switch is what that warning asks for.
+      DS_ACCELERATOR switch is what that warning asks for;
+    - torch's FutureWarning that `all_gather_into_tensor` / `reduce_scatter_tensor` are deprecated, which
+      its c10d logger repeats on every collective DeepSpeed ZeRO-3 makes (23,000 lines in a 2-process demo).
     """
     if level() >= VERBOSE:
         return
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import torch
 

@@ -16,7 +16,8 @@ import sys
 from dataclasses import dataclass
 
 _TRACEBACK = b"Traceback (most recent call last):"
-_AGENT_LOG = re.compile(rb"[IWE]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/")
+# torchrun's agent logs (elastic/) and its start-up banner (run.py: "Setting OMP_NUM_THREADS ...").
+_AGENT_LOG = re.compile(rb"[IWE]\d{4} [\d:.]+ +\d+ \S*torch/distributed/(elastic/|run\.py)")
 _FIELD = re.compile(rb"^\s+(rank|host|exitcode|traceback)\s*: (.*?)\s*$")
 
 
