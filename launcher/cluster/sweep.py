@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import re
+import subprocess
 from pathlib import Path
 
 from launcher.cluster import slurm
@@ -130,9 +131,10 @@ def submit_sweep(
     for p in prepared:
         params = {**p.params, "job_name": sweep_dir.name}  # one name for the sweep's arrays
         groups.setdefault(json.dumps(params, sort_keys=True), []).append(p)
-    say(f"sweep {sweep_dir}: {len(prepared)} runs in {len(groups)} array(s), at most {max_parallel} running per array")
+    chunks = arrays(groups, 1001 if dry_run else max_array_size())  # a dry run asks no cluster
+    say(f"sweep {sweep_dir}: {len(prepared)} runs in {len(chunks)} array(s), at most {max_parallel} running per array")
     job_ids = []
-    for key, members in groups.items():
+    for key, members in chunks:
         if dry_run:
             say(f"array of {len(members)}: {', '.join(m.run_dir.name for m in members)}")
             continue
@@ -147,6 +149,23 @@ def submit_sweep(
             say(f"{job.job_id}: {m.run_dir}")
             job_ids.append(job.job_id)
     return sweep_dir, job_ids
+
+
+def max_array_size(default: int = 1001) -> int:
+    """Slurm's MaxArraySize (the most elements one job array may have) from `scontrol show config`
+    where a cluster answers, else Slurm's default."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=15).stdout
+    except (OSError, subprocess.SubprocessError):
+        return default
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.MULTILINE)
+    return int(m.group(1)) if m and int(m.group(1)) > 0 else default
+
+
+def arrays(groups: dict[str, list], limit: int) -> list[tuple[str, list]]:
+    """Each allocation shape's runs as arrays of at most `limit` elements (Slurm refuses a larger array
+    when it is submitted), in order."""
+    return [(key, members[i : i + limit]) for key, members in groups.items() for i in range(0, len(members), limit)]
 
 
 # What a report reads of each result.json, and the type each must have.

@@ -8,6 +8,7 @@ key for a typo. Dotted overrides (`train.lr=1e-4`) apply on top of the file.
 from __future__ import annotations
 
 import difflib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -268,6 +269,17 @@ class SlurmCfg(Section):
     )
     job_name: str | None = Field(None, description="Slurm job name (default: the run directory's name).")
 
+    @field_validator("mem", mode="before")
+    @classmethod
+    def _mem_format(cls, v) -> str | None:
+        """What sbatch's --mem takes: a whole number with an optional K, M, G or T suffix (not "GB")."""
+        if v is None:
+            return None
+        text = str(v).strip()
+        if isinstance(v, bool) or not re.fullmatch(r"\d+[KMGTkmgt]?", text):
+            raise ValueError(f"{quote(v)} is not a Slurm memory size: a whole number with K, M, G or T, e.g. 200G")
+        return text.upper()
+
     @field_validator("time", mode="before")
     @classmethod
     def _time_format(cls, v) -> str:
@@ -288,7 +300,6 @@ def time_minutes(text: str) -> int:
 
 def time_seconds(text: str) -> int:
     """Slurm time strings (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds."""
-    import re
 
     m = re.fullmatch(r"(?:(\d{1,5})-)?(\d{1,7})(?::(\d{1,7}))?(?::(\d{1,7}))?", text, flags=re.ASCII)
     if not m:

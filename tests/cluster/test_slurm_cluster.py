@@ -197,6 +197,14 @@ def _interrupted_run_finishes(tmp_path, interrupt, total: int = 60) -> tuple[Pat
     return run, logs
 
 
+def test_max_array_size_is_read_from_the_cluster(cluster):
+    """The test cluster sets MaxArraySize=2 (Slurm's default is 1001): a sweep splits its arrays by it."""
+    from launcher.cluster import sweep
+
+    assert sweep.max_array_size() == 2
+    assert [len(m) for _, m in sweep.arrays({"a": list(range(5)), "b": [9]}, sweep.max_array_size())] == [2, 2, 1, 1]
+
+
 def test_time_limit_signal_requeues_and_resumes(cluster, tmp_path):
     """USR2 as Slurm sends it before the time limit (`--signal=USR2@T` delivers it to every
     process of the job): checkpoint, requeue through submitit, resume, finish."""

@@ -303,3 +303,23 @@ def test_time_is_hours_in_every_form(tmp_path, how):
     assert "#SBATCH --time=120\n" in res.stdout
     assert "#SBATCH --time=02:00:00\n" in (tmp_path / "run/slurm/plain.sbatch").read_text()
     assert "time: 02:00:00" in (tmp_path / "run/recipe.yaml").read_text()
+
+
+def test_a_sweep_larger_than_slurms_array_limit_is_split():
+    """1,100 runs of one shape at Slurm's default MaxArraySize (1001): two arrays, order kept."""
+    from launcher.cluster import sweep
+
+    chunks = sweep.arrays({"shape": list(range(1100)), "other": [7]}, 1001)
+    assert [(k, len(m)) for k, m in chunks] == [("shape", 1001), ("shape", 99), ("other", 1)]
+    assert [i for k, m in chunks if k == "shape" for i in m] == list(range(1100))
+
+
+def test_slurm_memory_takes_only_what_sbatch_takes():
+    from launcher.config.errors import UserError
+    from launcher.config.recipe import load_recipe
+
+    assert load_recipe(None, ["slurm.mem=200g"]).slurm.mem == "200G"
+    assert load_recipe(None, ["slurm.mem=64000"]).slurm.mem == "64000"
+    for bad in ("200GB", "1.5T", "lots", "-5G"):
+        with pytest.raises(UserError, match="slurm.mem: .* is not a Slurm memory size"):
+            load_recipe(None, [f"slurm.mem={bad}"])

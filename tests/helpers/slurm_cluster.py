@@ -57,6 +57,7 @@ MinJobAge=600
 KillWait=10
 InactiveLimit=0
 SlurmdTimeout=60
+MaxArraySize=2
 SlurmctldTimeout=60
 {nodes}
 PreemptType=preempt/partition_prio
