@@ -115,6 +115,15 @@ def test_generate(run):
     assert any(ch.isdigit() for ch in lines[0][len("75-38=") :])
 
 
+def test_generate_caps_new_tokens_at_the_models_context(run):
+    """--max-new-tokens far past the context ends at the context, saying so (it ran past 120 s)."""
+    run_dir, _ = run
+    res = run_cli("generate", run_dir, "--prompt", "75-38=", "--max-new-tokens", "10000000", timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "--max-new-tokens 10000000 capped at" in res.stdout + res.stderr
+    assert res.stdout.strip().splitlines()[-1].startswith("75-38=")
+
+
 @pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 0.15)])
 def test_merge_matches_base_plus_adapter(run, tmp_path, dtype, atol):
     """float32 is exact up to rounding; bfloat16 storage rounds weights to 8 bits of mantissa."""

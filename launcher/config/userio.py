@@ -41,7 +41,7 @@ def read_text(path: str | Path, what: str) -> str:
     except OSError as e:  # a directory, no permission, ...
         raise UserError(f"{what}: cannot read {path}: {e.strerror or first_line(e)}") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")  # the BOM Windows editors write is no content
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise UserError(

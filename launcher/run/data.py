@@ -46,6 +46,8 @@ def read_samples(path: str, split: str = "train", field: str = "data.path") -> l
         )
     elif p.is_file():
         rows = _read_json(p, field)
+    elif p.exists():  # a named pipe, a socket, a device: a run reads its data more than once
+        raise UserError(f"{field}: {path} is not a regular file (a pipe or device); write the samples to a file")
     elif path.startswith((".", "/", "~")) or p.suffix in (".json", ".jsonl"):
         raise UserError(f"{field}: file not found: {path}")
     else:  # a hub dataset name

@@ -61,14 +61,19 @@ def load_with_adapter(run_dir: str):
 def generate(run_dir: str, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
     """Greedy completions of each prompt (the prompt is rendered as during training: BOS + text)."""
     model, tok = load_with_adapter(run_dir)
+    context = getattr(model.config, "max_position_embeddings", None)
     out = []
     for prompt in prompts:
         ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
         ids = torch.tensor([ids + tok(prompt, add_special_tokens=False)["input_ids"]], device=model.device)
+        new = max_new_tokens
+        if context and ids.shape[1] + new > context:  # past its context a model only repeats itself, slowly
+            new = max(context - ids.shape[1], 0)
+            console.say(f"note: --max-new-tokens {max_new_tokens} capped at {new} (the model's context is {context})")
         gen = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=new,
             do_sample=False,
             pad_token_id=tok.pad_token_id,
         )

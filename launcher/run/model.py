@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import ctypes
 import re
 import warnings
@@ -56,6 +57,17 @@ def _load_error(what: str, source: str, err: Exception) -> UserError:
     return UserError(f"model.name: cannot load {what} from {quote(source)}: {first_line(err)}")
 
 
+def _has_custom_code(source: str) -> bool:
+    """Whether a local model directory's config or tokenizer config names custom classes (auto_map)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            if "auto_map" in json.loads((Path(source) / name).read_text()):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 def load_tokenizer(source: str, model: ModelCfg):
     from transformers import AutoTokenizer
 
@@ -64,6 +76,11 @@ def load_tokenizer(source: str, model: ModelCfg):
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as e:
+        if not model.trust_remote_code and _has_custom_code(source):
+            raise UserError(
+                f"model.trust_remote_code: {quote(source)} ships its own code (auto_map) and it is false; "
+                "set model.trust_remote_code=true if you trust that code"
+            ) from None
         raise _load_error("the tokenizer", source, e) from None
     if tok.pad_token is None:  # Llama-style tokenizers ship without one
         tok.pad_token = tok.eos_token
