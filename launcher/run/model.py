@@ -144,6 +144,13 @@ def load_base_model(
             )
         except (OSError, ValueError, ImportError) as e:
             raise _load_error("the model", source, e) from None
+        except Exception as e:  # a weights file cut short or changed: safetensors' or torch's reader says so
+            if type(e).__name__ != "SafetensorError" and "PytorchStreamReader" not in str(e):
+                raise
+            raise UserError(
+                f"model.name: the weights in {quote(source)} are damaged ({first_line(e)[:120]}); "
+                "copy or download the model again"
+            ) from None
     return one_4bit_format(loaded)
 
 

@@ -47,3 +47,17 @@ def test_a_model_with_its_own_code_names_trust_remote_code(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert "model.trust_remote_code=true" in res.stderr, res.stderr
     assert "custom code ran" not in res.stdout + res.stderr
+
+
+def test_a_truncated_weights_file_is_one_error_naming_the_model(tmp_path):
+    from launcher.demo import builtin
+
+    model = builtin.write_random_llama(tmp_path / "cut", **builtin.TINY_CONFIG)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    run = tmp_path / "run"
+    args = [f"model.name={model}", f"train.output_dir={run}", "train.max_steps=1", "train.warmup_steps=0"]
+    res = run_cli("train", *args, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.name" in errors[0] and "damaged" in errors[0], res.stderr[-2000:]
