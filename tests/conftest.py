@@ -40,3 +40,14 @@ def gpu_available() -> bool:
 
 
 requires_gpu = pytest.mark.skipif(not gpu_available(), reason="GPU test: no CUDA device on this machine")
+
+
+def launched_rank(launcher_pid: int, local_rank: int):
+    """The psutil process of one rank (`launcher.train` with that LOCAL_RANK) under a launch."""
+    import psutil
+
+    return next(
+        p
+        for p in psutil.Process(launcher_pid).children(recursive=True)
+        if "launcher.train" in " ".join(p.cmdline()) and p.environ().get("LOCAL_RANK") == str(local_rank)
+    )

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import launched_rank, run_cli
 
 # A short demo run: 4 steps, a checkpoint every 2, no eval answers (fast), dropout on (RNG state matters).
 SHORT = [
@@ -358,7 +358,6 @@ def test_kill_9_at_random_moments_then_resume_equals_one_uninterrupted_run(tmp_p
 def test_a_frozen_rank_ends_the_run_within_the_timeout_naming_it_then_resume_finishes(tmp_path):
     """SIGSTOP rank 1 of a 2-process DDP run (a wedged GPU or a stuck filesystem looks like this): the
     run ends within dist.timeout_s + 30 s with one line naming rank 1; --resume then finishes."""
-    import psutil
 
     from launcher.run import checkpoint
 
@@ -373,11 +372,7 @@ def test_a_frozen_rank_ends_the_run_within_the_timeout_naming_it_then_resume_fin
         while checkpoint.newest(run) is None and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert checkpoint.newest(run) is not None, proc.communicate(timeout=60)[1][-3000:]
-        victim = next(
-            p
-            for p in psutil.Process(proc.pid).children(recursive=True)
-            if "launcher.train" in " ".join(p.cmdline()) and p.environ().get("LOCAL_RANK") == "1"
-        )
+        victim = launched_rank(proc.pid, 1)
         victim.send_signal(signal.SIGSTOP)
         frozen = time.time()
         _, err = proc.communicate(timeout=timeout + 120)

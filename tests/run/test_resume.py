@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import launched_rank, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -139,8 +139,6 @@ def test_a_killed_rank_is_one_line_naming_it_the_checkpoint_and_the_resume_comma
     import sys
     import time
 
-    import psutil
-
     from launcher.run import checkpoint
 
     run = tmp_path / "run"
@@ -161,11 +159,7 @@ def test_a_killed_rank_is_one_line_naming_it_the_checkpoint_and_the_resume_comma
         while checkpoint.newest(run) is None and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
         assert checkpoint.newest(run) is not None, proc.communicate(timeout=60)[1][-3000:]
-        victim = next(
-            p
-            for p in psutil.Process(proc.pid).children(recursive=True)
-            if "launcher.train" in " ".join(p.cmdline()) and p.environ().get("LOCAL_RANK") == "1"
-        )
+        victim = launched_rank(proc.pid, 1)
         victim.send_signal(signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
     finally:
