@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
 from launcher.plan.archs import PRESETS
 from launcher.config.errors import UserError
@@ -22,6 +22,9 @@ from launcher.config.tables import FLOAT_DTYPES
 from launcher.config.recipe import SlurmCfg, describe_fields, load_recipe
 from launcher.config.recipe import split_args as _split_recipe_args
 from launcher.config.userio import quote
+
+if TYPE_CHECKING:  # annotations only
+    from launcher.config.recipe import Recipe
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +66,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn_command(recipe, recipe_args: list[str], strategy: str, gpu: bool, resume: bool) -> list[str]:
+def _spawn_command(recipe: Recipe, recipe_args: list[str], strategy: str, gpu: bool, resume: bool) -> list[str]:
     """One node, several processes: write the accelerate config and launch exactly what a user would.
     (On CPU, `launcher.train.main` sets ACCELERATE_USE_CPU for DDP ranks itself, as for a hand launch.)"""
     from launcher.run import launch_configs
@@ -85,7 +88,7 @@ def _spawn_command(recipe, recipe_args: list[str], strategy: str, gpu: bool, res
     return cmd + (["--resume"] if resume else [])
 
 
-def _interrupted_code(recipe) -> int:
+def _interrupted_code(recipe: Recipe) -> int:
     """Exit 3 when the run stopped early on a signal (its checkpoint is saved), else 0."""
     from launcher.run import preempt
 
@@ -100,7 +103,7 @@ def _interrupted_code(recipe) -> int:
     return 0
 
 
-def _dead_rank(failure, recipe, args) -> str:
+def _dead_rank(failure, recipe: Recipe, args: argparse.Namespace) -> str:
     """One line: which rank failed and how, the newest complete checkpoint, the command that resumes."""
     from launcher.run import checkpoint
 
@@ -113,7 +116,7 @@ def _dead_rank(failure, recipe, args) -> str:
     )
 
 
-def cmd_train(args) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     from launcher.run import console
 
     if args.quiet or args.verbose:  # the ranks a run starts inherit it
@@ -162,7 +165,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_preprocess(args) -> int:
+def cmd_preprocess(args: argparse.Namespace) -> int:
     """Tokenize and cache ahead of time (a login node or CPU job); `launcher train` then reads the cache."""
     from launcher.run import data
     from launcher.run.model import load_tokenizer, resolve_source
@@ -176,7 +179,7 @@ def cmd_preprocess(args) -> int:
     return 0
 
 
-def cmd_configs(args) -> int:
+def cmd_configs(args: argparse.Namespace) -> int:
     from launcher.run import launch_configs
 
     path, overrides = _split_recipe_args(args.recipe)
@@ -194,7 +197,7 @@ def cmd_configs(args) -> int:
 SLURM_FLAGS = tuple(name for name, f in SlurmCfg.model_fields.items() if name not in ("setup", "sbatch_extra"))
 
 
-def _slurm_flags(args) -> dict[str, tuple[str, object]]:
+def _slurm_flags(args: argparse.Namespace) -> dict[str, tuple[str, object]]:
     """The Slurm flags as typed recipe values (a flag is never re-read as YAML: `--time 2:00:00`
     stays the text 2:00:00), keyed by the slurm.* field each one sets."""
     flags = {
@@ -211,7 +214,7 @@ def _slurm_flags(args) -> dict[str, tuple[str, object]]:
     return flags
 
 
-def _slurm_recipe(args):
+def _slurm_recipe(args: argparse.Namespace):
     """The recipe with the Slurm flags applied on top (errors name the flag and its slurm.* field)."""
     path, overrides = _split_recipe_args(args.recipe)
     flags = _slurm_flags(args)
@@ -233,7 +236,7 @@ def _finish(job_ids: list[str], wait: bool) -> int:
     return 1 if failed else 0
 
 
-def cmd_submit(args) -> int:
+def cmd_submit(args: argparse.Namespace) -> int:
     from launcher.cluster import slurm
 
     _, _, _, recipe = _slurm_recipe(args)
@@ -260,7 +263,7 @@ def cmd_submit(args) -> int:
     return _finish([job.job_id], args.wait)
 
 
-def cmd_sweep(args) -> int:
+def cmd_sweep(args: argparse.Namespace) -> int:
     from launcher.cluster.sweep import submit_sweep
 
     path, overrides, flags, _ = _slurm_recipe(args)
@@ -271,7 +274,7 @@ def cmd_sweep(args) -> int:
     return _finish(job_ids, args.wait)
 
 
-def cmd_report(args) -> int:
+def cmd_report(args: argparse.Namespace) -> int:
     from launcher.cluster.sweep import report
 
     md, written = report(args.sweep_dir, args.out)
@@ -318,7 +321,7 @@ def _gb(text: str | None, flag: str) -> float | None:
     return value
 
 
-def cmd_plan(args) -> int:
+def cmd_plan(args: argparse.Namespace) -> int:
     from launcher.plan import planner
     from launcher.run.placement import Machine
 
@@ -349,7 +352,7 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _traces(recipe, arch, setup, plans) -> tuple[list, dict]:
+def _traces(recipe: Recipe, arch, setup, plans) -> tuple[list, dict]:
     """Trace each planned strategy that can be traced, at the planned world size; (traces, {strategy:
     why not} for those the recipe cannot run under)."""
     from launcher.run import console
@@ -368,18 +371,18 @@ def _traces(recipe, arch, setup, plans) -> tuple[list, dict]:
     return out, refused
 
 
-def cmd_validate(args) -> int:
+def cmd_validate(args: argparse.Namespace) -> int:
     path, overrides = _split_recipe_args(args.recipe)
     print(load_recipe(path, overrides).to_yaml(), end="")
     return 0
 
 
-def cmd_fields(args) -> int:
+def cmd_fields(args: argparse.Namespace) -> int:
     print(describe_fields())
     return 0
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
     from launcher.run.export import generate
 
     for text in generate(args.run_dir, args.prompt, args.max_new_tokens):
@@ -387,7 +390,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_merge(args) -> int:
+def cmd_merge(args: argparse.Namespace) -> int:
     from launcher.run.export import merge
 
     out = merge(args.run_dir, args.out_dir, args.dtype)

@@ -75,7 +75,7 @@ class _Steps:
     def __init__(self, device):
         self.device = device
 
-    def accumulate(self, model):
+    def accumulate(self, model: torch.nn.Module):
         return contextlib.nullcontext()
 
     def backward(self, loss):
@@ -228,7 +228,7 @@ def fake_group(world: int):
         dist.destroy_process_group()
 
 
-def shard(model, strategy: str, mesh=None):
+def shard(model: torch.nn.Module, strategy: str, mesh=None):
     """Shard the model the way the strategy's run does (launcher.run.sharding's FSDP2). A DDP rank runs the
     single-process step: DDP's C++ reducer cannot run on fake tensors, and its one addition, the
     buckets, is counted by `run_steps`."""
@@ -257,7 +257,7 @@ def batch(recipe: Recipe, vocab: int) -> dict:
 
 def run_steps(
     recipe: Recipe,
-    model,
+    model: torch.nn.Module,
     d: placement.Placement,
     tracker: memtrack.Tracker,
     *,
@@ -299,7 +299,7 @@ def run_steps(
     return {where: {k: v / GB for k, v in peak.by_category.items() if v} for where, peak in peaks.items()}
 
 
-def _quant_states(model) -> list:
+def _quant_states(model: torch.nn.Module) -> list:
     """The 4-bit layers' quantization states (absmax, codes, offsets): module attributes, neither
     parameters nor buffers, and not sharded by FSDP (every rank holds all of them)."""
     out = []
@@ -325,7 +325,7 @@ def _state_tensors(optimizer) -> list:
     return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 
-def _vocab(model) -> int:
+def _vocab(model: torch.nn.Module) -> int:
     from launcher.run.sharding import unwrap
 
     return unwrap(model).config.vocab_size
@@ -359,7 +359,7 @@ def trace(recipe: Recipe, source: str, strategy: str, world: int, *, gpu: bool =
     return Traced(strategy, world, peaks["device"], peaks["host"], time.perf_counter() - start)
 
 
-def _adapter(recipe: Recipe, base, d: placement.Placement):
+def _adapter(recipe: Recipe, base: torch.nn.Module, d: placement.Placement):
     from launcher.run.model import adapter_for
 
     model = adapter_for(recipe, base, kbit_upcast=d.kbit_upcast, total_steps=STEPS, kept_layers=d.kept_layers)
@@ -370,7 +370,7 @@ def _adapter(recipe: Recipe, base, d: placement.Placement):
     return model
 
 
-def _real_ddp(model, tracker: memtrack.Tracker):
+def _real_ddp(model: torch.nn.Module, tracker: memtrack.Tracker):
     """torch's DDP, wrapped while the tracker watches, so its buckets are counted (as gradients); the
     one-off broadcast of the weights at wrap time is not part of the step and is forgotten."""
     with tracker:

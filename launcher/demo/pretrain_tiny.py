@@ -18,6 +18,8 @@ thread count give the same weights.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import argparse
 import math
 import random
@@ -27,6 +29,9 @@ from pathlib import Path
 import torch
 
 from launcher.demo import builtin
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SEED = 0
 STEPS = 1200
@@ -38,7 +43,7 @@ def additions() -> list[tuple[str, str]]:
     return [(f"{a}+{b}=", str(a + b)) for a in range(100) for b in range(100)]
 
 
-def encode(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+def encode(tok: PreTrainedTokenizerBase, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     """Token ids and labels: the prompt masked (-100), the answer and end-of-sequence learned."""
     p = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
     a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -87,7 +92,7 @@ def _batch(items, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-def _write(model, tok, out: Path) -> None:
+def _write(model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: Path) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,8 @@ CPU plans keep their own activation constants, calibrated against measured resid
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 from dataclasses import asdict, dataclass, field, replace
 
@@ -31,6 +33,9 @@ from launcher.config import tables
 from launcher.plan.archs import HUB, PRESETS, Arch
 from launcher.config.errors import UserError
 from launcher.plan.source import model_config, resolve_source
+
+if TYPE_CHECKING:  # annotations only
+    from launcher.config.recipe import Recipe
 
 GB = 2**30
 STRATEGIES = tuple(tables.STRATEGIES)
@@ -318,7 +323,7 @@ def recommend(plans: list[Plan]) -> tuple[Plan | None, str]:
     )
 
 
-def arch_for_recipe(recipe, preset: str | None = None) -> Arch:
+def arch_for_recipe(recipe: Recipe, preset: str | None = None) -> Arch:
     """A preset by name, a hub name that maps onto one, or the model's config.json."""
 
     name = preset or HUB.get(recipe.model.name) or (recipe.model.name if recipe.model.name in PRESETS else None)
@@ -330,7 +335,7 @@ def arch_for_recipe(recipe, preset: str | None = None) -> Arch:
     return Arch.from_config(model_config(source, recipe.model.trust_remote_code), recipe.model.name)
 
 
-def setup_for_recipe(recipe, gpus_per_node: int, nodes: int, gpu: bool) -> Setup:
+def setup_for_recipe(recipe: Recipe, gpus_per_node: int, nodes: int, gpu: bool) -> Setup:
     t, q = recipe.train, recipe.quant
     return Setup(
         micro_batch=t.micro_batch_size,

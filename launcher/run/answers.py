@@ -9,11 +9,17 @@ batches and the same number of forwards, so sharded strategies (ZeRO-3, FSDP) wo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
 import torch
 
 from launcher.config.errors import UserError
+
+if TYPE_CHECKING:  # annotations only
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -41,7 +47,7 @@ def _reference(ex: dict, eos_id) -> list[int]:
     return ref[:-1] if ref and ref[-1] == eos_id else ref
 
 
-def _left_padded(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_padded(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -53,7 +59,13 @@ def _left_padded(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
 
 @torch.no_grad()
 def greedy(
-    model, prompts: list[list[int]], pad_id: int, eos_id, max_new_tokens: int, device, agree=None
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    pad_id: int,
+    eos_id,
+    max_new_tokens: int,
+    device: torch.device,
+    agree=None,
 ) -> list[list[int]]:
     """Greedy answers (token ids, without the end-of-sequence token) through the training model's own
     forward: the same call under DDP, ZeRO and FSDP, where the wrapper gathers shards, so no
@@ -85,7 +97,14 @@ def greedy(
 
 
 def score(
-    model, items: list[dict], tokenizer, accelerator, rank: int, world: int, batch_size: int, max_new_tokens: int
+    model: torch.nn.Module,
+    items: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    accelerator: Accelerator,
+    rank: int,
+    world: int,
+    batch_size: int,
+    max_new_tokens: int,
 ) -> Scored:
     """Exact-match accuracy of greedy answers to `items` over all ranks (one reduce at the end). Plain
     values, not the run context: tests score a bare model over gloo ranks with no run around it."""

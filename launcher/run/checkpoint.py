@@ -16,10 +16,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from launcher.config.errors import UserError, listing
 from launcher.run import preflight
+
+if TYPE_CHECKING:  # annotations only
+    from accelerate import Accelerator
 
 MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
@@ -130,7 +133,7 @@ def newest_intact(run_dir: Path, say: Callable[[str], None]) -> Path | None:
     return None
 
 
-def save(accelerator, run_dir: Path, step: int, keep: int, extra: dict, deepspeed: bool = False) -> Path:
+def save(accelerator: Accelerator, run_dir: Path, step: int, keep: int, extra: dict, deepspeed: bool = False) -> Path:
     """Every rank writes its part into the temporary folder; after a barrier rank 0 writes the manifest
     and renames; a second barrier, so no rank moves on before the checkpoint exists."""
     root = checkpoint_root(run_dir)
@@ -177,7 +180,7 @@ def _sync(folder: Path) -> None:
                 os.close(fd)
 
 
-def load(accelerator, path: Path, deepspeed: bool = False) -> None:
+def load(accelerator: Accelerator, path: Path, deepspeed: bool = False) -> None:
     # not strict: the checkpoint holds only the adapter, the base comes from the model files
     kwargs = {"load_module_strict": False} if deepspeed else {"strict": False}
     accelerator.load_state(str(path), **kwargs)

@@ -36,7 +36,7 @@ def _chunk_sum(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.T
     return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
 
 
-def install(model, chunk: int) -> None:
+def install(model: torch.nn.Module, chunk: int) -> None:
     """Make `model` (a transformers causal LM, possibly inside peft) compute its training loss in chunks."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()

@@ -6,6 +6,8 @@ sharding, which pads with duplicates and, under DeepSpeed on CPU, sees one proce
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import bisect
 import hashlib
 import json
@@ -23,6 +25,9 @@ from launcher.config import userio
 from launcher.config.errors import UserError
 from launcher.config.userio import quote
 from launcher.config.recipe import DataCfg
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
@@ -147,7 +152,7 @@ def _messages(row: dict, cfg: DataCfg, i: int) -> list[dict]:
     return messages
 
 
-def render(row: dict, fmt: str, cfg: DataCfg, tokenizer, i: int) -> tuple[str, str]:
+def render(row: dict, fmt: str, cfg: DataCfg, tokenizer: PreTrainedTokenizerBase, i: int) -> tuple[str, str]:
     """(prompt, completion) strings; the prompt is masked out of the loss unless train_on_prompt."""
     if fmt == "prompt_completion":
         return (
@@ -182,7 +187,9 @@ class Tokenized:
     stats: dict = field(default_factory=dict)
 
 
-def tokenize_one(row: dict, i: int, fmt: str, cfg: DataCfg, tokenizer, counts: Tokenized) -> dict | None:
+def tokenize_one(
+    row: dict, i: int, fmt: str, cfg: DataCfg, tokenizer: PreTrainedTokenizerBase, counts: Tokenized
+) -> dict | None:
     """One sample's input_ids/labels (-100 on prompt tokens unless train_on_prompt); None when dropped (counted)."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompt, completion = render(row, fmt, cfg, tokenizer, i)
@@ -208,7 +215,7 @@ def tokenize_one(row: dict, i: int, fmt: str, cfg: DataCfg, tokenizer, counts: T
     return {"id": i, "input_ids": ids, "labels": labels, "prompt_len": len(p_ids)}
 
 
-def tokenize(rows: list[dict], cfg: DataCfg, tokenizer) -> Tokenized:
+def tokenize(rows: list[dict], cfg: DataCfg, tokenizer: PreTrainedTokenizerBase) -> Tokenized:
     """Every row tokenized; empty and too-long samples are dropped or truncated and counted."""
     fmt = detect_format(rows[0], cfg)
     out = Tokenized(examples=[])
@@ -438,7 +445,7 @@ def _fingerprint(path: str) -> str:
 CACHE_FORMAT = 2  # bump when a tokenized example's fields change (2: prompt_len)
 
 
-def cache_path(cfg: DataCfg, tokenizer, seed: int) -> Path:
+def cache_path(cfg: DataCfg, tokenizer: PreTrainedTokenizerBase, seed: int) -> Path:
     """Keyed by the data, the tokenizer and every setting that changes the tokenized result."""
     settings = cfg.model_dump(
         exclude={"packing", "remainder", "log_sample_ids", "cache_dir", "streaming", "group_by_length"}
@@ -464,7 +471,7 @@ def cache_path(cfg: DataCfg, tokenizer, seed: int) -> Path:
     return root / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pkl"
 
 
-def _tokenize_all(cfg: DataCfg, tokenizer, seed: int) -> dict:
+def _tokenize_all(cfg: DataCfg, tokenizer: PreTrainedTokenizerBase, seed: int) -> dict:
     train = tokenize(read_samples(cfg.path, cfg.split)[: cfg.max_samples], cfg, tokenizer)
     if cfg.eval_path:
         evals = tokenize(
@@ -480,7 +487,7 @@ def _tokenize_all(cfg: DataCfg, tokenizer, seed: int) -> dict:
     }
 
 
-def tokenized(cfg: DataCfg, tokenizer, seed: int) -> tuple[dict, bool, Path]:
+def tokenized(cfg: DataCfg, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[dict, bool, Path]:
     """(tokenized data, whether it came from the cache, the cache file). The first process to take the file lock
     tokenizes and writes the cache; the others wait on the lock, not on a process-group
     barrier, so a long tokenization never trips the collective timeout."""
@@ -508,7 +515,7 @@ class Prepared:
     stats: dict  # counts and efficiency to report
 
 
-def prepare(cfg: DataCfg, tokenizer, seed: int, micro_batch_size: int = 1) -> Prepared:
+def prepare(cfg: DataCfg, tokenizer: PreTrainedTokenizerBase, seed: int, micro_batch_size: int = 1) -> Prepared:
     """Train and eval examples (packed when asked) plus counts and efficiency to report."""
     result, hit, _ = tokenized(cfg, tokenizer, seed)
     train_ex, eval_ex = result["train"], result["eval"]
@@ -524,7 +531,9 @@ def prepare(cfg: DataCfg, tokenizer, seed: int, micro_batch_size: int = 1) -> Pr
     return Prepared(train_ex, eval_ex, samples, stats)
 
 
-def load_data(cfg: DataCfg, tokenizer, seed: int, micro_batch_size: int = 1) -> tuple[list[dict], list[dict], dict]:
+def load_data(
+    cfg: DataCfg, tokenizer: PreTrainedTokenizerBase, seed: int, micro_batch_size: int = 1
+) -> tuple[list[dict], list[dict], dict]:
     """(train, eval, stats) of `prepare`."""
     p = prepare(cfg, tokenizer, seed, micro_batch_size)
     return p.train, p.eval, p.stats
@@ -558,7 +567,7 @@ class StreamShard(torch.utils.data.IterableDataset):
     filler, and a last incomplete group is skipped (remainder=drop) or filled (remainder=pad).
     """
 
-    def __init__(self, cfg: DataCfg, tokenizer, rank: int, world: int):
+    def __init__(self, cfg: DataCfg, tokenizer: PreTrainedTokenizerBase, rank: int, world: int):
         self.cfg, self.tokenizer, self.rank, self.world = cfg, tokenizer, rank, world
         self.counts = Tokenized(examples=[])
 
@@ -585,7 +594,7 @@ class StreamShard(torch.utils.data.IterableDataset):
         return ex if ex is not None else self._filler()
 
 
-def make_stream_loader(cfg: DataCfg, tokenizer, batch_size: int, rank: int, world: int):
+def make_stream_loader(cfg: DataCfg, tokenizer: PreTrainedTokenizerBase, batch_size: int, rank: int, world: int):
     return torch.utils.data.DataLoader(
         StreamShard(cfg, tokenizer, rank, world), batch_size=batch_size, collate_fn=PadCollator(tokenizer.pad_token_id)
     )

@@ -34,7 +34,7 @@ def _open_run(run_dir: str):
     return run, recipe, resolve_source(recipe.model)
 
 
-def _with_adapter(base, run: Path):
+def _with_adapter(base: torch.nn.Module, run: Path):
     """peft's PeftModel over `base` from the run's adapter; a damaged adapter is a one-line error."""
     from peft import PeftModel
 

@@ -8,6 +8,8 @@ forward, backward and (at the end of an accumulation window) step; `Meter` owns 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import time
 from dataclasses import dataclass, field
 
@@ -17,8 +19,11 @@ from launcher.config.recipe import TrainCfg
 from launcher.run import answers, checkpoint, console, data, metrics, sharding
 from launcher.run.context import RunContext
 
+if TYPE_CHECKING:  # annotations only
+    from accelerate import Accelerator
 
-def forward_loss(model, batch: dict, device) -> tuple[torch.Tensor, int]:
+
+def forward_loss(model: torch.nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, int]:
     """(mean loss over the batch's label tokens, their count). The count is computed on the host
     and passed in, so a batch of loss-free fillers gives 0 with zero gradients instead of 0/0.
     use_cache=False keeps packed rows block-diagonal: transformers only reads packing from
@@ -29,7 +34,7 @@ def forward_loss(model, batch: dict, device) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, max_batches: int | None) -> float:
+def evaluate(model: torch.nn.Module, loader, accelerator: Accelerator, max_batches: int | None) -> float:
     """Token-weighted mean loss over this rank's eval shard, reduced over ranks."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device)
@@ -84,7 +89,7 @@ class Meter:
     """The logging window: loss summed on the device (no host sync per step), tokens counted on the
     host; `row()` reduces over ranks once per log line and starts a new window."""
 
-    def __init__(self, device):
+    def __init__(self, device: torch.device):
         self.loss = torch.zeros((), device=device)
         self.micro = self.tokens = 0
         self.grad_norm: torch.Tensor | None = None
@@ -96,7 +101,7 @@ class Meter:
         if grad_norm is not None:  # the latest clip's norm, logged with the window
             self.grad_norm = grad_norm
 
-    def row(self, accelerator, world: int, step: int, epoch: int, lr: float) -> dict:
+    def row(self, accelerator: Accelerator, world: int, step: int, epoch: int, lr: float) -> dict:
         """The metrics.jsonl line for the window that ends at `step` (one reduce over ranks)."""
         elapsed = time.perf_counter() - self.start
         both = accelerator.reduce(

@@ -8,9 +8,12 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:  # annotations only
+    from accelerate import Accelerator
 
 
 def process_age_s() -> float:
@@ -39,7 +42,7 @@ def peak_memory_gb(device: torch.device) -> float:
 class MetricsLog:
     """Appends one JSON object per line (append mode: a resumed run keeps its history)."""
 
-    def __init__(self, path: Path, accelerator):
+    def __init__(self, path: Path, accelerator: Accelerator):
         self.path, self.accelerator = path, accelerator
 
     def write(self, row: dict) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextlib
 import json
 import ctypes
@@ -20,6 +22,9 @@ from launcher.config.recipe import ModelCfg, PeftCfg, QuantCfg
 from launcher.plan.source import model_config
 from launcher.plan.source import resolve_source  # noqa: F401  (where callers have always found it)
 from launcher.config.userio import first_line, quote
+
+if TYPE_CHECKING:  # annotations only
+    from launcher.config.recipe import Recipe
 
 DTYPES = {name: getattr(torch, name) for name in STORAGE_DTYPES}
 
@@ -154,7 +159,7 @@ def load_base_model(
     return one_4bit_format(loaded)
 
 
-def one_4bit_format(model):
+def one_4bit_format(model: torch.nn.Module):
     """Keep every 4-bit layer in the format it was quantized in. On CPUs with AVX512-BF16,
     bitsandbytes 0.50 repacks a layer for a faster kernel the first time it runs in eval mode
     without gradients, rounding its absmax to bf16: after the first eval a run would go on training
@@ -166,7 +171,7 @@ def one_4bit_format(model):
     return model
 
 
-def linear_layer_names(model) -> list[str]:
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
     """Distinct leaf names of Linear layers (plain or bitsandbytes), lm_head excluded."""
     import bitsandbytes as bnb
 
@@ -176,7 +181,7 @@ def linear_layer_names(model) -> list[str]:
     return sorted(names)
 
 
-def check_target_modules(model, target) -> None:
+def check_target_modules(model: torch.nn.Module, target) -> None:
     """A target that matches nothing is an error listing what exists (peft alone is vaguer)."""
     if target == "all-linear":
         return
@@ -249,7 +254,7 @@ def peft_config(cfg: PeftCfg, total_steps: int | None = None):
 
 
 def apply_peft(
-    model,
+    model: torch.nn.Module,
     cfg: PeftCfg,
     *,
     quantized: bool,
@@ -283,7 +288,9 @@ def apply_peft(
         ) from None
 
 
-def adapter_for(recipe, base, *, kbit_upcast: bool, total_steps: int | None = None, kept_layers: int = 0):
+def adapter_for(
+    recipe: Recipe, base: torch.nn.Module, *, kbit_upcast: bool, total_steps: int | None = None, kept_layers: int = 0
+):
     """The recipe's adapter and checkpointing on the base, as every strategy (and the trace) wraps it."""
     return apply_peft(
         base,
@@ -306,7 +313,7 @@ def quiet_peft():
         yield
 
 
-def enable_checkpointing(model, every: int = 1, kept: int = 0) -> None:
+def enable_checkpointing(model: torch.nn.Module, every: int = 1, kept: int = 0) -> None:
     """Non-reentrant activation checkpointing on every `every`-th decoder layer (layers 0, every, 2 every,
     ...), except the last `kept` layers, which keep their activations (they are the first backward
     frees, so the layers recomputed after them start from a lower peak); through transformers' current
@@ -327,6 +334,6 @@ def enable_checkpointing(model, every: int = 1, kept: int = 0) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def count_parameters(model) -> tuple[int, int]:
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total), counting packed 4-bit weights as the parameters they hold."""
     return model.get_nb_trainable_parameters()

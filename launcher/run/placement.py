@@ -8,6 +8,8 @@ known-broken combination is refused here, before any weight is loaded.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 import warnings
 from dataclasses import dataclass
@@ -18,6 +20,10 @@ from launcher.config.recipe import Recipe
 from launcher.plan.source import model_config, resolve_source
 
 from launcher.config.tables import FSDP, OFFLOAD, SHARDED, bnb_optimizer_refused
+
+if TYPE_CHECKING:  # annotations only
+    from accelerate import Accelerator
+    import torch
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,7 @@ def optimizer_for(strategy: str, optimizer: str, fsdp_version: int = 2) -> str:
     return optimizer
 
 
-def launched_strategy(accelerator) -> str | None:
+def launched_strategy(accelerator: Accelerator) -> str | None:
     """What accelerate was launched with: deepspeed stage, fsdp, ddp, or None for one process."""
     kind = accelerator.distributed_type.value
     if kind == "DEEPSPEED":
@@ -160,7 +166,7 @@ def fsdp_offloads(plugin) -> bool:
     return bool(getattr(off, "offload_params", False)) or type(off).__name__ == "CPUOffloadPolicy"
 
 
-def check_launch(strategy: str, accelerator, world: int) -> None:
+def check_launch(strategy: str, accelerator: Accelerator, world: int) -> None:
     """The recipe's strategy must be what accelerate was actually launched with."""
     launched = launched_strategy(accelerator)
     if world > 1 and launched is None:
@@ -258,7 +264,7 @@ class Placement:
         return self.rank0_reads and self.fsdp_version == 2
 
 
-def resolve(recipe: Recipe, accelerator, cfg: dict, machine: Machine | None = None) -> Placement:
+def resolve(recipe: Recipe, accelerator: Accelerator, cfg: dict, machine: Machine | None = None) -> Placement:
     """Check the recipe against this machine and this launch (one UserError listing every problem)
     and decide everything that depends on the strategy."""
     from launcher.run.model import DTYPES, compute_dtype  # torch: not imported by commands that only check recipes
@@ -312,7 +318,7 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def device_map_for(strategy: str, override, device):
+def device_map_for(strategy: str, override, device: torch.device):
     """The `device_map` for from_pretrained under this strategy on this rank's device."""
     if strategy in SHARDED:
         return None  # ZeRO-3/FSDP place weights themselves; a device_map breaks them

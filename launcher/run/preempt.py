@@ -12,12 +12,17 @@ requeued run resumes from the newest complete checkpoint on disk.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import signal
 import threading
 from pathlib import Path
 
 import torch
+
+if TYPE_CHECKING:  # annotations only
+    from accelerate import Accelerator
 
 SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 MARKER = "interrupted.json"
@@ -38,7 +43,7 @@ class StopRequest:
     def _record(self, signum, frame) -> None:
         self.signum = signum
 
-    def agreed(self, accelerator, world: int) -> bool:
+    def agreed(self, accelerator: Accelerator, world: int) -> bool:
         """True on every rank once any rank has been signalled (one small all-reduce per step)."""
         asked = self.signum is not None or self.request_file.exists()
         local = torch.tensor(float(asked), device=accelerator.device)

@@ -6,16 +6,21 @@ keeps it) and directly by tests that run torch's `fully_shard` over gloo on CPU.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextlib
 
 import torch
 
 from launcher.config.errors import UserError
 
+if TYPE_CHECKING:  # annotations only
+    from accelerate import Accelerator
+
 ADAPTER_MARKERS = ("lora_", "ia3_")  # the peft methods allowed under FSDP
 
 
-def decoder_layer_names(model) -> set[str]:
+def decoder_layer_names(model: torch.nn.Module) -> set[str]:
     """Class names transformers marks as unsplittable: one FSDP unit each."""
     for module in model.modules():  # the transformers model inside the peft wrappers
         names = getattr(module, "_no_split_modules", None)
@@ -24,7 +29,14 @@ def decoder_layer_names(model) -> set[str]:
     return set()
 
 
-def fsdp2_shard(model, *, offload: bool = False, param_dtype: torch.dtype | None = None, mesh=None, pin: bool = True):
+def fsdp2_shard(
+    model: torch.nn.Module,
+    *,
+    offload: bool = False,
+    param_dtype: torch.dtype | None = None,
+    mesh=None,
+    pin: bool = True,
+):
     """fully_shard each decoder layer, then the root. Packed 4-bit weights must be stored in a
     floating dtype (quant.storage_dtype), or FSDP would shard raw bytes and corrupt them. `pin`:
     offloaded shards in pinned host memory (the memory trace turns it off: same bytes, no pinning there)."""
@@ -54,7 +66,7 @@ def fsdp2_shard(model, *, offload: bool = False, param_dtype: torch.dtype | None
 WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "FullyShardedDataParallel")
 
 
-def unwrap(model):
+def unwrap(model: torch.nn.Module):
     """The model inside the training wrappers (DDP, DeepSpeed's engine, an FSDP1 root, torch.compile).
     Not accelerate's unwrap_model: that imports DeepSpeed whenever it is installed, which costs seconds
     and prints DeepSpeed's "Setting accelerator" line in runs that never use it."""
@@ -67,7 +79,9 @@ def unwrap(model):
             return model
 
 
-def trainable_state(model, accelerator=None, *, fsdp1: bool = False, zero3: bool = False) -> dict[str, torch.Tensor]:
+def trainable_state(
+    model: torch.nn.Module, accelerator: Accelerator = None, *, fsdp1: bool = False, zero3: bool = False
+) -> dict[str, torch.Tensor]:
     """Full (unsharded) trainable tensors on CPU, on every rank; collective under ZeRO-3/FSDP
     (`fsdp1`/`zero3` say which, from the run's Placement; FSDP2's DTensors speak for themselves).
 
@@ -104,7 +118,7 @@ def digest(state: dict[str, torch.Tensor]) -> str:
 # ---------------------------------------------------------------- RAM-efficient loading (FSDP2, ZeRO-3)
 
 
-def quant_layout(model) -> dict:
+def quant_layout(model: torch.nn.Module) -> dict:
     """Per 4-bit layer: the packed weight's shape and dtype and its quantization state, as plain CPU
     tensors (rank 0 sends this; each rank rebuilds the state on its own device)."""
     out = {}
@@ -118,7 +132,7 @@ def quant_layout(model) -> dict:
     return out
 
 
-def apply_quant_layout(skeleton, layout: dict, device, weights_on: str = "meta") -> None:
+def apply_quant_layout(skeleton, layout: dict, device: torch.device, weights_on: str = "meta") -> None:
     """Give a meta-device skeleton rank 0's packed 4-bit shapes and quantization states (the states
     on `device`, the packed weights as empty tensors on `weights_on`)."""
     from bitsandbytes.functional import QuantState
@@ -140,7 +154,7 @@ def apply_quant_layout(skeleton, layout: dict, device, weights_on: str = "meta")
         module.quant_state = state  # bitsandbytes restores it onto the weight FSDP rebuilds each forward
 
 
-def _rank0_reads(load, wrap, device, weights_on: str = "meta"):
+def _rank0_reads(load, wrap, device: torch.device, weights_on: str = "meta"):
     """Rank 0 reads, quantizes and wraps the model; every other rank builds the same structure on
     the meta device (no memory) from rank 0's 4-bit layout. Returns (model, rank)."""
     import torch.distributed as dist
@@ -159,7 +173,7 @@ def _rank0_reads(load, wrap, device, weights_on: str = "meta"):
     return model, rank
 
 
-def load_fsdp2(load, wrap, *, offload: bool, device) -> torch.nn.Module:
+def load_fsdp2(load, wrap, *, offload: bool, device: torch.device) -> torch.nn.Module:
     """RAM-efficient FSDP2 model: only rank 0 reads and quantizes the weights.
 
     `load(device_map)` returns the quantized base (device_map "meta" for the skeleton) and
@@ -193,7 +207,7 @@ def without_hf_zero3(plugin):
         plugin.set_deepspeed_weakref()
 
 
-def load_zero3(load, wrap, *, device) -> torch.nn.Module:
+def load_zero3(load, wrap, *, device: torch.device) -> torch.nn.Module:
     """RAM-efficient ZeRO-3 model: only rank 0 reads and quantizes the weights.
 
     DeepSpeed partitions a model it is given one parameter at a time: it broadcasts the
@@ -223,7 +237,7 @@ def load_zero3(load, wrap, *, device) -> torch.nn.Module:
     return model
 
 
-def broadcast_from_rank0(model, full: dict | None, device) -> None:
+def broadcast_from_rank0(model: torch.nn.Module, full: dict | None, device: torch.device) -> None:
     """Fill every rank's FSDP2 shards (and replicated buffers) from rank 0's full tensors.
 
     Non-zero ranks pass full=None: their scatter input is an untouched torch.empty, so it costs
@@ -235,7 +249,7 @@ def broadcast_from_rank0(model, full: dict | None, device) -> None:
         _fill(model, full, device, rank)
 
 
-def _fill(model, full, device, rank) -> None:
+def _fill(model: torch.nn.Module, full, device: torch.device, rank) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, distribute_tensor
 

@@ -6,6 +6,8 @@ Run directly by `launcher train`, or per process by
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextlib
 import json
 import math
@@ -49,6 +51,10 @@ from launcher.config.recipe import Recipe, load_recipe, save_recipe, split_args
 from launcher.config.tables import OPTIMIZERS
 from launcher.config.userio import first_line
 
+if TYPE_CHECKING:  # annotations only
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -60,7 +66,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _fill_deepspeed_batch(accelerator, cfg, world: int) -> None:
+def _fill_deepspeed_batch(accelerator: Accelerator, cfg, world: int) -> None:
     """The recipe is the truth for batch values; set them in the DeepSpeed config before prepare.
 
     train_batch_size uses the torch.distributed world: accelerate reports one process under
@@ -81,7 +87,7 @@ def _fill_deepspeed_batch(accelerator, cfg, world: int) -> None:
         ds[key] = value
 
 
-def _save_adapter(model, adapter: dict, run_dir: Path) -> None:
+def _save_adapter(model: torch.nn.Module, adapter: dict, run_dir: Path) -> None:
     """peft's save_pretrained with the gathered tensors. Under FSDP1 peft matches none of them
     (its module names carry FSDP's wrapper prefixes) and writes an empty file, so then apply
     peft's own key rule (drop the adapter name) and write the tensors ourselves."""
@@ -106,7 +112,7 @@ def _gather(value, world: int) -> list:
     return out
 
 
-def _prepare_fsdp(model, accelerator, offload: bool):
+def _prepare_fsdp(model: torch.nn.Module, accelerator: Accelerator, offload: bool):
     """FSDP2: our own fully_shard wrapping (accelerate keeps an already wrapped model);
     FSDP1: accelerate wraps with peft's policy, so each unit has uniform requires_grad."""
     plugin = accelerator.state.fsdp_plugin
@@ -203,7 +209,7 @@ class Data:
     eval_prompts: list  # eval samples answered for eval_accuracy (empty: off)
 
 
-def setup_data(recipe: Recipe, tokenizer, world: int) -> Data:
+def setup_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, world: int) -> Data:
     """Tokenized (cached) samples and the run length; a stream is read as consumed, for train.max_steps."""
     cfg = recipe.train
     if recipe.data.streaming:
@@ -226,7 +232,7 @@ def setup_data(recipe: Recipe, tokenizer, world: int) -> Data:
     return Data(p.train, p.eval, p.stats, total, prompts)
 
 
-def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerator, total_steps: int):
+def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerator: Accelerator, total_steps: int):
     """The 4-bit base with its adapter, loaded the way the placement says: every rank reads it, or
     only rank 0 reads and the others receive their shards (FSDP2) or partitions (ZeRO-3).
     Returns (model, what the load cost)."""
@@ -248,7 +254,7 @@ def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerato
             source, recipe.model, recipe.quant, dtype=pl.param_dtype, device_map=device_map, storage=pl.storage_dtype
         )
 
-    def wrap(base):
+    def wrap(base: torch.nn.Module):
         return adapter_for(
             recipe, base, kbit_upcast=pl.kbit_upcast, total_steps=total_steps, kept_layers=pl.kept_layers
         )
@@ -296,7 +302,7 @@ def setup_optimizer(ctx: RunContext, model: torch.nn.Module, total_steps: int) -
     ctx.model, ctx.optimizer = model, optimizer
 
 
-def make_loaders(recipe: Recipe, d: Data, tokenizer, pl: placement.Placement):
+def make_loaders(recipe: Recipe, d: Data, tokenizer: PreTrainedTokenizerBase, pl: placement.Placement):
     """(train, eval, the train loader before accelerate). Our sampler already gives each rank its
     share; accelerate only tracks the epoch end (so accumulate() syncs on the last short window)."""
     from accelerate.data_loader import prepare_data_loader
@@ -348,7 +354,7 @@ def restore(ctx: RunContext, resume: bool) -> None:
     metrics.keep_rows(ids, lambda row: "ids" in row and row["step"] < step)
 
 
-def start_run_dir(accelerator, recipe: Recipe, run_dir: Path, tokenizer) -> None:
+def start_run_dir(accelerator: Accelerator, recipe: Recipe, run_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         if os.environ.get(preempt.UNDER_JOB):

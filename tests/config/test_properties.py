@@ -160,7 +160,12 @@ SCRIPT_FIELDS = [
     "slurm.sbatch_extra.comment",
     "slurm.sbatch_extra",
 ]
-SAFE = {"slurm.time": "01:00:00", "train.output_dir": "/tmp/safe-run", "slurm.sbatch_extra": {"comment": "x"}}
+SAFE = {
+    "slurm.mem": "8G",
+    "slurm.time": "01:00:00",
+    "train.output_dir": "/tmp/safe-run",
+    "slurm.sbatch_extra": {"comment": "x"},
+}
 
 
 def _scripts(field: str, value, setup: list[str]) -> list[str]:
