@@ -81,6 +81,7 @@ def _spawn_command(recipe: Recipe, recipe_args: list[str], strategy: str, gpu: b
         str(acc),
         "--main_process_port",
         str(_free_port()),
+        *(["--max_restarts", str(recipe.dist.max_restarts)] if recipe.dist.max_restarts else []),
         "-m",
         "launcher.train",
         *recipe_args,

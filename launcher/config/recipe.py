@@ -239,6 +239,12 @@ class DistCfg(Section):
         description="A collective that waits longer ends the run, naming the rank that stopped answering "
         "(start-up and the first step get at least 1800 s).",
     )
+    max_restarts: int = Field(
+        0,
+        ge=0,
+        description="On one node: restart every rank from the newest intact checkpoint this many times after a "
+        "rank dies or freezes (torchrun's --max_restarts). 0: the run ends and says how to resume.",
+    )
 
 
 class SlurmCfg(Section):

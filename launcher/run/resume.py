@@ -41,6 +41,7 @@ SAFE = frozenset(
         "model.attn_implementation",
         "model.device_map",
         "dist.timeout_s",
+        "dist.max_restarts",
     }
 )
 SAFE_SECTIONS = ("slurm.",)  # how the job is submitted

@@ -187,6 +187,7 @@ def make_accelerator(cfg, run_dir: Path, timeout_s: int):
     # Without a backend accelerate counts one process on every CPU DeepSpeed rank.
     backend = "gloo" if deepspeed and not torch.cuda.is_available() else None
     handlers = [InitProcessGroupKwargs(backend=backend, timeout=watch.start_timeout(timeout_s))]
+    watch.init_restarted_group(timeout_s, backend or ("nccl" if torch.cuda.is_available() else "gloo"))
     return Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=None
@@ -456,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         # distribution. (Not for DeepSpeed: use_cpu would silently turn it into plain DDP.)
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     argv = list(sys.argv[1:] if argv is None else argv)
-    resume = "--resume" in argv
+    # A rank torchrun restarted (dist.max_restarts) continues from the checkpoint, as --resume would.
+    resume = "--resume" in argv or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
     path, overrides = split_args([a for a in argv if a != "--resume"])
     recipe = None
     try:

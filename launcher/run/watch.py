@@ -28,14 +28,34 @@ from pathlib import Path
 START_TIMEOUT_S = 1800  # loading a 70B checkpoint on rank 0 while the others wait at a barrier
 BEAT_EVERY_S = 2.0  # a heartbeat file write per rank this often (a shared filesystem takes that easily)
 STALE_AFTER_S = 5 * BEAT_EVERY_S  # a heartbeat this old: the process is not running
-# What a timed-out collective says (gloo; NCCL's watchdog; torch's own).
 REPORTED = "reported"  # written by the rank that reported a hung collective
 HUNG_EXIT = 4  # a rank's exit status when it reported a hung collective itself (the launcher adds nothing)
-TIMED_OUT = ("Timed out", "timed out", "Watchdog caught collective operation timeout", "DistTimeoutError")
+# A collective that waited too long (gloo; NCCL's watchdog; torch's own); not a connect that failed.
+TIMED_OUT = ("Timed out waiting", "Watchdog caught collective operation timeout", "DistTimeoutError")
 
 
 def start_timeout(timeout_s: int) -> timedelta:
     return timedelta(seconds=max(timeout_s, START_TIMEOUT_S))
+
+
+def init_restarted_group(timeout_s: int, backend: str) -> None:
+    """A rank torchrun restarted (dist.max_restarts) joins a process group of its own attempt. The
+    agent's store outlives the attempt and still holds the dead ranks' addresses under the default
+    group's keys: a restarted gloo rank read one and failed to connect ("Connection refused", the dead
+    rank's port) in about one restart of three. Prefixing every key with the attempt leaves the new ones."""
+    import torch.distributed as dist
+
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if attempt == 0 or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return
+    store, rank, world = next(dist.rendezvous("env://"))
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"launcher-attempt-{attempt}/", store),
+        rank=rank,
+        world_size=world,
+        timeout=start_timeout(timeout_s),
+    )
 
 
 class Watch:

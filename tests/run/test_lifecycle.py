@@ -393,3 +393,30 @@ def test_a_frozen_rank_ends_the_run_within_the_timeout_naming_it_then_resume_fin
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((run / "summary.json").read_text())["steps"] == 40
     assert _steps(run) == list(range(1, 41))
+
+
+@pytest.mark.slow
+def test_with_max_restarts_a_killed_rank_is_restarted_from_the_checkpoint_in_the_job(tmp_path):
+    """dist.max_restarts=1: SIGKILL of rank 1 mid-run; torchrun restarts both ranks, they continue
+    from the newest intact checkpoint, and the launch ends 0 with every step logged once."""
+    from launcher.run import checkpoint
+
+    run = tmp_path / "run"
+    args = ["dist.nproc=2", f"train.output_dir={run}", *SHORT, "train.max_steps=40", "dist.max_restarts=1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 300
+        while checkpoint.newest(run) is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert checkpoint.newest(run) is not None, proc.communicate(timeout=60)[1][-3000:]
+        launched_rank(proc.pid, 1).send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["restarts"] == 1, summary
+    assert "resumed from" in out + err
+    assert _steps(run) == list(range(1, 41))
