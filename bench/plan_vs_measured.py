@@ -98,8 +98,8 @@ def measure(model: str, mb: int, seq: int, gc: bool, out: Path, random_init: boo
 
 
 def planned(model: str, mb: int, seq: int, gc: bool, gpu: bool) -> float:
-    from launcher.plan import planner
     from launcher.config.recipe import load_recipe
+    from launcher.plan import planner
 
     recipe = load_recipe(
         None,

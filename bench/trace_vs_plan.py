@@ -41,8 +41,8 @@ def recipe_for(model: str, r: int, mb: int, seq: int, gc: bool, nproc: int, stra
 
 
 def row(model: str, setting: tuple, strategy: str, world: int) -> dict:
-    from launcher.plan import random_model
     from launcher import trace
+    from launcher.plan import random_model
 
     r, mb, seq, gc = setting
     recipe = recipe_for(model, r, mb, seq, gc, world, strategy)

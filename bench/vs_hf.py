@@ -85,8 +85,8 @@ def build_model(kind: str, where: Path, gpu: bool) -> str:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from launcher.plan import random_model
     from launcher.demo.builtin import build_tokenizer
+    from launcher.plan import random_model
 
     tok = build_tokenizer()
     cfg = LlamaConfig(
@@ -424,8 +424,8 @@ def mfu(tokens_per_s: float, model_dir: str) -> float | None:
     """6 x parameters per useful token over the GPU's dense bf16 peak (None when the GPU is unknown)."""
     import torch
 
-    from launcher.run import placement
     from launcher.plan import planner
+    from launcher.run import placement
 
     name = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
-from launcher.plan.archs import PRESETS
 from launcher.config.errors import UserError
-from launcher.config.tables import FLOAT_DTYPES
 from launcher.config.recipe import SlurmCfg, describe_fields, load_recipe
 from launcher.config.recipe import split_args as _split_recipe_args
+from launcher.config.tables import FLOAT_DTYPES
 from launcher.config.userio import quote
+from launcher.plan.archs import PRESETS
 
 if TYPE_CHECKING:  # annotations only
     from launcher.config.recipe import Recipe
@@ -356,8 +356,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _traces(recipe: Recipe, arch, setup, plans) -> tuple[list, dict]:
     """Trace each planned strategy that can be traced, at the planned world size; (traces, {strategy:
     why not} for those the recipe cannot run under)."""
-    from launcher.run import console
     from launcher import trace
+    from launcher.run import console
 
     console.quiet_libraries()  # progress on stderr: stdout stays the table (or JSON)
     source = trace.source_for(recipe, arch)

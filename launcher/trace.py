@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
-from launcher.run import attention, loop, placement
-from launcher.plan import memtrack, random_model
 from launcher.config.errors import UserError
-from launcher.plan.planner import Totals
 from launcher.config.recipe import Recipe
 from launcher.config.tables import FSDP, OFFLOAD
+from launcher.plan import memtrack, random_model
+from launcher.plan.planner import Totals
 from launcher.plan.source import model_config
+from launcher.run import attention, loop, placement
 from launcher.run.checkpoint import Progress
 from launcher.run.context import RunContext
 

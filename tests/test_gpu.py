@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import requires_gpu, run_cli
 
 pytestmark = [pytest.mark.gpu, requires_gpu]

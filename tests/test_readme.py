@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import ROOT, run_cli
 
 README = (ROOT / "README.md").read_text()

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, run_cli
 
 SMALL = dict(seq=256, mb=4)  # a full step of the tiny model in well under a second
@@ -102,8 +101,8 @@ def test_trace_plus_process_is_the_measured_resident_size(model_100m, tmp_path):
     """The real step's peak RSS is the traced peak plus the process's own size (planner.CPU_PROCESS_GB),
     when the allocator hands memory back promptly (a 1 MB mmap threshold; glibc's default lets freed
     heap pile up: 1.4-5x the live tensors, measured)."""
-    from launcher.plan import planner
     from launcher import trace
+    from launcher.plan import planner
     from launcher.plan.source import resolve_source
 
     recipe = _recipe(model_100m, seq=256, mb=4, gradient_checkpointing=False)
@@ -145,8 +144,8 @@ def test_plan_trace_at_7b_on_two_gpus():
     assert traced["fsdp"]["world"] == 2
     assert 2.0 < sum(traced["fsdp"]["device"].values()) < sum(traced["ddp"]["device"].values())
     assert "parameters" in traced["fsdp_offload"]["host"] and "parameters" not in traced["fsdp_offload"]["device"]
-    from launcher.plan import planner
     from launcher import trace
+    from launcher.plan import planner
 
     plans = [planner.Plan(**{k: p[k] for k in ("strategy", "device", "host")}) for p in out["plans"]]
     text = trace.render([trace.Traced(**t) for t in out["traced"]], plans)

@@ -30,12 +30,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.run import checkpoint, launch_configs, placement, preempt
-from launcher.run import resume as resume_contract
 from launcher.cluster import slurm_boot
 from launcher.config.errors import UserError, listing
 from launcher.config.recipe import Recipe, load_recipe, save_recipe, time_minutes
 from launcher.config.userio import quote
+from launcher.run import checkpoint, launch_configs, placement, preempt
+from launcher.run import resume as resume_contract
 
 PORT_BASE, PORT_SPAN = 20000, 20000
 # sbatch options the launcher sets itself; a recipe may not override them through sbatch_extra.

@@ -18,13 +18,12 @@ thread count give the same weights.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import argparse
 import math
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 

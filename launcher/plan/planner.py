@@ -24,14 +24,13 @@ CPU plans keep their own activation constants, calibrated against measured resid
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import json
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from launcher.config import tables
-from launcher.plan.archs import HUB, PRESETS, Arch
 from launcher.config.errors import UserError
+from launcher.plan.archs import HUB, PRESETS, Arch
 from launcher.plan.source import model_config, resolve_source
 
 if TYPE_CHECKING:  # annotations only

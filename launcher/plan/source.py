@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.demo import builtin
-from launcher.plan.archs import PRESETS
 from launcher.config.errors import UserError
 from launcher.config.recipe import ModelCfg
 from launcher.config.userio import first_line, quote, read_json
+from launcher.demo import builtin
+from launcher.plan.archs import PRESETS
 
 
 def resolve_source(model: ModelCfg) -> str:

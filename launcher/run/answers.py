@@ -9,9 +9,8 @@ batches and the same number of forwards, so sharded strategies (ZeRO-3, FSDP) wo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 

@@ -42,8 +42,8 @@ def choose(requested: str, explicit: bool, config: dict) -> str:
     """The implementation to load with. An architecture without SDPA (Gemma 2: its attention logit
     soft-capping) gets eager with a one-line note when the recipe left the default; a choice the
     recipe made explicitly, or flash-attention, is refused naming the value that works."""
-    from launcher.run import console
     from launcher.config.errors import UserError
+    from launcher.run import console
 
     cls = causal_lm_class(config)
     flag = SUPPORT_FLAGS.get(requested)

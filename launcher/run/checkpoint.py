@@ -150,7 +150,7 @@ def save(accelerator: Accelerator, run_dir: Path, step: int, keep: int, extra: d
             raise
         previous = newest(run_dir)
         need = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file()) if previous else 0
-        preflight.remove(tmp)  # give the space back; the previous checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoints are untouched
         raise preflight.io_failure(run_dir, f"checkpoint {path.name}", e, previous, need) from None
     accelerator.wait_for_everyone()  # every rank's files are written
     if accelerator.is_main_process:

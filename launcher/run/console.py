@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 import sys
+import warnings
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 ENV = "LAUNCHER_VERBOSITY"

@@ -6,8 +6,6 @@ sharding, which pads with duplicates and, under DeepSpeed on CPU, sees one proce
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import bisect
 import hashlib
 import json
@@ -16,15 +14,16 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Sampler
 
-from launcher.demo import builtin
 from launcher.config import userio
 from launcher.config.errors import UserError
-from launcher.config.userio import quote
 from launcher.config.recipe import DataCfg
+from launcher.config.userio import quote
+from launcher.demo import builtin
 
 if TYPE_CHECKING:  # annotations only
     from transformers import PreTrainedTokenizerBase

@@ -7,11 +7,10 @@ from pathlib import Path
 import torch
 
 from launcher.config.errors import UserError
-from launcher.run import console
-from launcher.run.model import DTYPES, load_base_model, load_tokenizer, quiet_peft, resolve_source
 from launcher.config.recipe import load_recipe
 from launcher.config.userio import first_line, read_json
-
+from launcher.run import console
+from launcher.run.model import DTYPES, load_base_model, load_tokenizer, quiet_peft, resolve_source
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 

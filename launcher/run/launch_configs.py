@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from launcher.config.tables import FSDP, OFFLOAD, ZERO_STAGE
 from launcher.config.recipe import Recipe
+from launcher.config.tables import FSDP, OFFLOAD, ZERO_STAGE
 
 Item = tuple  # (key, value or list[Item], comment)
 

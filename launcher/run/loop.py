@@ -8,10 +8,9 @@ forward, backward and (at the end of an accumulation window) step; `Meter` owns 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 

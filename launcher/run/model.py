@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import contextlib
-import json
 import ctypes
+import json
 import re
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from launcher.run import attention
+from launcher.config.errors import UserError
+from launcher.config.recipe import ModelCfg, PeftCfg, QuantCfg
+from launcher.config.tables import STORAGE_DTYPES
+from launcher.config.userio import first_line, quote
 from launcher.demo import builtin
 from launcher.plan import random_model
-from launcher.config.errors import UserError
-from launcher.config.tables import STORAGE_DTYPES
-from launcher.config.recipe import ModelCfg, PeftCfg, QuantCfg
-from launcher.plan.source import model_config
-from launcher.plan.source import resolve_source  # noqa: F401  (where callers have always found it)
-from launcher.config.userio import first_line, quote
+from launcher.plan.source import (
+    model_config,
+    resolve_source,  # noqa: F401  (where callers have always found it)
+)
+from launcher.run import attention
 
 if TYPE_CHECKING:  # annotations only
     from launcher.config.recipe import Recipe

@@ -8,22 +8,20 @@ known-broken combination is refused here, before any weight is loaded.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import os
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from launcher.plan import planner
 from launcher.config.errors import UserError, count, listing
 from launcher.config.recipe import Recipe
+from launcher.config.tables import FSDP, OFFLOAD, SHARDED, bnb_optimizer_refused
+from launcher.plan import planner
 from launcher.plan.source import model_config, resolve_source
 
-from launcher.config.tables import FSDP, OFFLOAD, SHARDED, bnb_optimizer_refused
-
 if TYPE_CHECKING:  # annotations only
-    from accelerate import Accelerator
     import torch
+    from accelerate import Accelerator
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,11 @@ requeued run resumes from the newest complete checkpoint on disk.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import json
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 

@@ -11,7 +11,6 @@ the command that resumes.
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -95,9 +94,3 @@ def is_io_error(error: BaseException) -> bool:
     if isinstance(error, OSError):
         return error.errno in WRITE_ERRNOS
     return any(s in str(error) for s in WRITE_FAILURES)
-
-
-def remove(path: Path) -> None:
-    """Best effort: a half-written checkpoint folder, to give the space back."""
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)

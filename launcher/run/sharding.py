@@ -6,9 +6,8 @@ keeps it) and directly by tests that run torch's `fully_shard` over gloo on CPU.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 

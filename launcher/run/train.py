@@ -6,8 +6,6 @@ Run directly by `launcher train`, or per process by
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import contextlib
 import json
 import math
@@ -17,27 +15,32 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from launcher.config.errors import UserError
+from launcher.config.recipe import Recipe, load_recipe, save_recipe, split_args
+from launcher.config.tables import OPTIMIZERS
+from launcher.config.userio import first_line
 from launcher.run import (
     answers,
     checkpoint,
     chunked_loss,
-    launch_configs,
     console,
     data,
+    launch_configs,
     loop,
     metrics,
     placement,
     preempt,
+    preflight,
     sharding,
+    watch,
 )
-from launcher.run import preflight, watch
 from launcher.run import resume as resume_contract
 from launcher.run.context import RunContext
 from launcher.run.loop import Fitted, fit
-from launcher.config.errors import UserError
 from launcher.run.model import (
     adapter_for,
     count_parameters,
@@ -47,9 +50,6 @@ from launcher.run.model import (
     streaming_malloc,
 )
 from launcher.run.optim import build_optimizer, build_scheduler
-from launcher.config.recipe import Recipe, load_recipe, save_recipe, split_args
-from launcher.config.tables import OPTIMIZERS
-from launcher.config.userio import first_line
 
 if TYPE_CHECKING:  # annotations only
     from accelerate import Accelerator
@@ -336,7 +336,7 @@ def make_loaders(recipe: Recipe, d: Data, tokenizer: PreTrainedTokenizerBase, pl
 
 
 def restore(ctx: RunContext, resume: bool) -> None:
-    """Register what checkpoints carry; with --resume, load the newest complete checkpoint."""
+    """Register what checkpoints carry; with --resume, load the newest intact checkpoint."""
     accelerator, progress = ctx.accelerator, ctx.progress
     accelerator.register_for_checkpointing(ctx.scheduler, progress)
     accelerator.register_save_state_pre_hook(checkpoint.trainable_only_hook)

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, run_cli
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 import slurm_cluster  # noqa: E402

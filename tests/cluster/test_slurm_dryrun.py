@@ -5,8 +5,8 @@ import shlex
 import subprocess
 
 import pytest
-
 from conftest import ROOT, run_cli
+
 from launcher.cluster import slurm
 from launcher.config.errors import UserError
 from launcher.config.recipe import load_recipe, time_minutes

@@ -15,12 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher.demo import builtin
-from launcher.run import data
 from launcher.cluster import slurm
 from launcher.config.errors import UserError
 from launcher.config.recipe import DataCfg, Recipe, load_recipe
 from launcher.config.userio import dump_yaml
+from launcher.demo import builtin
+from launcher.run import data
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 GOOD = "model:\n  name: builtin:tiny-llama\ndata:\n  path: builtin:arithmetic\n"

@@ -1,8 +1,8 @@
 """Schema: examples validate, broken recipes fail at once with exit 2 and the dotted path."""
 
 import pytest
-
 from conftest import ROOT, run_cli
+
 from launcher.config.errors import UserError
 from launcher.config.recipe import Recipe, describe_fields, load_recipe
 

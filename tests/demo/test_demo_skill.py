@@ -8,12 +8,12 @@ import re
 
 import pytest
 import torch
-
 from conftest import run_cli
-from launcher.run import answers
-from launcher.demo import builtin, pretrain_tiny
-from launcher.run.model import load_base_model, load_tokenizer, resolve_source
+
 from launcher.config.recipe import load_recipe
+from launcher.demo import builtin, pretrain_tiny
+from launcher.run import answers
+from launcher.run.model import load_base_model, load_tokenizer, resolve_source
 
 
 def _prompts(tok, rows):

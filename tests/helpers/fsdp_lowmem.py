@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from launcher.config.recipe import load_recipe
 from launcher.run import data, metrics, placement, sharding
 from launcher.run.model import apply_peft, load_base_model, load_tokenizer, resolve_source
 from launcher.run.optim import build_optimizer
-from launcher.config.recipe import load_recipe
 
 STEPS = 3
 

@@ -24,8 +24,8 @@ def status() -> dict:
 def main() -> None:
     import torch
 
-    from launcher.run.model import load_base_model, resolve_source
     from launcher.config.recipe import load_recipe
+    from launcher.run.model import load_base_model, resolve_source
 
     # Load the built-in tiny model first so that imports and bitsandbytes' native library are
     # in memory: what follows measures the load itself.

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from launcher.run import console
 from launcher import trace
 from launcher.plan.source import resolve_source
+from launcher.run import console
 
 
 def recipe(model: str, seq: int, mb: int):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from launcher.demo import builtin
 from launcher.config.recipe import load_recipe
+from launcher.demo import builtin
 from launcher.run.train import train
 
 PROBE = torch.tensor([[1, 5, 6, 14, 7, 8, 17], [1, 9, 9, 14, 9, 9, 17]])

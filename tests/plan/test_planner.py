@@ -7,8 +7,8 @@ import sys
 from dataclasses import replace
 
 import pytest
-
 from conftest import ROOT, run_cli
+
 from launcher.plan import planner
 from launcher.plan.planner import PRESETS, Setup, estimate
 
@@ -155,8 +155,8 @@ def test_plan_reads_a_local_config_and_refuses_unknown_presets(tmp_path):
 
 
 def test_auto_strategy_uses_the_planner():
-    from launcher.run import placement
     from launcher.config.recipe import load_recipe
+    from launcher.run import placement
 
     cfg = {
         "hidden_size": 8192,

@@ -108,9 +108,9 @@ def test_padded_rows_and_generation_use_transformers_sdpa():
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_recipe_attention_reaches_the_loaded_model(tmp_path, impl):
+    from launcher.config.recipe import ModelCfg, QuantCfg
     from launcher.demo import builtin
     from launcher.run.model import load_base_model
-    from launcher.config.recipe import ModelCfg, QuantCfg
 
     model = load_base_model(
         str(builtin.ensure_tiny_llama()), ModelCfg(name="builtin:tiny-llama", attn_implementation=impl), QuantCfg()

@@ -4,11 +4,11 @@ eval mode, less memory at a large vocabulary, and refused where it cannot work."
 import pytest
 import torch
 
-from launcher.demo import builtin
-from launcher.run import chunked_loss
-from launcher.plan import memtrack
-from launcher.run.model import apply_peft, load_base_model
 from launcher.config.recipe import load_recipe
+from launcher.demo import builtin
+from launcher.plan import memtrack
+from launcher.run import chunked_loss
+from launcher.run.model import apply_peft, load_base_model
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@
 
 import pytest
 
-from launcher.demo import builtin
-from launcher.run import data
 from launcher.config.errors import UserError
 from launcher.config.recipe import load_recipe
+from launcher.demo import builtin
+from launcher.run import data
 
 
 @pytest.fixture(scope="module")

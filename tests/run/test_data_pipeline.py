@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli
+
+from launcher.config.recipe import load_recipe
 from launcher.demo import builtin
 from launcher.run import data
-from launcher.config.recipe import load_recipe
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import launched_rank, run_cli
+from safetensors.torch import load_file
 
 # A short demo run: 4 steps, a checkpoint every 2, no eval answers (fast), dropout on (RNG state matters).
 SHORT = [

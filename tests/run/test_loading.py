@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -83,6 +82,7 @@ def test_zero3_load_reads_on_rank0_only(tmp_path):
     """Under ZeRO-3 only rank 0 reads and quantizes; rank 1 builds an empty skeleton that DeepSpeed
     fills one parameter at a time while partitioning (before: both ranks loaded the whole model)."""
     from conftest import run_cli
+
     from launcher.demo.builtin import write_random_llama
 
     model = write_random_llama(tmp_path / "m", dtype="bfloat16", **dict(BIG, num_hidden_layers=12))  # 0.33 GB
@@ -115,10 +115,10 @@ def test_zero3_load_reads_on_rank0_only(tmp_path):
 def test_random_init_is_deterministic_and_shaped_like_a_loaded_model(tmp_path):
     import torch
 
-    from launcher.plan import planner
-    from launcher.demo.builtin import ensure_tiny_llama
-    from launcher.run.model import load_base_model, load_tokenizer, resolve_source
     from launcher.config.recipe import load_recipe
+    from launcher.demo.builtin import ensure_tiny_llama
+    from launcher.plan import planner
+    from launcher.run.model import load_base_model, load_tokenizer, resolve_source
 
     tiny = ensure_tiny_llama()
     cfg_dir = tmp_path / "cfg"

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from launcher.config.errors import UserError
 
 
@@ -16,8 +16,8 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
 
 
 def test_target_module_that_matches_nothing_lists_linear_layers():
-    from launcher.run.model import apply_peft, load_base_model, resolve_source
     from launcher.config.recipe import load_recipe
+    from launcher.run.model import apply_peft, load_base_model, resolve_source
 
     r = load_recipe(None, ["peft.target_modules=[q_proj,qkv_proj]"])
     model = load_base_model(resolve_source(r.model), r.model, r.quant)
@@ -43,8 +43,8 @@ def test_target_module_that_matches_nothing_lists_linear_layers():
     ],
 )
 def test_peft_methods_train_a_step(method, extra):
-    from launcher.run.model import apply_peft, count_parameters, load_base_model, resolve_source
     from launcher.config.recipe import load_recipe
+    from launcher.run.model import apply_peft, count_parameters, load_base_model, resolve_source
 
     r = load_recipe(None, [f"peft.method={method}", *extra])
     model = load_base_model(resolve_source(r.model), r.model, r.quant)
@@ -65,8 +65,8 @@ def test_peft_methods_train_a_step(method, extra):
 
 
 def test_unknown_peft_option_names_the_field():
-    from launcher.run.model import peft_config
     from launcher.config.recipe import load_recipe
+    from launcher.run.model import peft_config
 
     with pytest.raises(UserError, match="peft.options: LoraConfig rejects them"):
         peft_config(load_recipe(None, ["peft.options={bogus: 1}"]).peft)
@@ -76,8 +76,8 @@ def test_checkpoint_every_recomputes_every_nth_layer_with_the_same_gradients():
     """train.checkpoint_every=2 on the 4-layer tiny model: layers 0 and 2 recompute, 1 and 3 keep their
     activations; with 3 kept layers (train.memory_budget_gb's choice) only layer 0 recomputes; the LoRA
     gradients equal those of full checkpointing and of none (the same math)."""
-    from launcher.run.model import apply_peft, load_base_model, resolve_source
     from launcher.config.recipe import load_recipe
+    from launcher.run.model import apply_peft, load_base_model, resolve_source
 
     r = load_recipe(None, ["peft.dropout=0.0"])
     x = torch.randint(4, 40, (2, 12))

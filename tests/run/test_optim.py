@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from launcher.run.optim import build_optimizer, build_scheduler, warmup_steps
 from launcher.config.recipe import TrainCfg
+from launcher.run.optim import build_optimizer, build_scheduler, warmup_steps
 
 OPTIMIZERS = ["paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit", "adamw_8bit", "adamw_torch"]
 

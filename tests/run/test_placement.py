@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
-from launcher.run import placement
+
 from launcher.config.recipe import load_recipe
+from launcher.run import placement
 
 GPU8 = placement.Machine(gpus=8, gpu_memory_gb=80)
 CPU = placement.Machine(0)

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from launcher.run import placement
 from launcher.config.errors import UserError
 from launcher.config.recipe import load_recipe
+from launcher.run import placement
 
 GPU_NODE = placement.Machine(gpus=2, gpu_memory_gb=80.0)
 

@@ -5,9 +5,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import launched_rank, run_cli
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
