@@ -168,15 +168,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     """Tokenize and cache ahead of time (a login node or CPU job); `launcher train` then reads the cache."""
-    from launcher.run import data
+    from launcher.run import tokens
     from launcher.run.model import load_tokenizer, resolve_source
 
     path, overrides = _split_recipe_args(args.recipe)
     recipe = load_recipe(path, overrides)
     tokenizer = load_tokenizer(resolve_source(recipe.model), recipe.model)
-    result, hit, where = data.tokenized(recipe.data, tokenizer, recipe.train.seed)
-    print(f"{'already cached' if hit else 'tokenized and cached'}: {where}")
-    print(json.dumps(result["stats"]))
+    cached, where = tokens.tokenized(recipe.data, tokenizer, recipe.train.seed)
+    print(f"{'already cached' if cached.state == 'hit' else 'tokenized and cached'}: {where}")
+    print(json.dumps(cached.stats))
     return 0
 
 

@@ -72,3 +72,23 @@ def test_live_peak_counts_the_tensors_a_step_holds(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     # at its peak: weights 4 + input 8 + output 8 + out*out 8 (+ its gradient 8, the weight's 4) MiB
     assert 28 / 1024 <= live["live_peak_gb"] <= 48 / 1024, live
+
+
+def _data_scale(*args: str) -> str:
+    cmd = [sys.executable, str(ROOT / "bench/data_scale.py"), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout.strip().splitlines()[-1]
+
+
+def test_data_scale_measures_both_sides_on_the_same_file(tmp_path):
+    """bench/data_scale.py at 400 samples: the file, tokenizer and model are made; both sides tokenize
+    the same samples; two ranks report the memory the data adds."""
+    d = str(tmp_path / "ds")
+    assert _data_scale("make", "--samples", "400", "--out", d).endswith("alpaca-400.jsonl")
+    ours = json.loads(_data_scale("ours", "--dir", d, "--samples", "400"))
+    hf = json.loads(_data_scale("hf", "--dir", d, "--samples", "400"))
+    assert ours["samples"] == hf["samples"] == 400
+    assert ours["tokens"] == hf["tokens"] + 400  # the same text; the launcher adds a BOS to each sample
+    rss = json.loads(_data_scale("rss", "--dir", d, "--samples", "400", "--packing"))
+    assert len(rss["ranks"]) == 2 and all({"private", "anon", "pss"} <= set(r) for r in rss["ranks"])

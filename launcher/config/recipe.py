@@ -155,6 +155,11 @@ class DataCfg(Section):
     cache_dir: str | None = Field(
         None, description="Where tokenized data is cached (default: LAUNCHER_CACHE/tokenized)."
     )
+    num_proc: int | None = Field(
+        None,
+        gt=0,
+        description="Processes that tokenize (default: the cores this process may use; files under 8 MB: one).",
+    )
     log_sample_ids: bool = Field(
         False, description="Debug: each rank logs the sample ids it trains on to RUN/sample_ids/rankN.jsonl."
     )

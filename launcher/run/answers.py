@@ -9,6 +9,7 @@ batches and the same number of forwards, so sharded strategies (ZeRO-3, FSDP) wo
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,8 @@ def prompts_of(examples: list[dict], n: int, fmt: str = "prompt_completion") -> 
             "train.eval_accuracy_samples: needs data with a prompt (prompt_completion, alpaca or chat); "
             "this data is plain text (set it to 0)"
         )
-    return [e for e in examples if 0 < e.get("prompt_len", 0) < len(e["input_ids"])][:n]
+    asked = (e for e in examples if 0 < e.get("prompt_len", 0) < len(e["input_ids"]))
+    return list(itertools.islice(asked, n))  # read from the cache only as far as needed
 
 
 def _reference(ex: dict, eos_id) -> list[int]:

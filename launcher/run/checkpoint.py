@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from launcher.config import userio
 from launcher.config.errors import UserError, listing
 from launcher.run import preflight
 
@@ -109,6 +110,9 @@ def damage(folder: Path) -> str | None:
     for name, want in recorded.items():
         if actual[name]["sha256"] != want["sha256"]:
             return f"{name} does not match its checksum"
+    foreign = sorted(set(actual) - set(recorded))
+    if foreign:  # e.g. a planted custom_checkpoint_0.pkl, which accelerate would unpickle (code runs)
+        return f"{foreign[0]} was not written with it"
     return None
 
 
@@ -154,7 +158,7 @@ def save(accelerator: Accelerator, run_dir: Path, step: int, keep: int, extra: d
         raise preflight.io_failure(run_dir, f"checkpoint {path.name}", e, previous, need) from None
     accelerator.wait_for_everyone()  # every rank's files are written
     if accelerator.is_main_process:
-        (tmp / "progress.json").write_text(json.dumps(extra, indent=1))
+        (tmp / PROGRESS).write_text(json.dumps(extra, indent=1))
         (tmp / MANIFEST).write_text(json.dumps(manifest_of(tmp), indent=1))
         (tmp / MARKER).write_text("")
         _sync(tmp)
@@ -180,7 +184,21 @@ def _sync(folder: Path) -> None:
                 os.close(fd)
 
 
-def load(accelerator: Accelerator, path: Path, deepspeed: bool = False) -> None:
+PROGRESS = "progress.json"
+
+
+def load(accelerator: Accelerator, path: Path, deepspeed: bool = False) -> dict:
+    """Load the adapter, optimizer and RNG states (accelerate reads them with torch's weights-only
+    unpickler, which runs no code); returns progress.json: where the run stood and its schedule.
+    Those two are JSON, not accelerate's custom checkpoints, which it unpickles with
+    weights_only=False: a file planted in a shared run directory would run code on --resume."""
+    meta = userio.read_json(path / PROGRESS, "--resume")
+    if "progress" not in meta or "scheduler" not in meta:
+        raise UserError(
+            f"--resume: {path} was written by an older launcher (its progress is a pickle, not in "
+            f"{PROGRESS}); resume it with that version, or start a new run"
+        )
     # not strict: the checkpoint holds only the adapter, the base comes from the model files
     kwargs = {"load_module_strict": False} if deepspeed else {"strict": False}
     accelerator.load_state(str(path), **kwargs)
+    return meta

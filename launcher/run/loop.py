@@ -181,11 +181,7 @@ def fit(ctx: RunContext, train_dl, evals: Evals | None, total_steps: int) -> Fit
     loop_start = time.perf_counter()
     try:  # the bar ends its line before an error is printed below it
         while progress.step < total_steps and not out.interrupted:
-            epoch_dl = (
-                accelerator.skip_first_batches(train_dl, progress.batches_in_epoch)
-                if progress.batches_in_epoch
-                else train_dl
-            )
+            epoch_dl = data.from_batch(accelerator, train_dl, progress.batches_in_epoch)
             # accelerate's loader re-seeds the sampler from its own epoch counter on every
             # iteration, so tell the loader (not just our sampler) which epoch this is.
             epoch_dl.set_epoch(progress.epoch)
@@ -239,6 +235,12 @@ def after_step(ctx: RunContext, out: Fitted, meter: Meter, log, evals: Evals | N
             bar.write(eval_line(step, row, len(evals.prompts)))
     out.interrupted = step < total_steps and ctx.stop is not None and ctx.stop.agreed(accelerator, ctx.placement.world)
     if out.interrupted or step % cfg.save_every == 0 or step == total_steps:
-        meta = {"step": step, "epoch": ctx.progress.epoch, "eval_loss": out.eval_loss}
+        meta = {
+            "step": step,
+            "epoch": ctx.progress.epoch,
+            "eval_loss": out.eval_loss,
+            "progress": ctx.progress.state_dict(),  # JSON, read back by checkpoint.load (no pickle)
+            "scheduler": ctx.scheduler.state_dict(),
+        }
         deepspeed = ctx.placement.deepspeed
         checkpoint.save(accelerator, ctx.run_dir, step, cfg.keep_checkpoints, meta, deepspeed=deepspeed)

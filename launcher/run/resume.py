@@ -37,6 +37,7 @@ SAFE = frozenset(
         "train.chunked_loss",  # the same loss and gradients, in chunks
         "train.output_dir",  # the run directory is where the checkpoint is, whatever the recipe says
         "data.cache_dir",
+        "data.num_proc",  # how many processes tokenize, not what they write
         "data.log_sample_ids",
         "model.attn_implementation",
         "model.device_map",

@@ -203,8 +203,8 @@ def make_accelerator(cfg, run_dir: Path, timeout_s: int):
 
 @dataclass
 class Data:
-    train_ex: list | None  # None when streaming
-    eval_ex: list
+    train_ex: object  # a view of the tokenized cache (launcher.run.data); None when streaming
+    eval_ex: object
     stats: dict
     total_steps: int
     eval_prompts: list  # eval samples answered for eval_accuracy (empty: off)
@@ -336,15 +336,17 @@ def make_loaders(recipe: Recipe, d: Data, tokenizer: PreTrainedTokenizerBase, pl
 
 
 def restore(ctx: RunContext, resume: bool) -> None:
-    """Register what checkpoints carry; with --resume, load the newest intact checkpoint."""
+    """Keep checkpoints to the adapter; with --resume, load the newest intact checkpoint and the
+    progress and schedule it recorded (JSON)."""
     accelerator, progress = ctx.accelerator, ctx.progress
-    accelerator.register_for_checkpointing(ctx.scheduler, progress)
     accelerator.register_save_state_pre_hook(checkpoint.trainable_only_hook)
     if not resume:
         return
     last = checkpoint.newest_intact(ctx.run_dir, console.say)
     if last is not None:
-        checkpoint.load(accelerator, last, deepspeed=ctx.placement.deepspeed)
+        meta = checkpoint.load(accelerator, last, deepspeed=ctx.placement.deepspeed)
+        progress.load_state_dict(meta["progress"])
+        ctx.scheduler.load_state_dict(meta["scheduler"])
         progress.restarts += 1
         accelerator.print(f"resumed from {last} at step {progress.step} (restart {progress.restarts})")
     # What was logged past the checkpoint (everything, without one) is done again: each step is logged once.

@@ -9,7 +9,7 @@ from conftest import run_cli
 
 from launcher.config.recipe import load_recipe
 from launcher.demo import builtin
-from launcher.run import data
+from launcher.run import data, tokens
 
 
 @pytest.fixture(scope="module")
@@ -135,14 +135,14 @@ def test_missing_split_is_named(tmp_path):
 
 def test_second_load_does_not_tokenize(tmp_path, tok, monkeypatch):
     calls = []
-    real = data.tokenize
-    monkeypatch.setattr(data, "tokenize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tokens.tokenize_rows
+    monkeypatch.setattr(tokens, "tokenize_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = load_recipe(None, ["data.max_samples=200", f"data.cache_dir={tmp_path}"]).data
     a = data.load_data(cfg, tok, seed=1)
     assert calls == [1] and a[2]["cache"] == "written"
     b = data.load_data(cfg, tok, seed=1)
     assert calls == [1] and b[2]["cache"] == "hit"  # read back, not tokenized again
-    assert a[0] == b[0] and a[1] == b[1]
+    assert list(a[0]) == list(b[0]) and list(a[1]) == list(b[1])
     c = data.load_data(
         load_recipe(None, ["data.max_samples=200", f"data.cache_dir={tmp_path}", "data.max_seq_len=16"]).data,
         tok,

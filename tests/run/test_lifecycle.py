@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -165,17 +166,31 @@ def test_resume_extends_the_run_and_logs_each_step_once(trained, tmp_path):
     assert 9.0 not in [json.loads(line).get("loss") for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+class _RunsCode:
+    """Unpickling it writes a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["truncated weights", "optimizer gone", "changed byte"])
+@pytest.mark.parametrize("damage", ["truncated weights", "optimizer gone", "changed byte", "planted pickle"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(trained, tmp_path, damage):
+    """A planted pickle: accelerate unpickles custom_checkpoint_N.pkl with weights_only=False (code runs)
+    and the launcher never writes one: a file the manifest does not list makes the checkpoint damaged."""
     run = _copy(trained, tmp_path)
-    newest = run / "checkpoints" / "step_0000004"
-    if damage == "truncated weights":
+    newest, marker = run / "checkpoints" / "step_0000004", tmp_path / "marker"
+    if damage == "planted pickle":
+        (newest / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_RunsCode(marker)))
+    elif damage == "truncated weights":
         _truncate(newest / "model.safetensors")
     elif damage == "optimizer gone":
         (newest / "optimizer.bin").unlink()
@@ -189,7 +204,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(trained, tmp
     assert f"checkpoint {newest} is damaged" in out and "resuming from" in out and "step_0000002 instead" in out
     assert f"resumed from {run / 'checkpoints' / 'step_0000002'} at step 2" in out
     assert _steps(run) == [1, 2, 3, 4]  # steps 3-4 once, though the first run logged them too
-    assert "Traceback" not in res.stderr
+    assert "Traceback" not in res.stderr and not marker.exists()
 
 
 @pytest.mark.slow
