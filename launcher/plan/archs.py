@@ -2,7 +2,8 @@
 
 A leaf module (it imports nothing of the launcher's but its error type), so the planner, the
 random-weight builder and the model source resolution can all read the presets without
-importing each other.
+importing each other. Llama-style configs are planned from their keys; other architectures
+from the modules transformers builds for them on the meta device.
 """
 
 from __future__ import annotations
@@ -25,9 +26,17 @@ class Arch:
     vocab: int
     tied: bool = False
     qkv_bias: bool = False
+    # Read from the model itself (other architectures): each layer's 4-bit linears, and every
+    # other parameter (embeddings, head, norms, biases, experts kept as 3-D tensors).
+    layer_linears: tuple[tuple[str, int, int], ...] = ()
+    rest: int | None = None
 
     @classmethod
     def from_config(cls, cfg: dict, name: str = "local") -> "Arch":
+        """Llama-style configs by their keys (the planner's calibration); any other architecture
+        transformers can build, from its modules on the meta device (`from_model`)."""
+        if cfg.get("model_type", "llama") not in LLAMA_STYLE:
+            return cls.from_model(cfg, name)
         try:
             return cls(
                 name=name,
@@ -46,8 +55,42 @@ class Arch:
                 "Llama-style decoders (hidden_size, intermediate_size, num_hidden_layers, ...)"
             ) from None
 
+    @classmethod
+    def from_model(cls, cfg: dict, name: str = "local") -> "Arch":
+        """The architecture as transformers builds it, on the meta device (no memory, no weights):
+        GPT-2's Conv1D and fused qkv, BLOOM, OPT, MoE experts, Gemma's head_dim, Phi-3's fused
+        projections all count as they are. Config names (n_embd, n_layer, ffn_dim) are mapped by
+        transformers' own config classes."""
+        model = meta_model(cfg, name)
+        config = model.config
+        units = set(getattr(model, "_no_split_modules", None) or ())
+        layers = [m for m in model.modules() if type(m).__name__ in units]
+        if not layers:
+            raise UserError(f"model.name: {name}: found no decoder layers to plan (no _no_split_modules)")
+        linears = tuple(
+            (n, *_in_out(m)) for n, m in layers[0].named_modules() if type(m).__name__ in ("Linear", "Conv1D")
+        )
+        total = sum(p.numel() for p in model.parameters())
+        hidden = config.hidden_size
+        heads = config.num_attention_heads
+        width = [getattr(config, k, None) for k in ("intermediate_size", "ffn_dim", "n_inner")]
+        return cls(
+            name=name,
+            hidden=hidden,
+            intermediate=next((w for w in width if w), 4 * hidden),
+            layers=len(layers),
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            vocab=config.vocab_size,
+            tied=bool(getattr(config, "tie_word_embeddings", False)),
+            layer_linears=linears,
+            rest=total - len(layers) * sum(i * o for _, i, o in linears),
+        )
+
     def linears(self) -> dict[str, tuple[int, int]]:
         """Per layer: name -> (in, out)."""
+        if self.layer_linears:
+            return {n: (i, o) for n, i, o in self.layer_linears}
         h, kv = self.hidden, self.kv_heads * (self.hidden // self.heads)
         f = self.intermediate
         return {
@@ -67,6 +110,8 @@ class Arch:
     @property
     def other_params(self) -> int:
         """Embeddings, lm_head, norms, biases: never quantized."""
+        if self.rest is not None:
+            return self.rest
         bias = self.layers * (self.hidden + 2 * self.linears()["k_proj"][1]) if self.qkv_bias else 0
         return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden + bias
 
@@ -78,9 +123,35 @@ class Arch:
         chosen = (
             self.linears()
             if targets in ("all-linear", None)
-            else {k: v for k, v in self.linears().items() if k in targets}
+            else {k: v for k, v in self.linears().items() if k.split(".")[-1] in targets}
         )
         return self.layers * sum(r * (i + o) for i, o in chosen.values())
+
+
+LLAMA_STYLE = {"llama", "mistral", "qwen2"}  # q/k/v/o and gate/up/down, sized by the config's keys
+
+
+def _in_out(module) -> tuple[int, int]:
+    if type(module).__name__ == "Conv1D":  # GPT-2's transposed linear: weight is (in, out)
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
+def meta_model(cfg: dict, name: str):
+    """The model transformers builds for a config.json, on the meta device."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        fields = {k: v for k, v in cfg.items() if k != "model_type"}
+        config = AutoConfig.for_model(cfg.get("model_type", ""), **fields)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, AttributeError, ImportError) as e:
+        raise UserError(
+            f"model.name: the planner cannot build {name} ({cfg.get('model_type')!r}) from its config.json: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
 
 # Published config.json values.
