@@ -360,6 +360,13 @@ def _traces(recipe: Recipe, arch, setup, plans) -> tuple[list, dict]:
     from launcher.run import console
 
     console.quiet_libraries()  # progress on stderr: stdout stays the table (or JSON)
+    attn = recipe.model.attn_implementation
+    if trace.stand_in(attn) != attn:
+        print(
+            f"note: {attn} is traced with SDPA's fused kernel (flash-attn is not installed here): "
+            "the same memory class, no sequence x sequence scores",
+            file=sys.stderr,
+        )
     source = trace.source_for(recipe, arch)
     out, refused = [], {}
     for p in plans:

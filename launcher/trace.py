@@ -163,6 +163,17 @@ def _carry_quant_state(module) -> None:
         module.weight.quant_state = module.quant_state
 
 
+def stand_in(attn: str) -> str:
+    """The attention the trace runs for `attn`: flash-attention where it is installed; where it is not
+    (a login node, a laptop: where people plan), SDPA's fused kernel, the same memory class (no
+    sequence x sequence scores are kept). Planning must not need the kernels it plans for."""
+    import importlib.util
+
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        return "sdpa"
+    return attn
+
+
 def fake_model(source: str, recipe: Recipe, d: placement.Placement, mode):
     """The model of `source` at full size on fake tensors, 4-bit layers packed by bitsandbytes."""
     import bitsandbytes as bnb
@@ -176,7 +187,7 @@ def fake_model(source: str, recipe: Recipe, d: placement.Placement, mode):
     if qc is not None:
         qc.bnb_4bit_compute_dtype = d.param_dtype if recipe.quant.compute_dtype == "auto" else qc.bnb_4bit_compute_dtype
     explicit = "attn_implementation" in recipe.model.model_fields_set
-    attn = attention.choose(recipe.model.attn_implementation, explicit, model_config(source))
+    attn = attention.choose(stand_in(recipe.model.attn_implementation), explicit, model_config(source))
     skeleton = random_model.build(source, qc, d.param_dtype, "meta", attn)
     with mode:
         for module in skeleton.modules():

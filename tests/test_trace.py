@@ -230,6 +230,24 @@ def test_plan_trace_names_what_the_recipe_cannot_run_under():
     assert "train.chunked_loss: not under fsdp" in out["not_traced"]["fsdp"]
 
 
+@pytest.mark.slow
+def test_flash_attention_is_traced_without_flash_attn_installed():
+    """Where people plan there is no flash-attn: the trace stands in SDPA's fused kernel, says so in one
+    line, and counts what the SDPA trace counts."""
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here: the real kernel is traced")
+    args = ["plan", "--trace", "--gpus-per-node", "1", "--json", "data.max_seq_len=256"]
+    flash = run_cli(*args, "model.attn_implementation=flash_attention_2")
+    assert flash.returncode == 0, flash.stderr[-3000:]
+    assert "note: flash_attention_2 is traced with SDPA's fused kernel" in flash.stderr
+    sdpa = run_cli(*args, "model.attn_implementation=sdpa")
+    assert [t["device"] for t in json.loads(flash.stdout)["traced"]] == [
+        t["device"] for t in json.loads(sdpa.stdout)["traced"]
+    ]
+
+
 def test_the_trace_keeps_the_layers_the_budget_keeps():
     """train.memory_budget_gb reaches the traced step: a budget that keeps every layer traces like no
     checkpointing, one that keeps none like full checkpointing."""
