@@ -252,6 +252,8 @@ if trainer.args.process_index == 0:
                       "first_step_s": timing["first_step_s"], "eval_loss": evals[-1], "peak_gb": peak,
                       "reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if gpu else 0,
                       "steps": trainer.state.global_step}))
+if torch.distributed.is_initialized():  # the Trainer leaves it up; torn down at exit, a loaded machine saw
+    torch.distributed.destroy_process_group()  # "terminate called without an active exception" (SIGABRT)
 """
 
 
@@ -311,6 +313,8 @@ if trainer.args.process_index == 0:
                       "first_step_s": timing["first_step_s"], "eval_loss": ev["eval_loss"], "peak_gb": peak,
                       "reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if gpu else 0,
                       "steps": trainer.state.global_step}))
+if torch.distributed.is_initialized():  # the Trainer leaves it up; torn down at exit, a loaded machine saw
+    torch.distributed.destroy_process_group()  # "terminate called without an active exception" (SIGABRT)
 """
 
 
