@@ -208,6 +208,23 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(trained, tmp
 
 
 @pytest.mark.slow
+def test_a_checkpoint_whose_progress_is_a_pickle_is_refused_in_one_line(trained, tmp_path):
+    """A checkpoint from before progress.json held the progress (an older launcher kept it in accelerate's
+    pickles): refused in one line, never unpickled, nothing touched."""
+    from launcher.run import checkpoint
+
+    run = _copy(trained, tmp_path)
+    for folder in checkpoint.list_complete(run):
+        meta = json.loads((folder / "progress.json").read_text())
+        (folder / "progress.json").write_text(json.dumps({k: meta[k] for k in ("step", "epoch", "eval_loss")}))
+        (folder / "manifest.json").write_text(json.dumps(checkpoint.manifest_of(folder)))
+    before = (run / "metrics.jsonl").read_text()
+    text = _one_error_line(run_cli("train", f"train.output_dir={run}", *SHORT, "--resume"))
+    assert "was written by an older launcher" in text and "step_0000004" in text
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.slow
 def test_no_intact_checkpoint_is_refused_naming_each(trained, tmp_path):
     run = _copy(trained, tmp_path)
     for step in ("step_0000002", "step_0000004"):

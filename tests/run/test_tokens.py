@@ -262,3 +262,14 @@ def test_a_stream_resumes_at_its_row_without_tokenizing_the_past(tmp_path, tok, 
         rest = [b["sample_ids"].tolist() for b in data.from_batch(None, loader, 4)]
         assert rest == full[r][4:]
     assert min(seen) == 4 * 3 * 2  # 4 batches of 3 samples, each from a group of 2 rows
+
+
+def test_a_cache_cut_short_under_a_run_is_one_error_not_a_crash(tmp_path, tok):
+    """Rows are read with pread, not through a map: a file truncated under a reading run is an error
+    naming data.cache_dir (through a memory map it was SIGBUS)."""
+    cfg = _cfg(tmp_path, "builtin:subtraction", "data.max_samples=200")
+    cached, path = tokens.tokenized(cfg, tok, seed=0)
+    assert cached.train[199]["input_ids"]
+    os.truncate(path / "train.arrow", 1000)
+    with pytest.raises(UserError, match="data.cache_dir: .* was cut short while this run read it"):
+        cached.train[199]
