@@ -40,12 +40,17 @@ def read_text(path: str | Path, what: str) -> str:
         raise UserError(f"{what}: file not found: {path}") from None
     except OSError as e:  # a directory, no permission, ...
         raise UserError(f"{what}: cannot read {path}: {e.strerror or first_line(e)}") from None
+    return decode_utf8(data, f"{what}: {path}").removeprefix("\ufeff")  # the BOM Windows editors write is no content
+
+
+def decode_utf8(data: bytes, where: str, line0: int = 0) -> str:
+    """Bytes of a file as text; an error names `where` and the line (the first counted from `line0` + 1)."""
     try:
-        return data.decode("utf-8").removeprefix("\ufeff")  # the BOM Windows editors write is no content
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
+        line = line0 + data.count(b"\n", 0, e.start) + 1
         raise UserError(
-            f"{what}: {path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8"
+            f"{where} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8"
         ) from None
 
 
@@ -67,17 +72,6 @@ def read_json(path: str | Path, what: str, expect: type | None = dict) -> Any:
         kind = "a JSON object" if expect is dict else f"a JSON {expect.__name__}"
         raise UserError(f"{what}: {path} must hold {kind}, not a JSON {type(value).__name__}")
     return value
-
-
-def read_jsonl(path: str | Path, what: str) -> list:
-    """One JSON value per line; blank lines are skipped and errors name the file's own line number.
-    (Lines are split on newline only: str.splitlines also splits on U+2028 and friends, which
-    JSON allows inside strings, and then every later line number is off.)"""
-    rows = []
-    for number, line in enumerate(read_text(path, what).split("\n"), start=1):
-        if line.strip():
-            rows.append(parse_json(line, f"{what}: {path}", number))
-    return rows
 
 
 def _yaml():

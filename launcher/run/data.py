@@ -47,7 +47,7 @@ def tokenize(rows: list[dict], cfg: DataCfg, tokenizer: PreTrainedTokenizerBase)
     examples = [block.example(k, cfg.train_on_prompt) for k in range(len(block))]
     c = block.counts
     if not examples:
-        raise UserError(f"data: no usable samples in {cfg.path} (empty: {c.dropped_empty}, too long: {c.dropped_long})")
+        raise tokens.no_usable_samples(cfg.path, c.dropped_empty, c.dropped_long)
     stats = {
         "format": fmt,
         "samples": len(examples),

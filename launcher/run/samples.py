@@ -31,7 +31,7 @@ def read_samples(path: str, split: str = "train", field: str = "data.path") -> l
     parts through `open_source` instead."""
     src = open_source(path, split, field)
     if isinstance(src, JsonlFile):
-        return _checked(userio.read_jsonl(src.path, field), path, field)
+        return _checked(src.rows(0, src.path.stat().st_size, 0, 0), path, field)  # the whole file as one range
     return src.rows(0, len(src))[1]
 
 
@@ -100,7 +100,7 @@ JSON_START = frozenset(b'{["-0123456789tfn')  # a line starting with one of thes
 class JsonlFile:
     """A JSON Lines file read in byte ranges that end at a newline, so several processes read
     one file at once; line numbers and sample indexes stay those of the whole file (blank lines
-    are skipped and not counted as samples, as `userio.read_jsonl` does)."""
+    are skipped and not counted as samples)."""
 
     def __init__(self, path: Path, name: str, field: str):
         self.path, self.name, self.field = path, name, field
@@ -123,7 +123,7 @@ class JsonlFile:
                 f.seek(start)
                 return f.read(end - start)
         except OSError as e:  # no permission, a vanished file, an I/O error
-            raise UserError(f"{self.field}: cannot read {self.name}: {e.strerror or userio.first_line(e)}") from None
+            raise UserError(f"{self.field}: cannot read {self.path}: {e.strerror or userio.first_line(e)}") from None
 
     def count(self, start: int, end: int) -> tuple[int, int]:
         """(newlines, samples) in a range: the line and sample numbers the next range starts from."""
@@ -138,17 +138,12 @@ class JsonlFile:
     def rows(self, start: int, end: int, line0: int, sample0: int, limit: int | None = None) -> list[dict]:
         """The objects in a range whose first line is number `line0` + 1 and first sample `sample0`."""
         data = self._bytes(start, end)
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = line0 + data.count(b"\n", 0, e.start) + 1
-            raise UserError(
-                f"{self.field}: {self.path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
-                "save the file as UTF-8"
-            ) from None
+        text = userio.decode_utf8(data, f"{self.field}: {self.path}", line0)
         if start == 0:
             text = text.removeprefix("\ufeff")  # the BOM Windows editors write is no content
         out, where = [], f"{self.field}: {self.path}"
+        # Split on newline only: str.splitlines also splits on U+2028 and friends, which JSON allows
+        # inside strings, and then every later line number is off.
         for number, line in enumerate(text.split("\n"), start=line0 + 1):
             if limit is not None and len(out) >= limit:
                 break

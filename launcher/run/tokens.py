@@ -134,6 +134,10 @@ def tokenize_rows(rows: list[dict], first: int, fmt: str, cfg: DataCfg, tokenize
     return Block(np.asarray(ids, dtype=np.int64), offsets, tokens, np.asarray(plens, dtype=np.int32), counts)
 
 
+def no_usable_samples(path: str, empty: int, too_long: int) -> UserError:
+    return UserError(f"data: no usable samples in {path} (empty: {empty}, too long: {too_long})")
+
+
 # ---------------------------------------------------------------- building, in parallel
 
 _JOB: tuple = ()  # (source, format, data section, tokenizer) in a worker, inherited at fork
@@ -238,9 +242,6 @@ def _first_row(source: JsonlFile | Loaded) -> dict:
     raise UserError(f"{source.field}: {source.name} holds no samples")
 
 
-SCHEMA_FIELDS = (("id", "int64"), ("input_ids", "large_list<item: int32>"), ("prompt_len", "int32"))
-
-
 def _schema():
     import pyarrow as pa
 
@@ -318,7 +319,7 @@ class TokenStore:
         whole = pa.py_buffer(mapped)
         reader = pa.ipc.open_stream(whole)
         got = tuple((f.name, str(f.type)) for f in reader.schema)
-        if got != SCHEMA_FIELDS:
+        if got != tuple((f.name, str(f.type)) for f in _schema()):
             raise ValueError(f"columns {got}")
         for batch in reader:
             tokens = batch.column(1)
@@ -427,10 +428,7 @@ def _write(path: Path, cfg: DataCfg, tokenizer) -> None:
     try:
         stats = build(cfg.path, cfg.split, "data.path", cfg, tokenizer, cfg.max_samples, tmp / "train.arrow")
         if not stats["samples"]:
-            raise UserError(
-                f"data: no usable samples in {cfg.path} (empty: {stats['dropped_empty']}, "
-                f"too long: {stats['dropped_too_long']})"
-            )
+            raise no_usable_samples(cfg.path, stats["dropped_empty"], stats["dropped_too_long"])
         meta = {"cache_format": CACHE_FORMAT, "stats": stats}
         if cfg.eval_path:
             split = cfg.eval_split or cfg.split
