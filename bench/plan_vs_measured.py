@@ -112,7 +112,8 @@ def planned(model: str, mb: int, seq: int, gc: bool, gpu: bool) -> float:
     )
     arch = planner.arch_for_recipe(recipe)
     setup = planner.setup_for_recipe(recipe, 1, 1, gpu=gpu)
-    return planner.estimate(arch, "single", setup).device_total
+    p = planner.estimate(arch, "single", setup)
+    return p.allocated if gpu else p.device_total  # max_memory_allocated on a GPU, resident size on CPU
 
 
 def main() -> None:
@@ -129,11 +130,7 @@ def main() -> None:
             model = model_dir(size, root, args.gpu)
             random_init = args.gpu and SIZES[size] is not None  # model_dir wrote only config.json
             summary = measure(model, mb, seq, gc, root / f"run{i}", random_init)
-            measured = max(summary["peak_mem_gb_per_rank"])
-            if args.gpu:
-                from launcher.plan.planner import GPU_OVERHEAD_GB
-
-                measured += GPU_OVERHEAD_GB  # max_memory_allocated leaves out what this term covers
+            measured = max(summary["peak_mem_gb_per_rank"])  # max_memory_allocated on a GPU
             plan = planned(model, mb, seq, gc, args.gpu)
             print(
                 json.dumps(

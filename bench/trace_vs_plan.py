@@ -2,7 +2,7 @@
 
 Each row traces `launcher.trace` for one preset, strategy, world size and setting and prints the
 planner's estimate of the same thing: the device peak without the overhead the trace cannot see
-(planner.GPU_OVERHEAD_GB), and for the offloading strategies the host memory of the offloaded
+(planner.Totals.traceable), and for the offloading strategies the host memory of the offloaded
 tensors per rank. JSON lines go to --out; README's table is made from them.
 
     python bench/trace_vs_plan.py --out trace_vs_plan.jsonl             # the README grid
@@ -72,7 +72,7 @@ def planned(r: dict) -> tuple[float, float]:
     p = planner.estimate(
         planner.PRESETS[r["model"]], r["strategy"], planner.setup_for_recipe(recipe, r["world"], 1, gpu=True)
     )
-    return p.device_total - p.device["framework_overhead"], p.host.get("offloaded_params_and_states", 0.0) / r["world"]
+    return p.traceable, p.host.get("offloaded_params_and_states", 0.0) / r["world"]
 
 
 def check(rows: list[dict]) -> list[tuple[float, float | None, dict]]:

@@ -21,9 +21,9 @@ a reason checked here (torch 2.13 CPU build, bitsandbytes 0.50):
 - bitsandbytes' fused gemm_4bit is counted as its CUDA fallback and CPU kernel run it: the weight
   dequantized, then one matmul (the tracker expands it; a fake kernel shows only the output).
 
-What the trace cannot see, and the planner adds as margins: the CUDA context and cuBLAS
-workspaces, the caching allocator's fragmentation, NCCL's buffers (planner.GPU_OVERHEAD_GB), and
-the host side of a GPU process (libraries, pinned staging, the loading buffers).
+What the trace cannot see, and the planner adds as its own terms: the layer gathered ahead
+(prefetch), the caching allocator's slack, the CUDA context, NCCL's buffers (planner._gpu_margins),
+and the host side of a GPU process (libraries, pinned staging, the loading buffers).
 """
 
 from __future__ import annotations
@@ -402,31 +402,39 @@ def source_for(recipe: Recipe, arch) -> str:
 
 
 def render(traced: list[Traced], plans: list, refused: dict | None = None, gpu: bool = True) -> str:
-    """The traced peaks per category next to the planner's total for the same strategies; `refused`:
-    strategies the recipe cannot run under, with the reason."""
+    """The traced peaks per category next to the planner's total for the same strategies, and the
+    DeepSpeed strategies beside them from the planner alone (marked *); `refused`: strategies the
+    recipe cannot run under, with the reason."""
     why = {**NOT_TRACED, **(refused or {})}
     skipped = sorted({p.strategy for p in plans} - {t.strategy for t in traced})
     tail = ["not traced: " + "; ".join(f"{s} ({why.get(s, 'cannot be traced')})" for s in skipped)] if skipped else []
     if not traced:
         return "\n".join(["traced: no planned strategy could be traced", *tail])
     planned = {p.strategy: p for p in plans}
+    analytic = [s for s in skipped if s in NOT_TRACED]  # DeepSpeed: planned, shown beside the traces
     cats = [c for c in memtrack.CATEGORIES if any(c in t.device for t in traced)]
-    unseen = "CUDA context, allocator and NCCL" if gpu else "process's own memory (libraries, allocator)"
+    unseen = "prefetch, allocator, CUDA context and NCCL" if gpu else "process's own memory (libraries, allocator)"
+    blank = "".join(f"{'-':>14}" for _ in analytic)
     lines = [
-        f"traced: {STEPS} steps of the training step on fake tensors, rank 0 (GB; the planner's overhead for the "
-        f"{unseen} is not in the trace)",
-        f"{'GB per ' + ('GPU' if gpu else 'process'):<22}" + "".join(f"{t.strategy:>14}" for t in traced),
+        f"traced: {STEPS} steps of the training step on fake tensors, rank 0 (GB; the planner's terms for the "
+        f"{unseen} are not in the trace; * planned only, not traced)",
+        f"{'GB per ' + ('GPU' if gpu else 'process'):<22}"
+        + "".join(f"{t.strategy:>14}" for t in traced)
+        + "".join(f"{s + '*':>14}" for s in analytic),
     ]
-    lines += [f"  {c:<20}" + "".join(f"{t.device.get(c, 0.0):>14.2f}" for t in traced) for c in cats]
-    lines.append(f"  {'traced peak':<20}" + "".join(f"{t.device_total:>14.2f}" for t in traced))
+    lines += [f"  {c:<20}" + "".join(f"{t.device.get(c, 0.0):>14.2f}" for t in traced) + blank for c in cats]
+    lines.append(f"  {'traced peak':<20}" + "".join(f"{t.device_total:>14.2f}" for t in traced) + blank)
     lines.append(
-        f"  {'planned, no overhead':<20}" + "".join(f"{_planned_device(planned[t.strategy]):>14.2f}" for t in traced)
+        f"  {'planned, as traced':<20}"
+        + "".join(f"{_planned_device(planned[s]):>14.2f}" for s in [t.strategy for t in traced] + analytic)
     )
     if any(t.host for t in traced):
-        lines.append(f"{'offloaded, per rank':<22}" + "".join(f"{t.host_total:>14.2f}" for t in traced))
-    lines.append(f"{'traced in (s)':<22}" + "".join(f"{t.seconds:>14.0f}" for t in traced))
+        lines.append(f"{'offloaded, per rank':<22}" + "".join(f"{t.host_total:>14.2f}" for t in traced) + blank)
+    lines.append(f"{'traced in (s)':<22}" + "".join(f"{t.seconds:>14.0f}" for t in traced) + blank)
     return "\n".join(lines + tail)
 
 
 def _planned_device(plan) -> float:
-    return plan.device_total - plan.device.get("framework_overhead", 0.0)
+    """The planner's figure for what a trace sees: allocated tensors less the prefetched layer (GPU), or
+    the process less its libraries (CPU)."""
+    return plan.traceable if "cuda_context" in plan.device else plan.device_total - plan.device["framework_overhead"]

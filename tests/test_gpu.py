@@ -94,7 +94,8 @@ def test_65b_random_weights_train_on_one_gpu_within_the_plan(tmp_path):
     from launcher.plan import planner
 
     setup = planner.Setup(micro_batch=1, seq_len=512, optimizer="paged_adamw_32bit")
-    plan = planner.estimate(planner.PRESETS["llama-65b"], "single", setup).device_total
+    planned = planner.estimate(planner.PRESETS["llama-65b"], "single", setup)
+    plan = planned.device_total
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     if plan > total * 0.95:
         pytest.skip(f"llama-65b needs ~{plan:.0f} GB; this GPU has {total:.0f} GB")
@@ -114,7 +115,7 @@ def test_65b_random_weights_train_on_one_gpu_within_the_plan(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-4000:]
     s = json.loads((run / "summary.json").read_text())
-    measured = s["peak_mem_gb_per_rank"][0] + planner.GPU_OVERHEAD_GB
+    measured, plan = s["peak_mem_gb_per_rank"][0], planned.allocated  # both max_memory_allocated
     print(
         json.dumps(
             {
@@ -123,6 +124,7 @@ def test_65b_random_weights_train_on_one_gpu_within_the_plan(tmp_path):
                 "load_s": s["load_s"],
                 "step_s": s["step_s"],
                 "reserved_gb": s["peak_reserved_gb_per_rank"],
+                "planned_reserved_gb": round(planned.reserved, 2),
                 "params": s["total_params"],
             }
         )

@@ -167,7 +167,9 @@ PRESETS = {
         Arch("llama-2-70b", 8192, 28672, 80, 64, 8, 32000),
         Arch("llama-3-8b", 4096, 14336, 32, 32, 8, 128256),
         Arch("llama-3-70b", 8192, 28672, 80, 64, 8, 128256),
+        Arch("llama-3.1-405b", 16384, 53248, 126, 128, 8, 128256),
         Arch("mistral-7b", 4096, 14336, 32, 32, 8, 32000),
+        Arch("yi-34b", 7168, 20480, 60, 56, 8, 64000),
         Arch("qwen2.5-7b", 3584, 18944, 28, 28, 4, 152064, qkv_bias=True),
         Arch("qwen2.5-72b", 8192, 29568, 80, 64, 8, 152064, qkv_bias=True),
     )
@@ -185,7 +187,9 @@ HUB = {
     "meta-llama/Meta-Llama-3-70B": "llama-3-70b",
     "meta-llama/Llama-3.1-8B": "llama-3-8b",
     "meta-llama/Llama-3.1-70B": "llama-3-70b",
+    "meta-llama/Llama-3.1-405B": "llama-3.1-405b",
     "mistralai/Mistral-7B-v0.1": "mistral-7b",
+    "01-ai/Yi-34B": "yi-34b",
     "Qwen/Qwen2.5-7B": "qwen2.5-7b",
     "Qwen/Qwen2.5-72B": "qwen2.5-72b",
 }

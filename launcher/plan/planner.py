@@ -15,8 +15,14 @@ Every estimate is a sum of named terms (bytes), per GPU and per node's CPU RAM, 
 - gathered parameters under ZeRO-3/FSDP: the root's embeddings and head for the whole step, one layer.
 - activations kept for backward, and the largest transient (the loss over the logits, a
   recomputed layer's backward, or the all-gather buffer): GPU_FIT, fitted to traces.
-- framework overhead: what a trace cannot see (CUDA context, cuBLAS workspaces, allocator
-  fragmentation, NCCL buffers); on CPU the resident size of a process with the libraries imported.
+- what a trace cannot see, each its own term: the layer FSDP/ZeRO-3 gathers ahead (prefetch), the
+  caching allocator's slack (what `max_memory_reserved` adds to `max_memory_allocated`), the CUDA
+  context and NCCL's buffers (what nvidia-smi adds to both); on CPU, the resident size of a process
+  with the libraries imported.
+
+Each GPU plan therefore gives three totals: `allocated` (tensors: what the trace and
+`max_memory_allocated` count), `reserved` (`max_memory_reserved`, what the OOM message reports) and
+`device_total` (the process on nvidia-smi), and a plan fits by the last.
 
 CPU plans keep their own activation constants, calibrated against measured resident memory
 (tests/test_planner.py checks the CPU models within 15%), allocator slack included.
@@ -53,7 +59,27 @@ OPTIMIZER_BYTES = {o.name: o.state_bytes for o in tables.OPTIMIZERS.values()}
 # gradient and the logits' gradient: ~6 fp32 copies at the peak). Not yet calibrated on GPU.
 ACT_HIDDEN, ACT_INTER = 20.0, 8.5
 LOGIT_BYTES = 24.0
-GPU_OVERHEAD_GB = 1.0  # CUDA context, cuBLAS workspace, allocator slack (not in max_memory_allocated)
+# What nvidia-smi shows beyond the caching allocator's segments (neither is in max_memory_reserved):
+# the CUDA context with cuBLAS/cuDNN loaded (0.3-0.6 GB on Ampere/Hopper with CUDA 12, lazy module
+# loading) and NCCL's channel buffers (NCCL_BUFFSIZE 4 MiB x send/receive x up to 32 channels, more
+# with the tree and proxy buffers across nodes). Documented sizes, not measured by us.
+CUDA_CONTEXT_GB = 0.5
+NCCL_GB = {1: 0.25, 2: 0.5}  # by whether the ranks span one node or several
+# The caching allocator's reserved segments beyond the allocated peak, as a fraction of what is
+# allocated and freed during the step (activations, transients, gathered layers): freed blocks
+# are split and cached, and a later, larger request takes a new segment. Fitted to the published
+# reserved figures in bench/published.jsonl (docs/memory.md, "Against published figures").
+ALLOCATOR_SLACK = 0.25
+# ... of which this much cannot be given back: split segments still partly in use. Near the device's
+# limit the allocator frees its cached blocks and retries before it raises OOM, so the reserved peak
+# is capped by the device, and a plan fits while the allocated peak, this floor, the context and
+# NCCL fit (the published runs that filled a 24 GB card sit at 0.91-0.95 of it by this count).
+SLACK_FLOOR = 0.05
+# Layers gathered ahead of the one computing: FSDP2's implicit prefetch issues the next all-gather
+# only; FSDP1 under accelerate (limit_all_gathers, BACKWARD_PRE) likewise keeps one in flight, which
+# fsdp_qlora's published allocated peaks (FSDP1) bear out: two layers ahead would put the planner
+# 12% over them, one puts it 7-8% over. ZeRO-3's prefetch bucket is about one layer by default.
+PREFETCH_LAYERS = {1: 1, 2: 1}
 CPU_PROCESS_GB = 0.5  # resident size of a CPU training process without model and batch (measured 0.47)
 GPU_PROCESS_HOST_GB = 3.0  # host RAM of a CUDA training process (libraries, pinned buffers)
 
@@ -77,10 +103,19 @@ class Setup:
     gpu: bool = True  # False: CPU processes (fp32 everywhere)
     gpus_per_node: int = 1
     nodes: int = 1
+    fsdp_version: int = 2  # FSDP1 keeps one more layer gathered in backward (BACKWARD_PRE), see _prefetch
+    # What other tools do differently, for scoring the planner against their published figures:
+    kbit_upcast: bool | None = None  # None: the launcher's choice (upcast unless parameters are sharded)
+    logit_bytes: float | None = None  # the loss's bytes per logit element, where it is not the launcher's
+    gpu_memory_gb: float | None = None  # the device's memory: caps the reserved figure (see SLACK_FLOOR)
 
     @property
     def world(self) -> int:
         return self.gpus_per_node * self.nodes
+
+
+NOT_ALLOCATED = ("allocator_slack", "cuda_context", "nccl_buffers")  # outside max_memory_allocated
+NOT_RESERVED = ("cuda_context", "nccl_buffers")  # outside max_memory_reserved
 
 
 class Totals:
@@ -91,7 +126,24 @@ class Totals:
 
     @property
     def device_total(self) -> float:
+        """Everything the device holds: nvidia-smi's figure for a GPU process."""
         return sum(self.device.values())
+
+    @property
+    def allocated(self) -> float:
+        """Live tensors at the peak: `torch.cuda.max_memory_allocated`."""
+        return sum(v for k, v in self.device.items() if k not in NOT_ALLOCATED)
+
+    @property
+    def traceable(self) -> float:
+        """What `launcher plan --trace` can see: the allocated tensors less the prefetched layer (on one
+        stream with collectives that do nothing, nothing is gathered ahead)."""
+        return self.allocated - self.device.get("prefetch", 0.0)
+
+    @property
+    def reserved(self) -> float:
+        """The caching allocator's segments at the peak: `torch.cuda.max_memory_reserved`."""
+        return sum(v for k, v in self.device.items() if k not in NOT_RESERVED)
 
     @property
     def host_total(self) -> float:
@@ -147,7 +199,7 @@ def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
         s = replace(s, kept_layers=layers_to_keep(arch, strategy, s))
     world = s.world
     dtype = 2 if s.gpu else 4  # compute/parameter dtype bytes: bf16 on GPU, fp32 on CPU
-    upcast = s.quant != "none" and strategy not in SHARD_PARAMS  # prepare_model_for_kbit_training
+    upcast = s.quant != "none" and (strategy not in SHARD_PARAMS if s.kbit_upcast is None else s.kbit_upcast)
     shard = world if strategy in SHARD_PARAMS else 1
     state_shard = world if strategy in SHARD_STATES else 1
     offload = strategy in OFFLOAD
@@ -169,8 +221,11 @@ def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
         "gradients": grads / state_shard,
         "optimizer_states": 0.0 if offload else states / state_shard,
         **(_gpu_work(arch, strategy, s, upcast) if s.gpu else _cpu_work(arch, strategy, s, upcast)),
-        "framework_overhead": (GPU_OVERHEAD_GB if s.gpu else CPU_PROCESS_GB) * GB,
     }
+    if s.gpu:
+        device.update(_gpu_margins(arch, strategy, s, device))
+    else:
+        device["framework_overhead"] = CPU_PROCESS_GB * GB
     per_node = s.gpus_per_node
     host = {"processes": (GPU_PROCESS_HOST_GB * GB if s.gpu else 0.0) * per_node}
     if offload:  # this node's ranks hold their shards of parameters and optimizer state
@@ -229,18 +284,45 @@ def _gpu_work(arch: Arch, strategy: str, s: Setup, upcast: bool) -> dict:
     recomputed, kept = _checkpointed(arch, s)
     gathered = 0.0
     if strategy in SHARD_PARAMS:
-        packed, _ = _quant_bytes(arch, s, 2)
         root = (arch.other_params - 2 * arch.layers * arch.hidden) * 2  # embeddings, head, final norm
-        gathered = root + packed / arch.layers + arch.lora_params(s.lora_r, s.targets) / arch.layers * 2
+        gathered = root + _gathered_layer(arch, s)
     activations = recomputed * tokens * arch.hidden * resid + kept * full_layer
     biggest = max(i * o for i, o in arch.linears().values())
     dequant = fit.dequant * biggest * 2 if s.quant != "none" else 0.0  # bf16 copies of the largest weight
     work = max(
-        _loss_tokens(s, strategy) * arch.vocab * fit.logit, (fit.layer * full_layer if recomputed else 0.0) + dequant
+        _loss_tokens(s, strategy) * arch.vocab * (s.logit_bytes or fit.logit), (fit.layer * full_layer if recomputed else 0.0) + dequant
     )
     # At the start of forward the root's all-gather buffer sits next to its gathered copy, before
     # any activation exists: the peak of small steps under FSDP.
     return {"gathered_params": gathered, "activations": activations, "transient": max(work, gathered - activations)}
+
+
+def _gathered_layer(arch: Arch, s: Setup) -> float:
+    """One decoder layer as FSDP/ZeRO-3 gathers it: its packed weights and its adapter in 16-bit."""
+    packed, _ = _quant_bytes(arch, s, 2)
+    return packed / arch.layers + arch.lora_params(s.lora_r, s.targets) / arch.layers * 2
+
+
+def _gpu_margins(arch: Arch, strategy: str, s: Setup, device: dict) -> dict:
+    """What a GPU holds that the trace (fake tensors, one stream, collectives that do nothing) cannot
+    show. Prefetch: the next layer gathered while this one computes: FSDP2's implicit prefetch and
+    ZeRO-3's prefetch bucket keep one more layer, FSDP1 with BACKWARD_PRE and limit_all_gathers two
+    (the prefetched layer, and the last one until its reduce-scatter ends). Modelled from the
+    libraries' documented behaviour; no GPU run of ours has measured it yet."""
+    prefetch = 0.0
+    if strategy in SHARD_PARAMS and s.world > 1:
+        prefetch = _gathered_layer(arch, s) * (PREFETCH_LAYERS[s.fsdp_version] if strategy in tables.FSDP else 1)
+    churn = device["activations"] + device["transient"] + device["gathered_params"] + prefetch
+    margins = {
+        "prefetch": prefetch,
+        "cuda_context": CUDA_CONTEXT_GB * GB,
+        "nccl_buffers": NCCL_GB[min(s.nodes, 2)] * GB if s.world > 1 else 0.0,
+    }
+    slack = ALLOCATOR_SLACK * churn
+    if s.gpu_memory_gb:  # the allocator gives its cache back before it fails
+        room = (s.gpu_memory_gb - 0.01) * GB - sum(device.values()) - sum(margins.values())  # 0.01: the table's rounding
+        slack = max(SLACK_FLOOR * churn, min(slack, room))
+    return {**margins, "allocator_slack": slack}
 
 
 def _cpu_work(arch: Arch, strategy: str, s: Setup, upcast: bool) -> dict:
@@ -276,6 +358,7 @@ def largest_micro_batch(arch: Arch, strategy: str, s: Setup, gpu_gb: float, limi
 
 def plan_all(arch: Arch, s: Setup, gpu_gb: float, cpu_gb: float, strategies=STRATEGIES) -> list[Plan]:
     plans = []
+    s = replace(s, gpu_memory_gb=gpu_gb if s.gpu else None)
     for strategy in strategies:
         if strategy == "single" and s.world > 1 or strategy == "ddp" and s.world == 1:
             continue  # single is one process; ddp of one process is single
@@ -310,8 +393,7 @@ def recommend(plans: list[Plan]) -> tuple[Plan | None, str]:
                 "CPU RAM",
             }
             return p, (
-                f"{name}: {reasons[name]} ({p.device_total:.1f} GB per GPU at this micro batch; "
-                f"up to micro batch {p.max_micro_batch})"
+                f"{name}: {reasons[name]} ({_at_this_batch(p)}; up to micro batch {p.max_micro_batch})"
             )
     if not plans:
         return None, "no strategy applies"
@@ -319,6 +401,15 @@ def recommend(plans: list[Plan]) -> tuple[Plan | None, str]:
     return None, (
         f"nothing fits: the smallest is {closest.strategy} at {closest.device_total:.1f} GB per GPU; "
         "add GPUs, lower train.micro_batch_size or data.max_seq_len, or enable gradient checkpointing"
+    )
+
+
+def _at_this_batch(p: Plan) -> str:
+    if "cuda_context" not in p.device:  # a CPU process
+        return f"{p.device_total:.1f} GB per process at this micro batch"
+    return (
+        f"{p.allocated:.1f} GB of tensors per GPU at this micro batch, {p.device_total:.1f} GB with the "
+        "allocator's cache, CUDA context and NCCL"
     )
 
 
@@ -351,6 +442,7 @@ def setup_for_recipe(recipe: Recipe, gpus_per_node: int, nodes: int, gpu: bool) 
         gpu=gpu,
         gpus_per_node=gpus_per_node,
         nodes=nodes,
+        fsdp_version=recipe.dist.fsdp_version,
     )
 
 
@@ -377,7 +469,10 @@ def render(arch: Arch, s: Setup, plans: list[Plan], choice: str, gpu_gb: float, 
     lines.append(head)
     for term in terms:
         lines.append(f"  {term:<20}" + "".join(f"{p.device[term]:>14.2f}" for p in plans))
-    lines.append(f"  {'total':<20}" + "".join(f"{p.device_total:>14.2f}" for p in plans))
+    if s.gpu:  # the two figures users read: max_memory_allocated, and max_memory_reserved (OOM messages)
+        lines.append(f"  {'= allocated':<20}" + "".join(f"{p.allocated:>14.2f}" for p in plans))
+        lines.append(f"  {'= reserved':<20}" + "".join(f"{p.reserved:>14.2f}" for p in plans))
+    lines.append(f"  {'total' + (' (nvidia-smi)' if s.gpu else ''):<20}" + "".join(f"{p.device_total:>14.2f}" for p in plans))
     lines.append(f"{'CPU RAM per node':<22}" + "".join(f"{p.host_total:>14.2f}" for p in plans))
     lines.append(f"{'fits':<22}" + "".join(f"{'yes' if p.fits else 'no':>14}" for p in plans))
     lines.append(f"{'largest micro batch':<22}" + "".join(f"{p.max_micro_batch:>14}" for p in plans))
@@ -397,7 +492,13 @@ def as_json(arch: Arch, s: Setup, plans: list[Plan], best: Plan | None, choice: 
             "params": arch.params,
             "setup": asdict(s),
             "plans": [
-                {**asdict(p), "device_total_gb": round(p.device_total, 3), "host_total_gb": round(p.host_total, 3)}
+                {
+                    **asdict(p),
+                    "device_total_gb": round(p.device_total, 3),
+                    "allocated_gb": round(p.allocated, 3),
+                    "reserved_gb": round(p.reserved, 3),
+                    "host_total_gb": round(p.host_total, 3),
+                }
                 for p in plans
             ],
             "recommended": best.strategy if best else None,

@@ -1,0 +1,41 @@
+"""The planner against published QLoRA memory figures (bench/published.jsonl, scored by
+bench/published.py): each within 15% of the measure it reports, or an outlier whose reason
+docs/memory.md gives; and every published run, which ran, planned to fit its GPU."""
+
+import sys
+
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+from bench import published  # noqa: E402
+
+ROWS = published.rows()
+
+
+def test_the_file_holds_figures_from_several_tools_and_measures():
+    assert len(ROWS) >= 20 and len({r["id"] for r in ROWS}) == len(ROWS)
+    assert {r["measure"] for r in ROWS} >= {"allocated", "reserved"}
+    assert len({r["source"] for r in ROWS}) >= 2
+    for r in ROWS:
+        assert r["url"].startswith("https://") and r["model"] in published.planner_presets(), r["id"]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r["id"] for r in ROWS])
+def test_planned_within_15_percent_of_the_published_figure(row):
+    planned = published.planned(row)
+    if row["id"] in published.OUTLIERS:
+        assert abs(planned / row["gib"] - 1) > published.TOLERANCE, "no longer an outlier: take it out of OUTLIERS"
+        return
+    assert planned == pytest.approx(row["gib"], rel=published.TOLERANCE)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r["id"] for r in ROWS])
+def test_each_published_run_is_planned_to_fit_its_gpu(row):
+    assert published.fits(row)
+
+
+def test_every_outlier_is_explained_in_the_docs():
+    text = (ROOT / "docs/memory.md").read_text()
+    for key in published.OUTLIERS:
+        assert key in text, f"docs/memory.md does not say why {key} is an outlier"
