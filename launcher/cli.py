@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal, get_args, get_origin
 from launcher.config.errors import UserError
 from launcher.config.recipe import SlurmCfg, describe_fields, load_recipe
 from launcher.config.recipe import split_args as _split_recipe_args
-from launcher.config.tables import FLOAT_DTYPES
+from launcher.config.tables import FLOAT_DTYPES, GPUS
 from launcher.config.userio import quote
 from launcher.plan.archs import PRESETS
 
@@ -268,6 +268,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from launcher.cluster.sweep import submit_sweep
 
     path, overrides, flags, _ = _slurm_recipe(args)
+    if args.plan:
+        from launcher.cluster.sweep import plan_sweep
+
+        print(plan_sweep(path, overrides, args.grid, args.gpu_type, flags))
+        return 0
     sweep_dir, job_ids = submit_sweep(
         path, overrides, args.grid, args.out, args.max_parallel, args.dry_run, flags=flags, setup=args.setup or []
     )
@@ -332,7 +337,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     here = Machine.detect()
     gpu = not args.cpu
     per_node = args.gpus_per_node or (recipe.dist.nproc if args.cpu or not here.gpus else here.gpus)
-    gpu_gb = _gb(args.gpu_memory, "--gpu-memory") or (here.gpu_memory_gb if gpu and here.gpus else 80.0)
+    kind, kind_note = _gpu_type(args.gpu_type, here)
+    default_gb = here.gpu_memory_gb if here.gpus and not args.gpu_type else kind.memory_gib
+    gpu_gb = _gb(args.gpu_memory, "--gpu-memory") or default_gb
     if args.cpu and args.gpu_memory is None:
         import psutil
 
@@ -342,15 +349,71 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plans = planner.plan_all(arch, setup, gpu_gb, cpu_gb)
     best, why = planner.recommend(plans)
     traced, refused = _traces(recipe, arch, setup, plans) if args.trace else (None, {})
+    timed = _times(args, recipe, arch, setup, plans, kind) if gpu else None
     if args.json:
-        print(planner.as_json(arch, setup, plans, best, why, traced, refused))
+        out = json.loads(planner.as_json(arch, setup, plans, best, why, traced, refused))
+        if timed:
+            out["time"] = {"gpu_type": kind.name, "tokens": timed[1], **timed[2]}
+        print(json.dumps(out, indent=1))
         return 0
     print(planner.render(arch, setup, plans, why, gpu_gb, cpu_gb))
+    if timed:
+        print("\n" + timed[0] + (f"\n{kind_note}" if kind_note else ""))
     if traced is not None:
         from launcher import trace
 
         print("\n" + trace.render(traced, plans, refused, gpu=setup.gpu))
     return 0
+
+
+def _gpu_type(name: str | None, here):
+    """(the GPU the plan's time is for, a note when it was not named nor detected)."""
+    from launcher.config.tables import GPUS
+    from launcher.plan.throughput import gpu_named
+
+    if name:
+        return GPUS[name], ""
+    if here.gpus:
+        import torch
+
+        found = gpu_named(torch.cuda.get_device_name(0), here.gpu_memory_gb)
+        if found:
+            return found, ""
+    return GPUS["h100"], "note: times are for an H100; name the GPU with --gpu-type (" + ", ".join(GPUS) + ")"
+
+
+def _times(args: argparse.Namespace, recipe: Recipe, arch, setup, plans, kind) -> tuple[str, int | None, dict]:
+    """(the time table, the tokens it is for, {strategy: figures}) for the planned strategies."""
+    from dataclasses import asdict
+
+    from launcher.plan import throughput
+
+    link = _gb(args.link_gbs, "--link-gbs") or kind.link_gbs
+    network = _gb(args.network_gbs, "--network-gbs") or throughput.NETWORK_GBS
+    tokens = args.tokens or throughput.recipe_tokens(recipe.train.max_steps, recipe.train.grad_accum, setup)
+    timings = {
+        p.strategy: throughput.timing(arch, p.strategy, setup, kind, link, network) if p.fits else None for p in plans
+    }
+    per = tokens or 1e9
+    figures = {
+        k: {**asdict(t), "bound": t.bound, "hours": t.hours(per), "gpu_hours": t.hours(per) * setup.world}
+        for k, t in timings.items()
+        if t
+    }
+    return throughput.render(timings, kind, setup, tokens, link, network), tokens, figures
+
+
+def _tokens(text: str) -> int:
+    """--tokens: 2e9, 500M, 1.5B, 200k."""
+    t = text.strip().upper()
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale != 1 else t) * scale
+    except ValueError:
+        value = float("nan")
+    if not (1 <= value < 1e16):
+        raise argparse.ArgumentTypeError(f"expected a token count such as 2e9, 500M or 1.5B, got {quote(text)}")
+    return int(value)
 
 
 def _traces(recipe: Recipe, arch, setup, plans) -> tuple[list, dict]:
@@ -459,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="sweep directory (default: the recipe's train.output_dir)")
     p.add_argument("--max-parallel", type=_count(1), default=8, help="at most this many jobs of an array run at once")
+    p.add_argument("--plan", action="store_true", help="table every point's memory, time and GPU-hours; submit nothing")
+    p.add_argument("--gpu-type", choices=list(GPUS), default="h100", help="the GPU --plan plans for (default h100)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="table (Markdown, CSV) and plots of a sweep's results")
@@ -474,6 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", help="per GPU, e.g. 80GB (default: this machine's GPU, else 80GB)")
     p.add_argument("--cpu-memory", help="CPU RAM per node, e.g. 512GB (default 512GB)")
     p.add_argument("--cpu", action="store_true", help="plan CPU processes (gloo) instead of GPUs")
+    p.add_argument("--gpu-type", choices=list(GPUS), help="the GPU the time is planned for (default: this machine's)")
+    p.add_argument("--tokens", type=_tokens, help="tokens to train, e.g. 2B (default: train.max_steps' rows)")
+    p.add_argument("--link-gbs", help="GB/s between GPUs of a node (default: the GPU type's)")
+    p.add_argument("--network-gbs", help="GB/s per GPU between nodes (default 25: 200 Gb/s)")
     p.add_argument(
         "--trace",
         action="store_true",

@@ -151,6 +151,35 @@ def submit_sweep(
     return sweep_dir, job_ids
 
 
+def plan_sweep(
+    recipe_path: str | None, overrides: list[str], grid_items: list[str], gpu_type: str, flags: dict | None = None
+) -> str:
+    """`launcher sweep --plan`: every grid point planned (memory, time, GPU-hours) as a Markdown table,
+    before anything queues. Nothing is written or submitted."""
+    from launcher.config.tables import GPUS
+    from launcher.plan.throughput import plan_point
+
+    gpu = GPUS[gpu_type]
+    lines = [
+        f"planned on {gpu.name} (memory {gpu.memory_gib:g} GB; tokens: train.max_steps' rows, else per 1B)",
+        "| point | model | params (B) | strategy | GPUs | fits | reserved GB | tokens/s | MFU | hours | GPU-hours |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    total = 0.0
+    for combo in points(parse_grid(grid_items, flags)):
+        recipe = load_recipe(recipe_path, [*overrides, *combo], flags)
+        if recipe.slurm.gpus_per_node == 0:
+            raise UserError(f"{' '.join(combo)}: slurm.gpus_per_node=0 runs on CPUs; --plan plans GPU runs")
+        r = plan_point(recipe, gpu, recipe.slurm.gpus_per_node, recipe.slurm.nodes)
+        total += r["gpu_hours"] if r["fits"] else 0.0
+        lines.append(
+            f"| {' '.join(combo)} | {r['model']} | {r['params_b']} | {r['strategy']} | {r['gpus']} | "
+            f"{'yes' if r['fits'] else 'NO'} | {r['reserved_gb']} | {r['tokens_per_s']:,} | {r['mfu']} | "
+            f"{r['hours']} | {r['gpu_hours']} |"
+        )
+    return "\n".join([*lines, "", f"GPU-hours of the points that fit: {total:.1f}"])
+
+
 def max_array_size(default: int = 1001) -> int:
     """Slurm's MaxArraySize (the most elements one job array may have) from `scontrol show config`
     where a cluster answers, else Slurm's default."""

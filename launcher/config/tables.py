@@ -1,4 +1,4 @@
-"""The launcher's vocabularies, each written once: strategies and optimizers.
+"""The launcher's vocabularies, each written once: strategies, optimizers, dtypes and GPUs.
 
 The recipe's allowed values, the placement rules, the memory planner and the generated configs
 all read these tables (a leaf module: it imports nothing).
@@ -83,3 +83,41 @@ def bnb_optimizer_refused(strategy: str, optimizer: str, fsdp_version: int = 2) 
 # 4-bit weights may also be uint8.
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 STORAGE_DTYPES = ("uint8", *FLOAT_DTYPES)
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """What a plan's time depends on: the dense bf16 matmul peak (fp32 accumulate, as torch runs it;
+    GeForce cards run that at half their fp16-accumulate rate), memory bandwidth (the step's
+    elementwise work and 4-bit dequantization are bound by it), the memory torch reports, and the
+    bandwidths a rank sees for collectives within a node and for host-to-device copies (GB/s, one
+    direction). Datasheet figures, except `matmul_eff`: the fraction of the peak a QLoRA step's
+    matmuls reach, calibrated on published runs (docs/memory.md, "Time": Ampere and Ada 0.65 from 27
+    runs; Hopper 0.40 from one H100 run). The bandwidths are typical; `launcher plan` takes
+    --link-gbs and --network-gbs for a machine that differs."""
+
+    name: str
+    tflops: float
+    hbm_gbs: float
+    memory_gib: float
+    link_gbs: float  # NVLink, or PCIe (through the host where P2P is off)
+    host_gbs: float  # PCIe host to device
+    matmul_eff: float = 0.65
+
+
+GPUS = {
+    g.name: g
+    for g in (
+        Gpu("h200", 989.0, 4800.0, 139.8, 450.0, 50.0, 0.40),
+        Gpu("h100", 989.0, 3350.0, 79.1, 450.0, 50.0, 0.40),
+        Gpu("h100-pcie", 756.0, 2000.0, 79.1, 50.0, 50.0, 0.40),
+        Gpu("a100", 312.0, 2039.0, 79.1, 300.0, 25.0),
+        Gpu("a100-40gb", 312.0, 1555.0, 39.4, 300.0, 25.0),
+        Gpu("l40s", 362.0, 864.0, 44.4, 25.0, 25.0),
+        Gpu("a6000-ada", 364.0, 960.0, 47.5, 25.0, 25.0),
+        Gpu("a6000", 155.0, 768.0, 47.5, 25.0, 25.0),
+        Gpu("a5000", 111.0, 768.0, 23.7, 25.0, 25.0),
+        Gpu("rtx-4090", 165.0, 1008.0, 23.6, 20.0, 20.0),
+        Gpu("rtx-3090", 71.0, 936.0, 23.7, 10.0, 12.0),
+    )
+}

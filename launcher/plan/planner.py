@@ -290,7 +290,8 @@ def _gpu_work(arch: Arch, strategy: str, s: Setup, upcast: bool) -> dict:
     biggest = max(i * o for i, o in arch.linears().values())
     dequant = fit.dequant * biggest * 2 if s.quant != "none" else 0.0  # bf16 copies of the largest weight
     work = max(
-        _loss_tokens(s, strategy) * arch.vocab * (s.logit_bytes or fit.logit), (fit.layer * full_layer if recomputed else 0.0) + dequant
+        _loss_tokens(s, strategy) * arch.vocab * (s.logit_bytes or fit.logit),
+        (fit.layer * full_layer if recomputed else 0.0) + dequant,
     )
     # At the start of forward the root's all-gather buffer sits next to its gathered copy, before
     # any activation exists: the peak of small steps under FSDP.
@@ -320,7 +321,9 @@ def _gpu_margins(arch: Arch, strategy: str, s: Setup, device: dict) -> dict:
     }
     slack = ALLOCATOR_SLACK * churn
     if s.gpu_memory_gb:  # the allocator gives its cache back before it fails
-        room = (s.gpu_memory_gb - 0.01) * GB - sum(device.values()) - sum(margins.values())  # 0.01: the table's rounding
+        room = (
+            (s.gpu_memory_gb - 0.01) * GB - sum(device.values()) - sum(margins.values())
+        )  # 0.01: the table's rounding
         slack = max(SLACK_FLOOR * churn, min(slack, room))
     return {**margins, "allocator_slack": slack}
 
@@ -392,9 +395,7 @@ def recommend(plans: list[Plan]) -> tuple[Plan | None, str]:
                 "zero3_offload": "even split over the GPUs it does not fit; parameters and optimizer state go to "
                 "CPU RAM",
             }
-            return p, (
-                f"{name}: {reasons[name]} ({_at_this_batch(p)}; up to micro batch {p.max_micro_batch})"
-            )
+            return p, (f"{name}: {reasons[name]} ({_at_this_batch(p)}; up to micro batch {p.max_micro_batch})")
     if not plans:
         return None, "no strategy applies"
     closest = min(plans, key=lambda p: p.device_total)
@@ -472,7 +473,9 @@ def render(arch: Arch, s: Setup, plans: list[Plan], choice: str, gpu_gb: float, 
     if s.gpu:  # the two figures users read: max_memory_allocated, and max_memory_reserved (OOM messages)
         lines.append(f"  {'= allocated':<20}" + "".join(f"{p.allocated:>14.2f}" for p in plans))
         lines.append(f"  {'= reserved':<20}" + "".join(f"{p.reserved:>14.2f}" for p in plans))
-    lines.append(f"  {'total' + (' (nvidia-smi)' if s.gpu else ''):<20}" + "".join(f"{p.device_total:>14.2f}" for p in plans))
+    lines.append(
+        f"  {'total' + (' (nvidia-smi)' if s.gpu else ''):<20}" + "".join(f"{p.device_total:>14.2f}" for p in plans)
+    )
     lines.append(f"{'CPU RAM per node':<22}" + "".join(f"{p.host_total:>14.2f}" for p in plans))
     lines.append(f"{'fits':<22}" + "".join(f"{'yes' if p.fits else 'no':>14}" for p in plans))
     lines.append(f"{'largest micro batch':<22}" + "".join(f"{p.max_micro_batch:>14}" for p in plans))

@@ -10,14 +10,16 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT))
 from bench import published  # noqa: E402
 
-ROWS = published.rows()
+ALL = published.rows()
+ROWS = published.memory_rows(ALL)
+TIMED = published.time_rows(ALL)
 
 
 def test_the_file_holds_figures_from_several_tools_and_measures():
-    assert len(ROWS) >= 20 and len({r["id"] for r in ROWS}) == len(ROWS)
+    assert len(ROWS) >= 20 and len(TIMED) >= 25 and len({r["id"] for r in ALL}) == len(ALL)
     assert {r["measure"] for r in ROWS} >= {"allocated", "reserved"}
     assert len({r["source"] for r in ROWS}) >= 2
-    for r in ROWS:
+    for r in ALL:
         assert r["url"].startswith("https://") and r["model"] in published.planner_presets(), r["id"]
 
 
@@ -35,7 +37,16 @@ def test_each_published_run_is_planned_to_fit_its_gpu(row):
     assert published.fits(row)
 
 
+@pytest.mark.parametrize("row", TIMED, ids=[r["id"] for r in TIMED])
+def test_planned_throughput_within_30_percent_of_the_published_one(row):
+    planned = published.timed(row)
+    if row["id"] in published.TIME_OUTLIERS:
+        assert abs(planned / row["tokens_per_s"] - 1) > published.TIME_TOLERANCE, "no longer an outlier"
+        return
+    assert planned == pytest.approx(row["tokens_per_s"], rel=published.TIME_TOLERANCE)
+
+
 def test_every_outlier_is_explained_in_the_docs():
     text = (ROOT / "docs/memory.md").read_text()
-    for key in published.OUTLIERS:
+    for key in [*published.OUTLIERS, *published.TIME_OUTLIERS]:
         assert key in text, f"docs/memory.md does not say why {key} is an outlier"
