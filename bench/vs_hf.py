@@ -466,6 +466,7 @@ def main() -> None:
         action="store_true",
         help="CPU: one more, untimed run per side counting live tensor memory (the GPU's allocated memory)",
     )
+    ap.add_argument("--json-out", help="also write the summary here")
     ap.add_argument(
         "--hf-group-by-length",
         action="store_true",
@@ -509,24 +510,22 @@ def main() -> None:
             med["gpu"] = torch.cuda.get_device_name(0)
     ratio = {k: round(med["launcher"][k] / med["hf"][k], 3) for k in med["hf"] if med["hf"][k] and med["launcher"][k]}
     shape = {"samples": args.samples, "seq_len": args.seq_len} if long else {"steps": args.steps}
-    print(
-        json.dumps(
-            {
-                "model": args.model,
-                "gpu": args.gpu,
-                "nproc": args.nproc,
-                "data": args.data,
-                **shape,
-                "baseline": args.baseline,
-                "launcher_set": args.launcher_set,
-                "hf_group_by_length": args.hf_group_by_length,
-                "packing": args.packing or long,
-                "median": med,
-                "launcher_over_hf": ratio,
-            },
-            indent=1,
-        )
-    )
+    summary = {
+        "model": args.model,
+        "gpu": args.gpu,
+        "nproc": args.nproc,
+        "data": args.data,
+        **shape,
+        "baseline": args.baseline,
+        "launcher_set": args.launcher_set,
+        "hf_group_by_length": args.hf_group_by_length,
+        "packing": args.packing or long,
+        "median": med,
+        "launcher_over_hf": ratio,
+    }
+    print(json.dumps(summary, indent=1))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

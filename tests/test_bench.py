@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end (their figures go in docs/benchmarks.md, not in assertions on speed)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -92,3 +93,25 @@ def test_data_scale_measures_both_sides_on_the_same_file(tmp_path):
     assert ours["tokens"] == hf["tokens"] + 400  # the same text; the launcher adds a BOS to each sample
     rss = json.loads(_data_scale("rss", "--dir", d, "--samples", "400", "--packing"))
     assert len(rss["ranks"]) == 2 and all({"private", "anon", "pss"} <= set(r) for r in rss["ranks"])
+
+
+def test_gpu_acceptance_dry_mode_runs_every_step_but_the_gpu_calls(tmp_path):
+    """bench/gpu_acceptance.sh --dry: the GPU tests collected, the launcher beside TRL on the tiny model on
+    this CPU, the plan for that run next to what it measured, all in one JSON."""
+    out = tmp_path / "acc"
+    res = subprocess.run(
+        ["bash", str(ROOT / "bench/gpu_acceptance.sh"), "--dry", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "acceptance.json").read_text())
+    steps = report["steps"]
+    assert report["dry"] and set(steps) == {"gpu_tests", "vs_trl", "plan"}
+    assert steps["gpu_tests"]["rc"] == 0 and steps["gpu_tests"]["collected"] >= 4
+    assert steps["vs_trl"]["launcher"]["tokens_per_s"] > 0 and steps["vs_trl"]["trl"]["tokens_per_s"] > 0
+    plan = steps["plan"]
+    assert plan["measured"]["allocated_gb"] == steps["vs_trl"]["launcher"]["peak_gb"]
+    assert 0.5 < plan["planned_over_measured"]["allocated_gb"] < 2  # the CPU plan of the same run, resident size
