@@ -5,7 +5,10 @@ Same base (4-bit NF4, double quant), same LoRA config, same tokenized data (prom
 same optimizer, schedule, clipping and seed. Reported per run: useful (non-padding) tokens/s
 over the training loop, wall time, time to the first optimizer step (process start to the end of
 step 1, imports, tokenization and loading included), peak memory (RSS on CPU; allocated and
-reserved on GPU), final eval loss; then the launcher / HF ratios of the medians.
+reserved on GPU), final eval loss, and MFU: on CPU against the matmul FLOP/s this machine sustains
+at the step's shapes, measured in the same run before and after (bench/matmul_peak.py), with the
+step's FLOPs per useful token as the planner counts them (throughput.flops_per_token); then the
+launcher / HF ratios of the medians.
 
 Two workloads:
 - `--data arithmetic` (CPU default): the built-in 8-token samples, the same micro batch (32) and
@@ -75,6 +78,12 @@ MODELS = {  # Llama-architecture configs with random weights, built locally
     ),
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
+
+
+def builtin_dir(model: str) -> Path:
+    from launcher.demo import builtin
+
+    return builtin.ensure_tiny_llama() if model == "builtin:tiny-llama" else Path(model)
 
 
 def build_model(kind: str, where: Path, gpu: bool) -> str:
@@ -437,6 +446,17 @@ def mfu(tokens_per_s: float, model_dir: str) -> float | None:
     return peak and round(6 * params * tokens_per_s / (peak * 1e12), 4)
 
 
+def cpu_utilisation(model: str, seq_len: int, peak: float) -> float:
+    """FLOPs per useful token as the planner counts them (forward and input gradient of the frozen
+    path, the recompute of checkpointed layers, the adapter's full backward, attention) over the
+    matmul FLOP/s measured in this run: multiply by tokens/s for MFU."""
+    from launcher.plan import planner, throughput
+    from launcher.plan.source import model_config
+
+    arch = planner.Arch.from_config(model_config(str(builtin_dir(model))))
+    return throughput.flops_per_token(arch, planner.Setup(seq_len=seq_len, lora_r=16)) / peak
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200, help="CPU: optimizer steps")
@@ -480,6 +500,13 @@ def main() -> None:
     runs = {"launcher": [], "hf": []}
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(args.model, Path(tmp) / "model", args.gpu)
+        if not args.gpu:  # the ceiling MFU is read against, measured in this run (before and after)
+            sys.path.insert(0, str(ROOT))
+            from bench.matmul_peak import peak_flops, step_shapes
+
+            shapes = step_shapes(str(builtin_dir(model)))
+            tokens = 2 * args.seq_len if long else 32 * 8
+            peaks = [peak_flops(shapes, tokens)]
         data_path = long_samples(Path(tmp) / "data.jsonl", args.samples + 100, args.seq_len) if long else None
         overrides = common(model, args, data_path)
         for i in range(args.repeats):  # alternate so drift hits both the same
@@ -508,6 +535,12 @@ def main() -> None:
             for m in med.values():
                 m["mfu"] = mfu(m["tokens_per_s"], model)
             med["gpu"] = torch.cuda.get_device_name(0)
+        else:
+            peaks.append(peak_flops(shapes, tokens))
+            per_token = cpu_utilisation(model, args.seq_len if long else 16, max(peaks))
+            for m in med.values():
+                m["mfu"] = round(m["tokens_per_s"] * per_token, 4)
+            med["matmul_gflops"] = [round(p / 1e9, 1) for p in peaks]
     ratio = {k: round(med["launcher"][k] / med["hf"][k], 3) for k in med["hf"] if med["hf"][k] and med["launcher"][k]}
     shape = {"samples": args.samples, "seq_len": args.seq_len} if long else {"steps": args.steps}
     summary = {

@@ -327,8 +327,14 @@ def _gb(text: str | None, flag: str) -> float | None:
     return value
 
 
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launcher.plan import planner
+    from launcher.plan import planner, show, throughput
     from launcher.run.placement import Machine
 
     path, overrides = _split_recipe_args(args.recipe)
@@ -337,7 +343,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     here = Machine.detect()
     gpu = not args.cpu
     per_node = args.gpus_per_node or (recipe.dist.nproc if args.cpu or not here.gpus else here.gpus)
-    kind, kind_note = _gpu_type(args.gpu_type, here)
+    kind, kind_note = show.gpu_for(args.gpu_type, _device_name() if here.gpus else None, here.gpu_memory_gb)
     default_gb = here.gpu_memory_gb if here.gpus and not args.gpu_type else kind.memory_gib
     gpu_gb = _gb(args.gpu_memory, "--gpu-memory") or default_gb
     if args.cpu and args.gpu_memory is None:
@@ -349,14 +355,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plans = planner.plan_all(arch, setup, gpu_gb, cpu_gb)
     best, why = planner.recommend(plans)
     traced, refused = _traces(recipe, arch, setup, plans) if args.trace else (None, {})
-    timed = _times(args, recipe, arch, setup, plans, kind) if gpu else None
+    tokens = args.tokens or throughput.recipe_tokens(recipe.train.max_steps, recipe.train.grad_accum, setup)
+    link, network = _gb(args.link_gbs, "--link-gbs"), _gb(args.network_gbs, "--network-gbs")
+    timed = show.times(plans, arch, setup, kind, tokens, link, network) if gpu else None
     if args.json:
-        out = json.loads(planner.as_json(arch, setup, plans, best, why, traced, refused))
+        out = json.loads(show.as_json(arch, setup, plans, best, why, traced, refused))
         if timed:
-            out["time"] = {"gpu_type": kind.name, "tokens": timed[1], **timed[2]}
+            out["time"] = {"gpu_type": kind.name, "tokens": tokens, **timed[1]}
         print(json.dumps(out, indent=1))
         return 0
-    print(planner.render(arch, setup, plans, why, gpu_gb, cpu_gb))
+    print(show.memory_table(arch, setup, plans, why, gpu_gb, cpu_gb))
     if timed:
         print("\n" + timed[0] + (f"\n{kind_note}" if kind_note else ""))
     if traced is not None:
@@ -364,43 +372,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         print("\n" + trace.render(traced, plans, refused, gpu=setup.gpu))
     return 0
-
-
-def _gpu_type(name: str | None, here):
-    """(the GPU the plan's time is for, a note when it was not named nor detected)."""
-    from launcher.config.tables import GPUS
-    from launcher.plan.throughput import gpu_named
-
-    if name:
-        return GPUS[name], ""
-    if here.gpus:
-        import torch
-
-        found = gpu_named(torch.cuda.get_device_name(0), here.gpu_memory_gb)
-        if found:
-            return found, ""
-    return GPUS["h100"], "note: times are for an H100; name the GPU with --gpu-type (" + ", ".join(GPUS) + ")"
-
-
-def _times(args: argparse.Namespace, recipe: Recipe, arch, setup, plans, kind) -> tuple[str, int | None, dict]:
-    """(the time table, the tokens it is for, {strategy: figures}) for the planned strategies."""
-    from dataclasses import asdict
-
-    from launcher.plan import throughput
-
-    link = _gb(args.link_gbs, "--link-gbs") or kind.link_gbs
-    network = _gb(args.network_gbs, "--network-gbs") or throughput.NETWORK_GBS
-    tokens = args.tokens or throughput.recipe_tokens(recipe.train.max_steps, recipe.train.grad_accum, setup)
-    timings = {
-        p.strategy: throughput.timing(arch, p.strategy, setup, kind, link, network) if p.fits else None for p in plans
-    }
-    per = tokens or 1e9
-    figures = {
-        k: {**asdict(t), "bound": t.bound, "hours": t.hours(per), "gpu_hours": t.hours(per) * setup.world}
-        for k, t in timings.items()
-        if t
-    }
-    return throughput.render(timings, kind, setup, tokens, link, network), tokens, figures
 
 
 def _tokens(text: str) -> int:

@@ -7,7 +7,7 @@ sharded the way the strategy shards it over a fake process group of the planned 
 then `loop.train_step` runs two steps (the second with optimizer state) at the recipe's micro
 batch and sequence length while `memtrack.Tracker` counts every tensor by category.
 
-What runs is the launcher's and the libraries' real code. Three things are substituted, each for
+What runs is the launcher's and the libraries' real code. Four things are substituted, each for
 a reason checked here (torch 2.13 CPU build, bitsandbytes 0.50):
 - fake tensors live on the CPU device: autograd aborts on fake "cuda" tensors in a CPU-only torch
   ("not linked with support for cuda devices"). The GPU's dtypes (bf16) are used; what would sit
@@ -20,6 +20,8 @@ a reason checked here (torch 2.13 CPU build, bitsandbytes 0.50):
   Params4bit layers, byte for byte).
 - bitsandbytes' fused gemm_4bit is counted as its CUDA fallback and CPU kernel run it: the weight
   dequantized, then one matmul (the tracker expands it; a fake kernel shows only the output).
+- MoE experts in fp32 (k-bit training upcasts them) take transformers' grouped-matmul fallback:
+  torch's grouped_mm has a fake kernel for bf16 inputs only.
 
 What the trace cannot see, and the planner adds as its own terms: the layer gathered ahead
 (prefetch), the caching allocator's slack, the CUDA context, NCCL's buffers (planner._gpu_margins),
@@ -129,14 +131,21 @@ def fake_torch():
 
     if "dynamic" not in bf.name2qmap:  # built from Python lists: must exist before the mode
         bf.name2qmap["dynamic"] = bf.create_dynamic_map()
+    from transformers.integrations import moe
+
     saved_apply, saved_fix = torch.nn.Module._apply, bnb_modules.fix_4bit_weight_quant_state_from_module
+    saved_grouped = moe._can_use_grouped_mm
     torch.nn.Module._apply = _replacing_apply
     bnb_modules.fix_4bit_weight_quant_state_from_module = _carry_quant_state
+    # MoE experts upcast to fp32 (k-bit training): torch's grouped_mm has a fake (meta) kernel for bf16
+    # only, so fp32 experts take transformers' own grouped fallback, whose outputs are the same tensors.
+    moe._can_use_grouped_mm = lambda x, w, offs: w.dtype == torch.bfloat16 and saved_grouped(x, w, offs)
     try:
         yield FakeTensorMode(allow_non_fake_inputs=True)  # entered where tensors are made
     finally:
         torch.nn.Module._apply = saved_apply
         bnb_modules.fix_4bit_weight_quant_state_from_module = saved_fix
+        moe._can_use_grouped_mm = saved_grouped
 
 
 def _replacing_apply(self, fn, recurse=True):
@@ -181,8 +190,6 @@ def fake_model(source: str, recipe: Recipe, d: placement.Placement, mode):
 
     from launcher.run.model import quantization_config
 
-    if recipe.quant.mode == "int8":
-        raise UserError("quant.mode: int8 layers cannot be traced yet (use nf4 or fp4, or plan without --trace)")
     qc = quantization_config(recipe.quant, d.storage_dtype)
     if qc is not None:
         qc.bnb_4bit_compute_dtype = d.param_dtype if recipe.quant.compute_dtype == "auto" else qc.bnb_4bit_compute_dtype
@@ -192,7 +199,9 @@ def fake_model(source: str, recipe: Recipe, d: placement.Placement, mode):
     with mode:
         for module in skeleton.modules():
             for name, p in list(module.named_parameters(recurse=False)):
-                if isinstance(p, bnb.nn.Params4bit):
+                if isinstance(p, bnb.nn.Int8Params):
+                    new = _fake_int8(p, d.param_dtype)
+                elif isinstance(p, bnb.nn.Params4bit):
                     w = torch.empty(p.shape, dtype=d.param_dtype)
                     packed, state = quantize_4bit(
                         w,
@@ -212,6 +221,18 @@ def fake_model(source: str, recipe: Recipe, d: placement.Placement, mode):
             for name, b in list(module.named_buffers(recurse=False)):
                 module._buffers[name] = mode.from_tensor(b)
     return skeleton
+
+
+def _fake_int8(p, dtype: torch.dtype) -> torch.nn.Parameter:
+    """An LLM.int8() weight as Int8Params leaves it on a GPU: int8 codes with their per-row fp32 scales
+    (CB, SCB), quantized by bitsandbytes' own int8_vectorwise_quant; Linear8bitLt moves them into its
+    matmul state on the first forward."""
+    from bitsandbytes.functional import int8_vectorwise_quant
+
+    cb, scb, _ = int8_vectorwise_quant(torch.empty(p.shape, dtype=torch.float16 if dtype == torch.float32 else dtype))
+    new = torch.nn.Parameter(cb, requires_grad=False)
+    new.CB, new.SCB, new.has_fp16_weights = cb, scb, False
+    return new
 
 
 def real_model(source: str, recipe: Recipe, d: placement.Placement):
@@ -414,19 +435,20 @@ def render(traced: list[Traced], plans: list, refused: dict | None = None, gpu: 
     analytic = [s for s in skipped if s in NOT_TRACED]  # DeepSpeed: planned, shown beside the traces
     cats = [c for c in memtrack.CATEGORIES if any(c in t.device for t in traced)]
     unseen = "prefetch, allocator, CUDA context and NCCL" if gpu else "process's own memory (libraries, allocator)"
-    blank = "".join(f"{'-':>14}" for _ in analytic)
+    blank = "".join(f"{'-':>15}" for _ in analytic)
     lines = [
         f"traced: {STEPS} steps of the training step on fake tensors, rank 0 (GB; the planner's terms for the "
         f"{unseen} are not in the trace; * planned only, not traced)",
         f"{'GB per ' + ('GPU' if gpu else 'process'):<22}"
         + "".join(f"{t.strategy:>14}" for t in traced)
-        + "".join(f"{s + '*':>14}" for s in analytic),
+        + "".join(f"{s + '*':>15}" for s in analytic),
     ]
     lines += [f"  {c:<20}" + "".join(f"{t.device.get(c, 0.0):>14.2f}" for t in traced) + blank for c in cats]
     lines.append(f"  {'traced peak':<20}" + "".join(f"{t.device_total:>14.2f}" for t in traced) + blank)
     lines.append(
         f"  {'planned, as traced':<20}"
-        + "".join(f"{_planned_device(planned[s]):>14.2f}" for s in [t.strategy for t in traced] + analytic)
+        + "".join(f"{_planned_device(planned[t.strategy]):>14.2f}" for t in traced)
+        + "".join(f"{_planned_device(planned[s]):>15.2f}" for s in analytic)
     )
     if any(t.host for t in traced):
         lines.append(f"{'offloaded, per rank':<22}" + "".join(f"{t.host_total:>14.2f}" for t in traced) + blank)

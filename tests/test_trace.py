@@ -263,3 +263,32 @@ def test_the_trace_keeps_the_layers_the_budget_keeps():
     # the tiny model: every layer fits (measured 3% above none; the cause is not pinned down)
     assert acts(memory_budget_gb=70.0) == pytest.approx(none, rel=0.05)
     assert acts(memory_budget_gb=0.001) == pytest.approx(full, rel=0.01)
+
+
+@pytest.mark.parametrize("gc", [True, False])
+def test_int8_trace_equals_the_real_step(gc):
+    """LLM.int8() bases are traced too (codes and scales made by bitsandbytes' int8_vectorwise_quant on fake
+    tensors), and equal the real int8 step on this CPU."""
+    recipe = _recipe("builtin:tiny-llama", **{**SMALL, "gradient_checkpointing": gc})
+    recipe.quant.mode = "int8"
+    fake, real = _both(recipe)
+    _close(fake.device, real.device)
+
+
+def test_int8_keeps_every_linear_input_under_checkpointing():
+    """bitsandbytes' int8 matmul stores its input on the autograd context, outside save_for_backward, so
+    gradient checkpointing does not drop it: the trace shows it and the planner counts it (7B, 2 x 1024)."""
+    from launcher import trace
+    from launcher.plan import planner, random_model
+
+    sizes = {}
+    for mode in ("nf4", "int8"):
+        recipe = _recipe("llama-7b", seq=1024, mb=2)
+        recipe.quant.mode = mode
+        t = trace.trace(recipe, str(random_model.preset_dir("llama-7b")), "single", 1)
+        setup = planner.setup_for_recipe(recipe, 1, 1, gpu=True)
+        plan = planner.estimate(planner.PRESETS["llama-7b"], "single", setup)
+        sizes[mode] = (t.device["activations"], t.device_total, plan.traceable)
+    assert sizes["int8"][0] > 5 * sizes["nf4"][0]
+    for _, traced, planned in sizes.values():
+        assert planned == pytest.approx(traced, rel=0.05)

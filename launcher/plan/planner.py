@@ -30,8 +30,7 @@ CPU plans keep their own activation constants, calibrated against measured resid
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from launcher.config import tables
@@ -287,6 +286,12 @@ def _gpu_work(arch: Arch, strategy: str, s: Setup, upcast: bool) -> dict:
         root = (arch.other_params - 2 * arch.layers * arch.hidden) * 2  # embeddings, head, final norm
         gathered = root + _gathered_layer(arch, s)
     activations = recomputed * tokens * arch.hidden * resid + kept * full_layer
+    if s.quant == "int8" and recomputed:
+        # bitsandbytes' int8 matmul keeps its input on the autograd context (ctx.tensors), outside
+        # save_for_backward, so checkpointing does not drop it: every recomputed layer keeps the
+        # inputs of its linears (attention's, o_proj's, the MLP's and down_proj's: 3 h + f per token)
+        # in the residual dtype, as the int8 trace shows (launcher plan --trace, docs/memory.md).
+        activations += recomputed * tokens * (3 * arch.hidden + arch.intermediate) * resid
     biggest = max(i * o for i, o in arch.linears().values())
     dequant = fit.dequant * biggest * 2 if s.quant != "none" else 0.0  # bf16 copies of the largest weight
     work = max(
@@ -444,69 +449,4 @@ def setup_for_recipe(recipe: Recipe, gpus_per_node: int, nodes: int, gpu: bool) 
         gpus_per_node=gpus_per_node,
         nodes=nodes,
         fsdp_version=recipe.dist.fsdp_version,
-    )
-
-
-def _checkpointing(s: Setup) -> str:
-    if not s.gradient_checkpointing:
-        return "off"
-    if s.memory_budget_gb:
-        return f"on, except the last layers that fit {s.memory_budget_gb:g} GB (layers kept, below)"
-    return "on" if s.checkpoint_every == 1 else f"on for 1 layer in {s.checkpoint_every}"
-
-
-def render(arch: Arch, s: Setup, plans: list[Plan], choice: str, gpu_gb: float, cpu_gb: float) -> str:
-    unit = "GPU" if s.gpu else "process"
-    lines = [
-        f"{arch.name}: {arch.params / 1e9:.2f}B parameters ({arch.quantized_params / 1e9:.2f}B quantized), "
-        f"LoRA r={s.lora_r}: {arch.lora_params(s.lora_r, s.targets) / 1e6:.1f}M trainable",
-        f"{s.nodes} node(s) x {s.gpus_per_node} {unit}(s), {gpu_gb:g} GB per {unit}, {cpu_gb:g} GB CPU RAM per node; "
-        f"micro batch {s.micro_batch} x {s.seq_len} tokens, gradient checkpointing "
-        f"{_checkpointing(s)}, {s.optimizer}",
-        "",
-    ]
-    terms = list(plans[0].device) if plans else []
-    head = f"{'GB per ' + unit:<22}" + "".join(f"{p.strategy:>14}" for p in plans)
-    lines.append(head)
-    for term in terms:
-        lines.append(f"  {term:<20}" + "".join(f"{p.device[term]:>14.2f}" for p in plans))
-    if s.gpu:  # the two figures users read: max_memory_allocated, and max_memory_reserved (OOM messages)
-        lines.append(f"  {'= allocated':<20}" + "".join(f"{p.allocated:>14.2f}" for p in plans))
-        lines.append(f"  {'= reserved':<20}" + "".join(f"{p.reserved:>14.2f}" for p in plans))
-    lines.append(
-        f"  {'total' + (' (nvidia-smi)' if s.gpu else ''):<20}" + "".join(f"{p.device_total:>14.2f}" for p in plans)
-    )
-    lines.append(f"{'CPU RAM per node':<22}" + "".join(f"{p.host_total:>14.2f}" for p in plans))
-    lines.append(f"{'fits':<22}" + "".join(f"{'yes' if p.fits else 'no':>14}" for p in plans))
-    lines.append(f"{'largest micro batch':<22}" + "".join(f"{p.max_micro_batch:>14}" for p in plans))
-    if s.memory_budget_gb:
-        lines.append(f"{'layers kept':<22}" + "".join(f"{f'{p.kept_layers}/{arch.layers}':>14}" for p in plans))
-    lines += ["", f"recommended: {choice}"]
-    return "\n".join(lines)
-
-
-def as_json(arch: Arch, s: Setup, plans: list[Plan], best: Plan | None, choice: str, traced=None, refused=None) -> str:
-    """`launcher plan --json`: the same values the table shows (and, with --trace, what was traced and
-    why the rest was not), one argument each."""
-    extra = {} if traced is None else {"traced": [asdict(t) for t in traced], "not_traced": refused or {}}
-    return json.dumps(
-        {
-            "model": asdict(arch),
-            "params": arch.params,
-            "setup": asdict(s),
-            "plans": [
-                {
-                    **asdict(p),
-                    "device_total_gb": round(p.device_total, 3),
-                    "allocated_gb": round(p.allocated, 3),
-                    "reserved_gb": round(p.reserved, 3),
-                    "host_total_gb": round(p.host_total, 3),
-                }
-                for p in plans
-            ],
-            "recommended": best.strategy if best else None,
-            "why": choice,
-            **extra,
-        },
-        indent=1,
     )

@@ -109,35 +109,6 @@ def recipe_tokens(steps: int | None, grad_accum: int, s: Setup) -> int | None:
     return steps * grad_accum * s.micro_batch * s.seq_len * s.world if steps else None
 
 
-def render(
-    timings: dict[str, Timing | None], gpu: tables.Gpu, s: Setup, tokens: int | None, link: float, network: float
-) -> str:
-    """The time rows under the memory table, one column per strategy as there; None: it does not fit."""
-    billions = tokens / 1e9 if tokens else 1.0
-    what = f"{tokens:,} tokens" if tokens else "per 1B tokens"
-
-    def row(label: str, cell) -> str:
-        return f"  {label:<20}" + "".join(f"{cell(t) if t else '-':>14}" for t in timings.values())
-
-    head = (
-        f"time on {s.world} x {gpu.name} ({gpu.tflops:g} TFLOPS bf16, matmuls at {gpu.matmul_eff:.2f} of it as "
-        f"calibrated on published runs; {link:g} GB/s between GPUs"
-        + (f", {network:g} GB/s per GPU between nodes" if s.nodes > 1 else "")
-        + f"), {what} (- : does not fit):"
-    )
-    return "\n".join(
-        [
-            head,
-            f"{'':<22}" + "".join(f"{n:>14}" for n in timings),
-            row("tokens/s", lambda t: f"{t.tokens_per_s:,.0f}"),
-            row("MFU", lambda t: f"{t.mfu:.2f}"),
-            row("bound by", lambda t: t.bound[:13]),
-            row("hours", lambda t: f"{t.hours(billions * 1e9):.1f}"),
-            row("GPU-hours", lambda t: f"{t.hours(billions * 1e9) * s.world:.1f}"),
-        ]
-    )
-
-
 def gpu_named(device_name: str, memory_gib: float) -> tables.Gpu | None:
     """The table's GPU for a CUDA device name (torch.cuda.get_device_name), None when it is not in it."""
     n = device_name.lower().replace(" ", "")

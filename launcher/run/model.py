@@ -283,9 +283,14 @@ def apply_peft(
         with quiet_peft():
             return get_peft_model(model, config, autocast_adapter_dtype=kbit_upcast)
     except (ValueError, TypeError, NotImplementedError) as e:
+        hint = ""
+        if "lora_dropout" in str(
+            e
+        ):  # a MoE router or expert is a parameter, not a layer: peft wraps it without dropout
+            hint = "; set peft.dropout=0, or list peft.target_modules without the router and experts"
         raise UserError(
             f"peft.method: {cfg.method} cannot wrap this model "
-            f"(quant.mode={'4/8-bit' if quantized else 'none'}): {first_line(e)}"
+            f"(quant.mode={'4/8-bit' if quantized else 'none'}): {first_line(e)}{hint}"
         ) from None
 
 

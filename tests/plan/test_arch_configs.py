@@ -75,3 +75,53 @@ def test_an_architecture_transformers_does_not_know_is_one_error():
 
     with pytest.raises(UserError, match="model.name: the planner cannot build m \\('nonesuch'\\)"):
         Arch.from_config({"model_type": "nonesuch", "hidden_size": 8}, "m")
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+@pytest.mark.parametrize("strategy,world", [("single", 1), ("fsdp", 2)])
+def test_the_trace_runs_for_the_architecture(kind, strategy, world, tmp_path):
+    """`launcher plan --trace` builds each architecture as transformers does (no Llama stand-in), 4-bit
+    layers packed by bitsandbytes, sharded by the launcher's FSDP2 over a fake 2-rank group."""
+    from launcher import trace
+    from launcher.config.recipe import Recipe
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(_config(kind)))
+    recipe = Recipe.model_validate(
+        {
+            "model": {"name": str(tmp_path / "m"), "random_init": True},
+            "data": {"path": "builtin:arithmetic", "max_seq_len": 64},
+            "train": {"micro_batch_size": 2},
+            "peft": {"dropout": 0.0 if kind == "mixtral" else 0.05},  # peft wraps MoE routers without dropout
+            "dist": {"strategy": strategy, "nproc": world},
+        }
+    )
+    t = trace.trace(recipe, str(tmp_path / "m"), strategy, world)
+    assert t.device["parameters"] > 0 and t.device["activations"] > 0 and t.device_total > 0
+    if strategy == "fsdp":
+        assert t.device.get("gathered_params", 0) > 0  # the layers really were sharded and gathered
+
+
+def test_a_moe_router_with_dropout_is_one_error_naming_the_fix(tmp_path):
+    from launcher import trace
+    from launcher.config.errors import UserError
+    from launcher.config.recipe import Recipe
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(_config("mixtral")))
+    recipe = Recipe.model_validate(
+        {"model": {"name": str(tmp_path / "m"), "random_init": True}, "data": {"path": "builtin:arithmetic"}}
+    )
+    with pytest.raises(UserError, match="peft.method: .*set peft.dropout=0"):
+        trace.trace(recipe, str(tmp_path / "m"), "single", 1)
+
+
+def test_launcher_plan_trace_answers_for_gpt2(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(_config("gpt2")))
+    res = run_cli(
+        "plan", f"model.name={tmp_path / 'm'}", "data.max_seq_len=64", "--gpus-per-node", "2", "--trace", "--json"
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    traced = {t["strategy"] for t in json.loads(res.stdout)["traced"]}
+    assert traced == {"ddp", "fsdp", "fsdp_offload"}
