@@ -446,6 +446,23 @@ def mfu(tokens_per_s: float, model_dir: str) -> float | None:
     return peak and round(6 * params * tokens_per_s / (peak * 1e12), 4)
 
 
+class CpuCeiling:
+    """The matmul FLOP/s this CPU sustains at the step's shapes (bench/matmul_peak.py): measured before
+    the runs and again after, so drift over the benchmark shows."""
+
+    def __init__(self, model: str, tokens: int):
+        sys.path.insert(0, str(ROOT))
+        from bench.matmul_peak import peak_flops, step_shapes
+
+        self.measure = lambda: peak_flops(step_shapes(str(builtin_dir(model))), tokens)
+        self.peaks = [self.measure()]
+
+    def measure_again(self) -> list[float]:
+        """Both measurements in GFLOP/s."""
+        self.peaks.append(self.measure())
+        return [round(p / 1e9, 1) for p in self.peaks]
+
+
 def cpu_utilisation(model: str, seq_len: int, peak: float) -> float:
     """FLOPs per useful token as the planner counts them (forward and input gradient of the frozen
     path, the recompute of checkpointed layers, the adapter's full backward, attention) over the
@@ -500,13 +517,7 @@ def main() -> None:
     runs = {"launcher": [], "hf": []}
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(args.model, Path(tmp) / "model", args.gpu)
-        if not args.gpu:  # the ceiling MFU is read against, measured in this run (before and after)
-            sys.path.insert(0, str(ROOT))
-            from bench.matmul_peak import peak_flops, step_shapes
-
-            shapes = step_shapes(str(builtin_dir(model)))
-            tokens = 2 * args.seq_len if long else 32 * 8
-            peaks = [peak_flops(shapes, tokens)]
+        ceiling = None if args.gpu else CpuCeiling(model, 2 * args.seq_len if long else 32 * 8)
         data_path = long_samples(Path(tmp) / "data.jsonl", args.samples + 100, args.seq_len) if long else None
         overrides = common(model, args, data_path)
         for i in range(args.repeats):  # alternate so drift hits both the same
@@ -522,6 +533,7 @@ def main() -> None:
                 runs[name][-1].update(heldout(overrides, Path(tmp) / out))
             print(json.dumps({"repeat": i, **{k: v[-1] for k, v in runs.items()}}), flush=True)
         med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+        machine: dict = {}  # the GPU's name, or this CPU's measured matmul FLOP/s
         if args.live_memory and not args.gpu:
             with live_peak(Path(tmp) / "live_l") as live:
                 run_launcher(overrides + args.launcher_set, args.packing or long, long, Path(tmp) / "ll", args.nproc)
@@ -534,13 +546,12 @@ def main() -> None:
 
             for m in med.values():
                 m["mfu"] = mfu(m["tokens_per_s"], model)
-            med["gpu"] = torch.cuda.get_device_name(0)
+            machine["gpu"] = torch.cuda.get_device_name(0)
         else:
-            peaks.append(peak_flops(shapes, tokens))
-            per_token = cpu_utilisation(model, args.seq_len if long else 16, max(peaks))
+            machine["matmul_gflops"] = ceiling.measure_again()
+            per_token = cpu_utilisation(model, args.seq_len if long else 16, max(ceiling.peaks))
             for m in med.values():
                 m["mfu"] = round(m["tokens_per_s"] * per_token, 4)
-            med["matmul_gflops"] = [round(p / 1e9, 1) for p in peaks]
     ratio = {k: round(med["launcher"][k] / med["hf"][k], 3) for k in med["hf"] if med["hf"][k] and med["launcher"][k]}
     shape = {"samples": args.samples, "seq_len": args.seq_len} if long else {"steps": args.steps}
     summary = {
@@ -554,6 +565,7 @@ def main() -> None:
         "hf_group_by_length": args.hf_group_by_length,
         "packing": args.packing or long,
         "median": med,
+        **machine,
         "launcher_over_hf": ratio,
     }
     print(json.dumps(summary, indent=1))

@@ -507,7 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="an architecture preset instead of the recipe's model: " + ", ".join(PRESETS))
     p.add_argument("--gpus-per-node", type=_count(1))
     p.add_argument("--nodes", type=_count(1))
-    p.add_argument("--gpu-memory", help="per GPU, e.g. 80GB (default: this machine's GPU, else 80GB)")
+    p.add_argument(
+        "--gpu-memory", help="per GPU, e.g. 80GB (default: this machine's GPU, else --gpu-type's, else an H100's)"
+    )
     p.add_argument("--cpu-memory", help="CPU RAM per node, e.g. 512GB (default 512GB)")
     p.add_argument("--cpu", action="store_true", help="plan CPU processes (gloo) instead of GPUs")
     p.add_argument("--gpu-type", choices=list(GPUS), help="the GPU the time is planned for (default: this machine's)")

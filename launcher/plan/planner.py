@@ -72,7 +72,7 @@ ALLOCATOR_SLACK = 0.25
 # ... of which this much cannot be given back: split segments still partly in use. Near the device's
 # limit the allocator frees its cached blocks and retries before it raises OOM, so the reserved peak
 # is capped by the device, and a plan fits while the allocated peak, this floor, the context and
-# NCCL fit (the published runs that filled a 24 GB card sit at 0.91-0.95 of it by this count).
+# NCCL fit (the published runs that filled a 24 GB card need 0.83-0.99 of it by this count).
 SLACK_FLOOR = 0.05
 # Layers gathered ahead of the one computing: FSDP2's implicit prefetch issues the next all-gather
 # only; FSDP1 under accelerate (limit_all_gathers, BACKWARD_PRE) likewise keeps one in flight, which
@@ -102,7 +102,7 @@ class Setup:
     gpu: bool = True  # False: CPU processes (fp32 everywhere)
     gpus_per_node: int = 1
     nodes: int = 1
-    fsdp_version: int = 2  # FSDP1 keeps one more layer gathered in backward (BACKWARD_PRE), see _prefetch
+    fsdp_version: int = 2  # FSDP1 or FSDP2: what each gathers ahead is PREFETCH_LAYERS
     # What other tools do differently, for scoring the planner against their published figures:
     kbit_upcast: bool | None = None  # None: the launcher's choice (upcast unless parameters are sharded)
     logit_bytes: float | None = None  # the loss's bytes per logit element, where it is not the launcher's
@@ -408,6 +408,12 @@ def recommend(plans: list[Plan]) -> tuple[Plan | None, str]:
         f"nothing fits: the smallest is {closest.strategy} at {closest.device_total:.1f} GB per GPU; "
         "add GPUs, lower train.micro_batch_size or data.max_seq_len, or enable gradient checkpointing"
     )
+
+
+def auto_strategy(plans: list[Plan]) -> str:
+    """What `dist.strategy: auto` runs: the recommended plan, else the smallest (it will say it does not fit)."""
+    best, _ = recommend(plans)
+    return best.strategy if best else min(plans, key=lambda p: p.device_total).strategy
 
 
 def _at_this_batch(p: Plan) -> str:

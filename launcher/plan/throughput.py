@@ -131,10 +131,7 @@ def plan_point(recipe, gpu: tables.Gpu, per_node: int, nodes: int, tokens: int |
     arch = planner.arch_for_recipe(recipe)
     s = replace(planner.setup_for_recipe(recipe, per_node, nodes, gpu=True), gpu_memory_gb=gpu.memory_gib)
     plans = planner.plan_all(arch, s, gpu.memory_gib, 1e6)
-    chosen = recipe.dist.strategy
-    if chosen == "auto":
-        best, _ = planner.recommend(plans)
-        chosen = best.strategy if best else min(plans, key=lambda p: p.device_total).strategy
+    chosen = planner.auto_strategy(plans) if recipe.dist.strategy == "auto" else recipe.dist.strategy
     plan = next((p for p in plans if p.strategy == chosen), None) or planner.estimate(arch, chosen, s)
     t = timing(arch, chosen, s, gpu)
     tokens = tokens or recipe_tokens(recipe.train.max_steps, recipe.train.grad_accum, s)

@@ -56,8 +56,7 @@ def resolve_strategy(recipe: Recipe, machine: Machine, cfg: dict | None = None) 
     plans = planner.plan_all(
         arch, setup, machine.gpu_memory_gb, float("inf"), strategies=[s for s in planner.STRATEGIES if s != "single"]
     )
-    best, _ = planner.recommend(plans)
-    return best.strategy if best else min(plans, key=lambda p: p.device_total).strategy
+    return planner.auto_strategy(plans)
 
 
 def placement_problems(recipe: Recipe, strategy: str, machine: Machine, cfg: dict) -> list[str]:
