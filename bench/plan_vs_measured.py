@@ -53,6 +53,10 @@ CPU_RUNS = [("tiny", 32, 32, True), ("100m", 4, 256, True), ("100m", 4, 256, Fal
 GPU_RUNS = [("1b", 4, 1024, True), ("8b", 2, 2048, True), ("8b", 1, 1024, False)]
 
 
+# The calibration's own settings: every layer recomputed, the loss in one piece (not the auto choices).
+FIXED = ("train.memory_budget_gb=null", "train.chunked_loss=0")
+
+
 def model_dir(size: str, root: Path, gpu: bool) -> str:
     """CPU: weights written to disk and loaded as usual. GPU: only config.json; the weights are made
     on the GPU layer by layer (model.random_init), the same model without writing 16 GB."""
@@ -86,6 +90,7 @@ def measure(model: str, mb: int, seq: int, gc: bool, out: Path, random_init: boo
         f"data.max_seq_len={seq}",
         "data.packing=true",
         f"train.gradient_checkpointing={str(gc).lower()}",
+        *FIXED,
         "train.eval_every=1000",
         "data.eval_fraction=0",
         "data.path=builtin:arithmetic",  # the data the calibration was measured on
@@ -108,6 +113,7 @@ def planned(model: str, mb: int, seq: int, gc: bool, gpu: bool) -> float:
             f"train.micro_batch_size={mb}",
             f"data.max_seq_len={seq}",
             f"train.gradient_checkpointing={str(gc).lower()}",
+            *FIXED,
         ],
     )
     arch = planner.arch_for_recipe(recipe)

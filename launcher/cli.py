@@ -354,7 +354,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     setup = planner.setup_for_recipe(recipe, per_node, args.nodes or recipe.dist.nnodes, gpu)
     plans = planner.plan_all(arch, setup, gpu_gb, cpu_gb)
     best, why = planner.recommend(plans)
-    traced, refused = _traces(recipe, arch, setup, plans) if args.trace else (None, {})
+    traced, refused = _traces(recipe, arch, setup, plans, gpu_gb) if args.trace else (None, {})
     tokens = args.tokens or throughput.recipe_tokens(recipe.train.max_steps, recipe.train.grad_accum, setup)
     link, network = _gb(args.link_gbs, "--link-gbs"), _gb(args.network_gbs, "--network-gbs")
     timed = show.times(plans, arch, setup, kind, tokens, link, network) if gpu else None
@@ -387,7 +387,7 @@ def _tokens(text: str) -> int:
     return int(value)
 
 
-def _traces(recipe: Recipe, arch, setup, plans) -> tuple[list, dict]:
+def _traces(recipe: Recipe, arch, setup, plans, gpu_gb: float) -> tuple[list, dict]:
     """Trace each planned strategy that can be traced, at the planned world size; (traces, {strategy:
     why not} for those the recipe cannot run under)."""
     from launcher import trace
@@ -407,7 +407,7 @@ def _traces(recipe: Recipe, arch, setup, plans) -> tuple[list, dict]:
         if p.strategy in trace.TRACEABLE:
             print(f"tracing {p.strategy} on {setup.world} rank(s) ...", file=sys.stderr, flush=True)
             try:
-                out.append(trace.trace(recipe, source, p.strategy, setup.world, gpu=setup.gpu))
+                out.append(trace.trace(recipe, source, p.strategy, setup.world, gpu=setup.gpu, gpu_memory_gb=gpu_gb))
             except UserError as e:
                 refused[p.strategy] = " ".join(str(e).split())
     return out, refused

@@ -87,7 +87,9 @@ class _Steps:
         return torch.nn.utils.clip_grad_norm_(list(params), max_norm)
 
 
-def placement_for(recipe: Recipe, strategy: str, world: int, gpu: bool, kept_layers: int = 0) -> placement.Placement:
+def placement_for(
+    recipe: Recipe, strategy: str, world: int, gpu: bool, choices: dict | None = None
+) -> placement.Placement:
     """The placement a run of this strategy would decide on a GPU (bf16) or CPU (fp32) machine, for
     rank 0 of `world` (every rank reads: the trace counts the step, not the load)."""
     from launcher.run.model import DTYPES
@@ -115,7 +117,7 @@ def placement_for(recipe: Recipe, strategy: str, world: int, gpu: bool, kept_lay
         storage_dtype=placement.storage_dtype(recipe, strategy, param),
         kbit_upcast=placement.kbit_upcast(strategy),
         optimizer=opt,
-        kept_layers=kept_layers,
+        **(choices or {}),
     )
 
 
@@ -363,7 +365,16 @@ def _vocab(model: torch.nn.Module) -> int:
     return unwrap(model).config.vocab_size
 
 
-def trace(recipe: Recipe, source: str, strategy: str, world: int, *, gpu: bool = True, real: bool = False) -> Traced:
+def trace(
+    recipe: Recipe,
+    source: str,
+    strategy: str,
+    world: int,
+    *,
+    gpu: bool = True,
+    real: bool = False,
+    gpu_memory_gb: float = 80.0,
+) -> Traced:
     """Trace STEPS training steps of the recipe's model under `strategy` on rank 0 of `world`.
 
     real=True runs the same step on real tensors on this CPU (the model really loaded and quantized,
@@ -372,11 +383,11 @@ def trace(recipe: Recipe, source: str, strategy: str, world: int, *, gpu: bool =
     if strategy not in TRACEABLE:
         raise UserError(f"dist.strategy: {strategy} cannot be traced: {NOT_TRACED.get(strategy, 'unknown')}")
     # What a run under this strategy would refuse, the trace refuses too (as if on `world` GPUs).
-    machine = placement.Machine(gpus=max(world, recipe.dist.nproc), gpu_memory_gb=80.0)
+    machine = placement.Machine(gpus=max(world, recipe.dist.nproc), gpu_memory_gb=gpu_memory_gb)
     placement.refuse_problems(recipe, strategy, machine, model_config(source))
     start = time.perf_counter()
-    kept = placement.kept_layers(recipe, strategy, model_config(source), gpu)
-    d = placement_for(recipe, strategy, world, gpu, kept)
+    choices = placement.memory_choices(recipe, strategy, model_config(source), machine if gpu else placement.Machine(0))
+    d = placement_for(recipe, strategy, world, gpu, choices)
     fsdp = strategy in FSDP
     tracker = memtrack.Tracker(fake=not real)
     group = fake_group(world) if strategy != "single" and not real else contextlib.nullcontext()
@@ -395,10 +406,10 @@ def _adapter(recipe: Recipe, base: torch.nn.Module, d: placement.Placement):
     from launcher.run.model import adapter_for
 
     model = adapter_for(recipe, base, kbit_upcast=d.kbit_upcast, total_steps=STEPS, kept_layers=d.kept_layers)
-    if recipe.train.chunked_loss:
+    if d.chunked_loss:
         from launcher.run import chunked_loss
 
-        chunked_loss.install(model, recipe.train.chunked_loss)
+        chunked_loss.install(model, d.chunked_loss)
     return model
 
 

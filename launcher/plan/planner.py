@@ -79,6 +79,12 @@ SLACK_FLOOR = 0.05
 # fsdp_qlora's published allocated peaks (FSDP1) bear out: two layers ahead would put the planner
 # 12% over them, one puts it 7-8% over. ZeRO-3's prefetch bucket is about one layer by default.
 PREFETCH_LAYERS = {1: 1, 2: 1}
+# `auto` settings (resolve()): a GPU's memory budget keeps back 15%, the planner's error against every
+# published reserved figure it is scored on (bench/published.jsonl); the chunked loss splits the micro
+# batch's tokens in 8 (torchtune's default) of at least 128 tokens (what the CPU benchmark ran).
+AUTO_BUDGET = 0.85
+AUTO_CHUNKS, MIN_CHUNK = 8, 128
+AUTO_CHUNK_GAIN = 0.05  # ... where that takes at least 5% off the planned peak (the demo's logits: 0.2%)
 CPU_PROCESS_GB = 0.5  # resident size of a CPU training process without model and batch (measured 0.47)
 GPU_PROCESS_HOST_GB = 3.0  # host RAM of a CUDA training process (libraries, pinned buffers)
 
@@ -94,9 +100,9 @@ class Setup:
     optimizer: str = "paged_adamw_32bit"
     gradient_checkpointing: bool = True
     checkpoint_every: int = 1  # recompute every n-th layer; the others keep their activations
-    memory_budget_gb: float | None = None  # keep the last layers' activations while the plan fits this
+    memory_budget_gb: float | str | None = None  # keep the last layers' activations while the plan fits this; auto
     kept_layers: int | None = None  # layers keeping their activations (decided from the budget)
-    chunked_loss: int = 0  # the loss over this many tokens at a time: the logits never exist in full
+    chunked_loss: int | str = 0  # the loss over this many tokens at a time: the logits never exist in full; auto
     quant: str = "nf4"  # nf4 | fp4 | int8 | none
     double_quant: bool = True
     gpu: bool = True  # False: CPU processes (fp32 everywhere)
@@ -158,6 +164,8 @@ class Plan(Totals):
     max_micro_batch: int | None = None
     why: str = ""
     kept_layers: int = 0  # decoder layers that keep their activations instead of recomputing them
+    chunked_loss: int = 0  # tokens a chunk of the loss (0: the logits in one piece), auto decided
+    memory_budget_gb: float | None = None  # the budget the kept layers fit, auto decided
 
 
 @dataclass(frozen=True)
@@ -194,6 +202,7 @@ def _quant_bytes(arch: Arch, s: Setup, dtype: int) -> tuple[float, float]:
 
 def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
     """Peak memory per GPU and CPU RAM per node, term by term (GB)."""
+    s = resolve(arch, strategy, s)
     if s.memory_budget_gb and s.kept_layers is None and s.gradient_checkpointing:
         s = replace(s, kept_layers=layers_to_keep(arch, strategy, s))
     world = s.world
@@ -241,6 +250,35 @@ def estimate(arch: Arch, strategy: str, s: Setup) -> Plan:
         {k: round(v / GB, 3) for k, v in device.items()},
         {k: round(v / GB, 3) for k, v in host.items()},
         kept_layers=_checkpointed(arch, s)[1],
+        chunked_loss=int(s.chunked_loss),
+        memory_budget_gb=s.memory_budget_gb,  # type: ignore[arg-type]  # resolved: a number or None
+    )
+
+
+def resolve(arch: Arch, strategy: str, s: Setup) -> Setup:
+    """The setup with its `auto` settings decided, the one place they are (the run's placement and the
+    plan read this):
+    - memory_budget_gb: on a GPU with every layer checkpointed, AUTO_BUDGET of its memory; off on CPU;
+    - chunked_loss: the micro batch's tokens in AUTO_CHUNKS chunks (at least MIN_CHUNK tokens each)
+      where that takes AUTO_CHUNK_GAIN off the planned peak (on a GPU: the logits are the step's
+      largest transient) and the strategy takes it (not where parameters are sharded)."""
+    budget, chunk = s.memory_budget_gb, s.chunked_loss
+    if budget == "auto":
+        applies = s.gpu and s.gpu_memory_gb and s.gradient_checkpointing and s.checkpoint_every == 1
+        budget = AUTO_BUDGET * s.gpu_memory_gb if applies else None  # type: ignore[operator]
+    if chunk == "auto":
+        chunk = 0
+        tokens = s.micro_batch * s.seq_len
+        size = max(MIN_CHUNK, tokens // AUTO_CHUNKS)
+        if strategy not in SHARD_PARAMS and size < tokens:
+            whole = replace(s, memory_budget_gb=None, chunked_loss=0, kept_layers=None)
+            peak = estimate(arch, strategy, whole).allocated
+            chunked = estimate(arch, strategy, replace(whole, chunked_loss=size)).allocated
+            chunk = size if chunked < (1 - AUTO_CHUNK_GAIN) * peak else 0
+    return (
+        s
+        if (budget, chunk) == (s.memory_budget_gb, s.chunked_loss)
+        else replace(s, memory_budget_gb=budget, chunked_loss=chunk)
     )
 
 
@@ -248,7 +286,7 @@ def layers_to_keep(arch: Arch, strategy: str, s: Setup) -> int:
     """How many decoder layers (the last ones) may keep their activations while the plan stays within
     s.memory_budget_gb: the rest recompute in backward. 0 when even full recompute does not fit. A scan, not
     a bisection: keeping every layer can plan below keeping all but one (no recomputed layer's transient)."""
-    budget = s.memory_budget_gb or 0.0
+    budget = float(s.memory_budget_gb or 0.0)  # resolved by estimate(): a number
     totals = {k: estimate(arch, strategy, replace(s, kept_layers=k)).device_total for k in range(arch.layers + 1)}
     fits = [k for k, total in totals.items() if total <= budget]
     return max(fits, default=0)
@@ -257,8 +295,8 @@ def layers_to_keep(arch: Arch, strategy: str, s: Setup) -> int:
 def _loss_tokens(s: Setup, strategy: str) -> int:
     """Tokens whose logits exist at once: the micro batch, or one chunk of the chunked loss (which the
     sharded strategies refuse)."""
-    tokens = s.micro_batch * s.seq_len
-    return min(tokens, s.chunked_loss) if s.chunked_loss and strategy not in SHARD_PARAMS else tokens
+    tokens, chunk = s.micro_batch * s.seq_len, int(s.chunked_loss)  # resolved by estimate(): a number
+    return min(tokens, chunk) if chunk and strategy not in SHARD_PARAMS else tokens
 
 
 def _checkpointed(arch: Arch, s: Setup) -> tuple[int, int]:
@@ -437,7 +475,9 @@ def arch_for_recipe(recipe: Recipe, preset: str | None = None) -> Arch:
     return Arch.from_config(model_config(source, recipe.model.trust_remote_code), recipe.model.name)
 
 
-def setup_for_recipe(recipe: Recipe, gpus_per_node: int, nodes: int, gpu: bool) -> Setup:
+def setup_for_recipe(
+    recipe: Recipe, gpus_per_node: int, nodes: int, gpu: bool, gpu_memory_gb: float | None = None
+) -> Setup:
     t, q = recipe.train, recipe.quant
     return Setup(
         micro_batch=t.micro_batch_size,
@@ -455,4 +495,5 @@ def setup_for_recipe(recipe: Recipe, gpus_per_node: int, nodes: int, gpu: bool) 
         gpus_per_node=gpus_per_node,
         nodes=nodes,
         fsdp_version=recipe.dist.fsdp_version,
+        gpu_memory_gb=gpu_memory_gb if gpu else None,
     )

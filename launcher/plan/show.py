@@ -5,7 +5,7 @@ planner and throughput."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from launcher.config import tables
 from launcher.plan import throughput
@@ -14,11 +14,13 @@ from launcher.plan.planner import Plan, Setup
 from launcher.plan.throughput import NETWORK_GBS, Timing
 
 
-def _checkpointing(s: Setup) -> str:
+def _checkpointing(s: Setup, plans: list[Plan]) -> str:
     if not s.gradient_checkpointing:
         return "off"
-    if s.memory_budget_gb:
-        return f"on, except the last layers that fit {s.memory_budget_gb:g} GB (layers kept, below)"
+    budget = next((p.memory_budget_gb for p in plans if p.memory_budget_gb), None)
+    if budget:
+        how = "auto: 85% of the GPU's memory" if s.memory_budget_gb == "auto" else "train.memory_budget_gb"
+        return f"on, except the last layers that fit {budget:.1f} GB ({how}; layers kept, below)"
     return "on" if s.checkpoint_every == 1 else f"on for 1 layer in {s.checkpoint_every}"
 
 
@@ -29,7 +31,7 @@ def memory_table(arch: Arch, s: Setup, plans: list[Plan], choice: str, gpu_gb: f
         f"LoRA r={s.lora_r}: {arch.lora_params(s.lora_r, s.targets) / 1e6:.1f}M trainable",
         f"{s.nodes} node(s) x {s.gpus_per_node} {unit}(s), {gpu_gb:g} GB per {unit}, {cpu_gb:g} GB CPU RAM per node; "
         f"micro batch {s.micro_batch} x {s.seq_len} tokens, gradient checkpointing "
-        f"{_checkpointing(s)}, {s.optimizer}",
+        f"{_checkpointing(s, plans)}, {s.optimizer}",
         "",
     ]
     terms = list(plans[0].device) if plans else []
@@ -46,8 +48,10 @@ def memory_table(arch: Arch, s: Setup, plans: list[Plan], choice: str, gpu_gb: f
     lines.append(f"{'CPU RAM per node':<22}" + "".join(f"{p.host_total:>14.2f}" for p in plans))
     lines.append(f"{'fits':<22}" + "".join(f"{'yes' if p.fits else 'no':>14}" for p in plans))
     lines.append(f"{'largest micro batch':<22}" + "".join(f"{p.max_micro_batch:>14}" for p in plans))
-    if s.memory_budget_gb:
+    if any(p.memory_budget_gb for p in plans):
         lines.append(f"{'layers kept':<22}" + "".join(f"{f'{p.kept_layers}/{arch.layers}':>14}" for p in plans))
+    if any(p.chunked_loss for p in plans):
+        lines.append(f"{'loss chunk (tokens)':<22}" + "".join(f"{p.chunked_loss or '-':>14}" for p in plans))
     lines += ["", f"recommended: {choice}"]
     return "\n".join(lines)
 
@@ -108,6 +112,11 @@ def time_table(
     )
 
 
+def as_planned(s: Setup, p: Plan) -> Setup:
+    """The setup as the plan settled it (layers kept, loss chunk): what the step's time depends on."""
+    return replace(s, kept_layers=p.kept_layers, chunked_loss=p.chunked_loss, memory_budget_gb=p.memory_budget_gb)
+
+
 def gpu_for(name: str | None, device_name: str | None, memory_gib: float) -> tuple[tables.Gpu, str]:
     """(the GPU the plan's time is for, a note when it was neither named nor detected): --gpu-type, else
     this machine's GPU where the table knows it, else an H100."""
@@ -133,7 +142,8 @@ def times(
     """(the time table, {strategy: figures} for --json) of the plans that fit."""
     link, network = link or gpu.link_gbs, network or NETWORK_GBS
     timings = {
-        p.strategy: throughput.timing(arch, p.strategy, s, gpu, link, network) if p.fits else None for p in plans
+        p.strategy: throughput.timing(arch, p.strategy, as_planned(s, p), gpu, link, network) if p.fits else None
+        for p in plans
     }
     per = tokens or 1e9
     figures = {

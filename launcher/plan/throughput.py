@@ -133,7 +133,7 @@ def plan_point(recipe, gpu: tables.Gpu, per_node: int, nodes: int, tokens: int |
     plans = planner.plan_all(arch, s, gpu.memory_gib, 1e6)
     chosen = planner.auto_strategy(plans) if recipe.dist.strategy == "auto" else recipe.dist.strategy
     plan = next((p for p in plans if p.strategy == chosen), None) or planner.estimate(arch, chosen, s)
-    t = timing(arch, chosen, s, gpu)
+    t = timing(arch, chosen, replace(s, kept_layers=plan.kept_layers, chunked_loss=plan.chunked_loss), gpu)
     tokens = tokens or recipe_tokens(recipe.train.max_steps, recipe.train.grad_accum, s)
     hours = t.hours(tokens or 1e9)
     return {

@@ -105,13 +105,13 @@ def placement_problems(recipe: Recipe, strategy: str, machine: Machine, cfg: dic
             )
     if strategy in FSDP and recipe.peft.method not in ("lora", "ia3"):
         problems.append(f"peft.method: {recipe.peft.method} is not supported under {strategy}; use lora (or ia3)")
-    if recipe.train.chunked_loss and strategy in SHARDED:
+    if recipe.train.chunked_loss not in (0, "auto") and strategy in SHARDED:
         problems.append(
             f"train.chunked_loss: not under {strategy} yet (the output head's weights are gathered only inside "
             "its own forward there); set it to 0, or use single, ddp or zero2"
         )
     budget = recipe.train.memory_budget_gb
-    if budget and machine.gpus and machine.gpu_memory_gb and budget > machine.gpu_memory_gb:
+    if isinstance(budget, float) and machine.gpus and machine.gpu_memory_gb and budget > machine.gpu_memory_gb:
         problems.append(
             f"train.memory_budget_gb: {budget:g} GB is more than this GPU's {machine.gpu_memory_gb:.1f} GB; "
             "set it at most to that (less what else runs on the GPU)"
@@ -232,6 +232,8 @@ class Placement:
     kbit_upcast: bool  # prepare_model_for_kbit_training's fp32 upcast
     optimizer: str  # the optimizer actually used (bitsandbytes ones are replaced where they cannot run)
     kept_layers: int = 0  # decoder layers (the last) keeping their activations: train.memory_budget_gb's choice
+    chunked_loss: int = 0  # tokens a chunk of the loss (0: whole): train.chunked_loss, auto decided
+    memory_budget_gb: float | None = None  # train.memory_budget_gb, auto decided
 
     @property
     def deepspeed(self) -> bool:
@@ -292,18 +294,28 @@ def resolve(recipe: Recipe, accelerator: Accelerator, cfg: dict, machine: Machin
         storage_dtype=storage_dtype(recipe, strategy, param_dtype),
         kbit_upcast=kbit_upcast(strategy),
         optimizer=optimizer_for(strategy, recipe.train.optimizer, recipe.dist.fsdp_version),
-        kept_layers=kept_layers(recipe, strategy, cfg, gpu=machine.gpus > 0),
+        **memory_choices(recipe, strategy, cfg, machine),
     )
 
 
-def kept_layers(recipe: Recipe, strategy: str, cfg: dict, gpu: bool) -> int:
-    """How many of the last decoder layers keep their activations: as many as the memory planner fits in
-    train.memory_budget_gb (0 without a budget: checkpoint_every decides)."""
-    if not recipe.train.memory_budget_gb or "hidden_size" not in cfg:
-        return 0
+def memory_choices(recipe: Recipe, strategy: str, cfg: dict, machine: Machine) -> dict:
+    """What the memory planner decides for this run (planner.resolve): how many of the last decoder layers
+    keep their activations within train.memory_budget_gb, and the chunked loss's tokens a chunk, with
+    `auto` settled for this machine (a user's own value is taken as it is)."""
+    t = recipe.train
+    explicit = {"kept_layers": 0, "chunked_loss": t.chunked_loss if t.chunked_loss != "auto" else 0}
+    explicit["memory_budget_gb"] = t.memory_budget_gb if t.memory_budget_gb != "auto" else None
+    if "hidden_size" not in cfg or (t.memory_budget_gb is None and t.chunked_loss != "auto"):
+        return explicit
     arch = planner.Arch.from_config(cfg, recipe.model.name)
-    setup = planner.setup_for_recipe(recipe, recipe.dist.nproc, recipe.dist.nnodes, gpu=gpu)
-    return planner.estimate(arch, strategy, setup).kept_layers
+    gpu = machine.gpus > 0
+    setup = planner.setup_for_recipe(recipe, recipe.dist.nproc, recipe.dist.nnodes, gpu, machine.gpu_memory_gb)
+    plan = planner.estimate(arch, strategy, setup)
+    return {
+        "kept_layers": plan.kept_layers,
+        "chunked_loss": plan.chunked_loss,
+        "memory_budget_gb": plan.memory_budget_gb,
+    }
 
 
 def rank_and_world() -> tuple[int, int]:

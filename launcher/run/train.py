@@ -233,6 +233,24 @@ def setup_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, world: int) -
     return Data(p.train, p.eval, p.stats, total, prompts)
 
 
+def memory_lines(recipe: Recipe, pl: placement.Placement) -> list[str]:
+    """One line for each memory setting the planner decided (a budget's kept layers; an auto choice and why)."""
+    t, lines = recipe.train, []
+    if pl.memory_budget_gb:
+        kept = f"the last {pl.kept_layers} decoder layer(s) keep" if pl.kept_layers else "no decoder layer keeps"
+        how = " (auto: 85% of this GPU's memory)" if t.memory_budget_gb == "auto" else ""
+        lines.append(
+            f"checkpointing: {kept} their activations, the others recompute (what the planner fits in "
+            f"train.memory_budget_gb={pl.memory_budget_gb:.1f}{how})"
+        )
+    if t.chunked_loss == "auto" and pl.chunked_loss:
+        lines.append(
+            f"train.chunked_loss: auto: {pl.chunked_loss} tokens a chunk (the planner finds the logits, "
+            f"{t.micro_batch_size * recipe.data.max_seq_len} tokens x the vocabulary, the step's largest transient)"
+        )
+    return lines
+
+
 def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerator: Accelerator, total_steps: int):
     """The 4-bit base with its adapter, loaded the way the placement says: every rank reads it, or
     only rank 0 reads and the others receive their shards (FSDP2) or partitions (ZeRO-3).
@@ -243,12 +261,8 @@ def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerato
         f"loading {recipe.model.name} ({quant}) with a {recipe.peft.method} adapter, "
         f"strategy {pl.strategy} on {pl.world} process(es)"
     )
-    if recipe.train.memory_budget_gb:
-        kept = f"the last {pl.kept_layers} decoder layer(s) keep" if pl.kept_layers else "no decoder layer keeps"
-        console.say(
-            f"checkpointing: {kept} their activations, the others recompute (what the planner fits in "
-            f"train.memory_budget_gb={recipe.train.memory_budget_gb:g})"
-        )
+    for line in memory_lines(recipe, pl):
+        console.say(line)
 
     def load(device_map):
         return load_base_model(
@@ -268,11 +282,14 @@ def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerato
             model = sharding.load_zero3(load, wrap, device=accelerator.device)
     else:
         model = wrap(load(pl.device_map))
-    if recipe.train.chunked_loss:
+    if pl.chunked_loss:
         why = chunked_loss.unsupported(model.config)
-        if why:
+        if why and recipe.train.chunked_loss == "auto":
+            console.say(f"train.chunked_loss: auto: off, {why}")
+        elif why:
             raise UserError(f"train.chunked_loss: not for {recipe.model.name}: {why}; set it to 0")
-        chunked_loss.install(model, recipe.train.chunked_loss)
+        else:
+            chunked_loss.install(model, pl.chunked_loss)
     trainable, total = count_parameters(model)
     console.say(
         f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%), "

@@ -95,3 +95,20 @@ def test_sweep_plan_tables_the_grid_and_submits_nothing(tmp_path):
     assert len(rows) == 4 and all("| yes |" in r for r in rows)
     assert "GPU-hours of the points that fit" in res.stdout
     assert not (tmp_path / "sw").exists()
+
+
+def test_the_time_follows_the_layers_the_auto_budget_keeps():
+    """memory_budget_gb=auto keeps the last layers' activations on a GPU: fewer recomputed, more tokens/s
+    in the plan's time table; off, every layer recomputes."""
+    from launcher.plan import planner, show
+
+    arch, gpu = PRESETS["llama-3-8b"], GPUS["h100"]
+    figures = {}
+    for budget in ("auto", None):
+        s = Setup(micro_batch=2, seq_len=2048, memory_budget_gb=budget, chunked_loss="auto")
+        plans = planner.plan_all(arch, s, gpu.memory_gib, 512)
+        single = next(p for p in plans if p.strategy == "single")
+        figures[budget] = (single.kept_layers, show.times(plans, arch, s, gpu, None, None, None)[1]["single"])
+    assert figures["auto"][0] > 0 == figures[None][0]
+    assert figures["auto"][1]["tokens_per_s"] > 1.1 * figures[None][1]["tokens_per_s"]
+    assert figures["auto"][1]["flops_per_token"] < figures[None][1]["flops_per_token"]

@@ -193,9 +193,11 @@ def test_memory_budget_decides_the_kept_layers_once():
 
     def kept(*overrides, gpu=True):
         r = load_recipe(None, ["data.max_seq_len=2048", "train.micro_batch_size=4", *overrides])
-        return placement.kept_layers(r, "fsdp", LLAMA_70B, gpu)
+        machine = placement.Machine(8, 80.0) if gpu else placement.Machine(0)
+        return placement.memory_choices(r, "fsdp", LLAMA_70B, machine)["kept_layers"]
 
-    assert kept() == 0  # no budget: checkpoint_every decides
+    assert kept("train.memory_budget_gb=null") == 0  # no budget: checkpoint_every decides
+    assert kept() > 0 and kept(gpu=False) == 0  # auto: 85% of a GPU's memory; off on CPU
     arch = planner.Arch.from_config(LLAMA_70B)
     s = planner.Setup(micro_batch=4, seq_len=2048, lora_r=16, gpus_per_node=1)
     low = planner.estimate(arch, "fsdp", s).device_total
@@ -228,3 +230,43 @@ def test_a_budget_beyond_the_gpu_is_refused():
         for p in problems("train.memory_budget_gb=90")
     )
     assert not problems("train.memory_budget_gb=70")
+
+
+def test_auto_memory_settings_are_decided_once_and_a_set_value_is_kept():
+    """train.memory_budget_gb and train.chunked_loss default to auto: on a GPU the budget is 85% of its
+    memory (off on CPU), and the loss is chunked where the planner finds the logits a large share of the
+    peak and the strategy allows it; a value the user sets is taken as it is, null and 0 included."""
+    from launcher.plan import random_model
+    from launcher.plan.source import model_config
+    from launcher.run.train import memory_lines
+
+    cfg = model_config(str(random_model.preset_dir("llama-3-8b")))  # a 128k vocabulary
+    base = ["model.name=llama-3-8b", "model.random_init=true", "data.max_seq_len=2048", "train.micro_batch_size=2"]
+    gpu, cpu = placement.Machine(1, 79.1), placement.Machine(0)
+
+    def choose(strategy, machine, *overrides):
+        return placement.memory_choices(load_recipe(None, [*base, *overrides]), strategy, cfg, machine)
+
+    on_gpu = choose("single", gpu)
+    assert on_gpu["memory_budget_gb"] == pytest.approx(0.85 * 79.1) and 0 < on_gpu["kept_layers"] < 32
+    assert on_gpu["chunked_loss"] == 4096 // 8
+    assert choose("fsdp", gpu)["chunked_loss"] == 0  # refused where parameters are sharded
+    assert choose("single", cpu) == {"kept_layers": 0, "chunked_loss": 512, "memory_budget_gb": None}
+    assert choose("single", gpu, "train.memory_budget_gb=null", "train.chunked_loss=0") == {
+        "kept_layers": 0, "chunked_loss": 0, "memory_budget_gb": None,
+    }  # fmt: skip
+    assert choose("single", gpu, "train.chunked_loss=64")["chunked_loss"] == 64
+    assert choose("single", gpu, "train.memory_budget_gb=20")["memory_budget_gb"] == 20.0
+    demo = load_recipe(None, [])  # the built-in demo: a 54-token vocabulary, nothing to chunk
+    assert placement.memory_choices(demo, "single", model_config(str(builtin_model(demo))), cpu)["chunked_loss"] == 0
+    # what the run says it chose, one line each
+    recipe = load_recipe(None, base)
+    pl = placement.Placement("single", 0, 1, 0, 0, False, False, None, None, None, True, "adamw_torch", **on_gpu)
+    lines = memory_lines(recipe, pl)
+    assert len(lines) == 2 and "auto: 85% of this GPU's memory" in lines[0] and "auto: 512 tokens a chunk" in lines[1]
+
+
+def builtin_model(recipe):
+    from launcher.plan.source import resolve_source
+
+    return resolve_source(recipe.model)
