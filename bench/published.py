@@ -77,12 +77,15 @@ def setup_for(row: dict):
     )
 
 
-def planned(row: dict) -> float:
-    """The planner's figure (GiB) for the measure the row reports."""
+def _plan(row: dict):
     from launcher.plan import planner
 
-    setup = setup_for(row)
-    plan = planner.estimate(planner.PRESETS[row["model"]], row["strategy"], setup)
+    return planner.estimate(planner.PRESETS[row["model"]], row["strategy"], setup_for(row))
+
+
+def planned(row: dict) -> float:
+    """The planner's figure (GiB) for the measure the row reports."""
+    plan = _plan(row)
     return {"allocated": plan.allocated, "reserved": plan.reserved, "nvidia-smi": plan.device_total}[row["measure"]]
 
 
@@ -131,10 +134,7 @@ def time_table(all_rows: list[dict]) -> str:
 
 def fits(row: dict) -> bool:
     """Whether the plan says the published run fits its GPU (each of them ran)."""
-    from launcher.plan import planner
-
-    plan = planner.estimate(planner.PRESETS[row["model"]], row["strategy"], setup_for(row))
-    return plan.device_total <= row["gpu_gib"]
+    return _plan(row).device_total <= row["gpu_gib"]
 
 
 def table(scored: list) -> str:
@@ -156,10 +156,10 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--time", action="store_true", help="the throughput table instead")
     args = ap.parse_args()
-    scored = score(rows())
     if args.time:
         print(time_table(rows()))
         return
+    scored = score(rows())
     if args.json:
         for r, p, err in scored:
             print(json.dumps({"id": r["id"], "published": r["gib"], "planned": round(p, 3), "error": round(err, 4)}))

@@ -448,6 +448,11 @@ def recommend(plans: list[Plan]) -> tuple[Plan | None, str]:
     )
 
 
+def as_planned(s: Setup, p: Plan) -> Setup:
+    """The setup as the plan settled it (layers kept, loss chunk, budget): what the step's time depends on."""
+    return replace(s, kept_layers=p.kept_layers, chunked_loss=p.chunked_loss, memory_budget_gb=p.memory_budget_gb)
+
+
 def auto_strategy(plans: list[Plan]) -> str:
     """What `dist.strategy: auto` runs: the recommended plan, else the smallest (it will say it does not fit)."""
     best, _ = recommend(plans)

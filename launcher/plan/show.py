@@ -5,12 +5,12 @@ planner and throughput."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 from launcher.config import tables
 from launcher.plan import throughput
 from launcher.plan.archs import Arch
-from launcher.plan.planner import Plan, Setup
+from launcher.plan.planner import Plan, Setup, as_planned
 from launcher.plan.throughput import NETWORK_GBS, Timing
 
 
@@ -110,11 +110,6 @@ def time_table(
             row("GPU-hours", lambda t: f"{t.hours(billions * 1e9) * s.world:.1f}"),
         ]
     )
-
-
-def as_planned(s: Setup, p: Plan) -> Setup:
-    """The setup as the plan settled it (layers kept, loss chunk): what the step's time depends on."""
-    return replace(s, kept_layers=p.kept_layers, chunked_loss=p.chunked_loss, memory_budget_gb=p.memory_budget_gb)
 
 
 def gpu_for(name: str | None, device_name: str | None, memory_gib: float) -> tuple[tables.Gpu, str]:

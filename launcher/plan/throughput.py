@@ -124,16 +124,14 @@ def gpu_named(device_name: str, memory_gib: float) -> tables.Gpu | None:
 def plan_point(recipe, gpu: tables.Gpu, per_node: int, nodes: int, tokens: int | None = None) -> dict:
     """One row of `launcher sweep --plan`: the recipe's strategy (or the one `auto` would pick), whether it
     fits `gpu`, its reserved memory, tokens/s, hours and GPU-hours for its tokens (or per 1B)."""
-    from dataclasses import replace
-
     from launcher.plan import planner
 
     arch = planner.arch_for_recipe(recipe)
-    s = replace(planner.setup_for_recipe(recipe, per_node, nodes, gpu=True), gpu_memory_gb=gpu.memory_gib)
+    s = planner.setup_for_recipe(recipe, per_node, nodes, gpu=True, gpu_memory_gb=gpu.memory_gib)
     plans = planner.plan_all(arch, s, gpu.memory_gib, 1e6)
     chosen = planner.auto_strategy(plans) if recipe.dist.strategy == "auto" else recipe.dist.strategy
     plan = next((p for p in plans if p.strategy == chosen), None) or planner.estimate(arch, chosen, s)
-    t = timing(arch, chosen, replace(s, kept_layers=plan.kept_layers, chunked_loss=plan.chunked_loss), gpu)
+    t = timing(arch, chosen, planner.as_planned(s, plan), gpu)
     tokens = tokens or recipe_tokens(recipe.train.max_steps, recipe.train.grad_accum, s)
     hours = t.hours(tokens or 1e9)
     return {
