@@ -79,17 +79,19 @@ def plan(measured: dict | None, dry: bool) -> dict:
     else:
         cfg = {"model_type": "llama", **MODELS["8b"], "vocab_size": len(build_tokenizer())}
     arch = planner.Arch.from_config(cfg, "8b" if not dry else "tiny")
-    s = planner.Setup(micro_batch=2, seq_len=128 if dry else 2048, optimizer="paged_adamw_32bit", gpu=not dry)
-    out: dict = {"flops_per_token": throughput.flops_per_token(arch, s)}
-    gpu = None
+    # the launcher's side runs at its defaults: the memory budget and the chunked loss are auto
+    auto = dict(memory_budget_gb="auto", chunked_loss="auto")
+    s = planner.Setup(micro_batch=2, seq_len=128 if dry else 2048, optimizer="paged_adamw_32bit", gpu=not dry, **auto)
+    gpu, device = None, {}
     if not dry:
         import torch
 
         props = torch.cuda.get_device_properties(0)
-        gpu = throughput.gpu_named(props.name, props.total_memory / 2**30)
-        out["gpu"] = props.name
+        gpu, device = throughput.gpu_named(props.name, props.total_memory / 2**30), {"gpu": props.name}
         s = replace(s, gpu_memory_gb=props.total_memory / 2**30)
     p = planner.estimate(arch, "single", s)
+    s = planner.as_planned(s, p)  # the layers kept and the loss chunk the run will use
+    out: dict = {**device, "flops_per_token": throughput.flops_per_token(arch, s)}
     out.update(
         {
             "allocated_gb": round(p.allocated, 3),
