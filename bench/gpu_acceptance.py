@@ -79,8 +79,8 @@ def plan(measured: dict | None, dry: bool) -> dict:
     else:
         cfg = {"model_type": "llama", **MODELS["8b"], "vocab_size": len(build_tokenizer())}
     arch = planner.Arch.from_config(cfg, "8b" if not dry else "tiny")
-    # the launcher's side runs at its defaults: the memory budget and the chunked loss are auto
-    auto = dict(memory_budget_gb="auto", chunked_loss="auto")
+    # the launcher's side runs at its defaults: the memory budget and the chunked loss auto, ops fused
+    auto = dict(memory_budget_gb="auto", chunked_loss="auto", fused_ops=True)
     s = planner.Setup(micro_batch=2, seq_len=128 if dry else 2048, optimizer="paged_adamw_32bit", gpu=not dry, **auto)
     gpu, device = None, {}
     if not dry:

@@ -54,7 +54,7 @@ GPU_RUNS = [("1b", 4, 1024, True), ("8b", 2, 2048, True), ("8b", 1, 1024, False)
 
 
 # The calibration's own settings: every layer recomputed, the loss in one piece (not the auto choices).
-FIXED = ("train.memory_budget_gb=null", "train.chunked_loss=0")
+FIXED = ("train.memory_budget_gb=null", "train.chunked_loss=0", "train.fused_ops=false")
 
 
 def model_dir(size: str, root: Path, gpu: bool) -> str:

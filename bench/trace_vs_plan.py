@@ -34,12 +34,13 @@ def recipe_for(model: str, r: int, mb: int, seq: int, gc: bool, nproc: int, stra
             "model": {"name": model, "random_init": True},
             "data": {"path": "builtin:arithmetic", "max_seq_len": seq},
             "peft": {"r": r, "alpha": 2 * r},
-            # the saved traces' settings: no memory budget, the loss in one piece (not auto)
+            # the saved traces' settings: no memory budget, the loss in one piece (not auto), ops unfused
             "train": {
                 "micro_batch_size": mb,
                 "gradient_checkpointing": gc,
                 "memory_budget_gb": None,
                 "chunked_loss": 0,
+                "fused_ops": False,
             },
             "dist": {"strategy": strategy, "nproc": nproc},
         }

@@ -292,3 +292,24 @@ def test_int8_keeps_every_linear_input_under_checkpointing():
     assert sizes["int8"][0] > 5 * sizes["nf4"][0]
     for _, traced, planned in sizes.values():
         assert planned == pytest.approx(traced, rel=0.05)
+
+
+@pytest.mark.parametrize("strategy, world, gpu", [("single", 1, True), ("fsdp", 2, True), ("single", 1, False)])
+def test_fused_ops_take_off_what_the_planner_says(strategy, world, gpu):
+    """train.fused_ops on the traced step, nothing recomputed: each layer keeps planner.FUSED_SAVED fewer
+    bytes a token (fp32 with k-bit's upcast and on CPU, bf16 sharded), at the tiny model's shape."""
+    from launcher import trace
+    from launcher.plan import planner
+    from launcher.plan.source import model_config, resolve_source
+
+    acts = {}
+    for fused in (False, True):
+        recipe = _recipe("builtin:tiny-llama", **SMALL, gradient_checkpointing=False, fused_ops=fused)
+        recipe.dist.nproc = world
+        source = resolve_source(recipe.model)
+        acts[fused] = trace.trace(recipe, source, strategy, world, gpu=gpu).device["activations"] * planner.GB
+    arch = planner.Arch.from_config(model_config(source), "tiny")
+    saved_h, saved_f = planner.FUSED_SAVED[strategy == "single" or not gpu]
+    per_token_layer = (acts[False] - acts[True]) / (SMALL["seq"] * SMALL["mb"]) / arch.layers
+    # exact at Llama-3-8B and Llama-2-7B; at the tiny shape sharded, 64 B a token more (per-token scalars)
+    assert per_token_layer == pytest.approx(saved_h * arch.hidden + saved_f * arch.intermediate, rel=0.06)

@@ -195,6 +195,18 @@ class TrainCfg(Section):
         "large vocabularies); 0: off. single, ddp and zero2. auto: on, micro batch tokens / 8 (at least 128) a "
         "chunk, where the memory planner finds the logits the step's largest transient and the strategy allows it.",
     )
+    fused_ops: bool = Field(
+        True,
+        description="Fewer passes over memory and fewer bytes kept per layer, same arithmetic: the LoRA linear "
+        "without peft's copy of its output, SwiGLU keeping only gate and up, RMSNorm keeping only its input and "
+        "rstd (Llama, Mistral, Qwen; other modules as they are).",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer on its own (regional: one layer's compile serves all; the "
+        "token dimension dynamic, so packed rows of any length reuse it), the 4-bit layers intact; single and ddp. "
+        "The first steps pay the compile (docs/benchmarks.md).",
+    )
     checkpoint_every: int = Field(
         1,
         gt=0,

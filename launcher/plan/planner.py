@@ -109,6 +109,7 @@ class Setup:
     gpus_per_node: int = 1
     nodes: int = 1
     fsdp_version: int = 2  # FSDP1 or FSDP2: what each gathers ahead is PREFETCH_LAYERS
+    fused_ops: bool = False  # train.fused_ops: fewer bytes per kept layer (FUSED_SAVED); other tools: False
     # What other tools do differently, for scoring the planner against their published figures:
     kbit_upcast: bool | None = None  # None: the launcher's choice (upcast unless parameters are sharded)
     logit_bytes: float | None = None  # the loss's bytes per logit element, where it is not the launcher's
@@ -189,6 +190,13 @@ class GpuFit:
 # determined: Llama's f/h ratio only spans 2.7-3.5); one or two dequantized copies of the largest
 # 4-bit weight sit next to a layer's backward.
 GPU_FIT = {True: GpuFit(70.0, 20.0, 11.7, 1.1, 1.0), False: GpuFit(57.6, 3.7, 11.9, 1.15, 1.38)}
+# What train.fused_ops takes off a layer's saved activations, bytes per token per (hidden, intermediate)
+# unit, read off traces of the real step with and without it (Llama-3-8B and Llama-2-7B, 2048 tokens,
+# nothing recomputed; exact at both shapes; the CPU's fp32 step at 100M likewise): SwiGLU's act(gate)
+# goes (fp32 with the upcast and on CPU, bf16 sharded), and where the residual stream is bf16 so does
+# the norm's fp32 copy of its input (an fp32 input is not copied, and the product with the frozen
+# weight keeps nothing). The fits above were made without it (the saved traces, others' figures).
+FUSED_SAVED = {True: (0.0, 4.0), False: (4.0, 2.0)}
 
 
 def _quant_bytes(arch: Arch, s: Setup, dtype: int) -> tuple[float, float]:
@@ -317,7 +325,8 @@ def _gpu_work(arch: Arch, strategy: str, s: Setup, upcast: bool) -> dict:
     recomputed and back-propagated, or an all-gather's buffer."""
     fit, tokens = GPU_FIT[upcast], s.micro_batch * s.seq_len
     resid = 4 if upcast else 2  # the residual stream follows the (upcast) embedding dtype
-    full_layer = tokens * (fit.layer_h * arch.hidden + fit.layer_f * arch.intermediate)
+    saved_h, saved_f = FUSED_SAVED[upcast] if s.fused_ops else (0.0, 0.0)
+    full_layer = tokens * ((fit.layer_h - saved_h) * arch.hidden + (fit.layer_f - saved_f) * arch.intermediate)
     recomputed, kept = _checkpointed(arch, s)
     gathered = 0.0
     if strategy in SHARD_PARAMS:
@@ -375,7 +384,8 @@ def _cpu_work(arch: Arch, strategy: str, s: Setup, upcast: bool) -> dict:
     """CPU processes, calibrated against measured resident size (bench/plan_vs_measured.py), allocator
     slack included."""
     tokens = s.micro_batch * s.seq_len
-    per_layer = tokens * 4 * (ACT_HIDDEN * arch.hidden + ACT_INTER * arch.intermediate)
+    saved_f = FUSED_SAVED[True][1] / 4 if s.fused_ops else 0.0  # fp32 throughout, as with the upcast
+    per_layer = tokens * 4 * (ACT_HIDDEN * arch.hidden + (ACT_INTER - saved_f) * arch.intermediate)
     recomputed, kept = _checkpointed(arch, s)
     # A recomputed layer in backward: its activations and their gradients, about two layers' worth
     # (one under-counted the 100m checkpointed run by 10-14% of its RSS: 1.63 vs 1.81-1.89 GB).
@@ -500,5 +510,6 @@ def setup_for_recipe(
         gpus_per_node=gpus_per_node,
         nodes=nodes,
         fsdp_version=recipe.dist.fsdp_version,
+        fused_ops=t.fused_ops,
         gpu_memory_gb=gpu_memory_gb if gpu else None,
     )

@@ -22,7 +22,7 @@ from launcher.plan.source import (
     model_config,
     resolve_source,  # noqa: F401  (where callers have always found it)
 )
-from launcher.run import attention
+from launcher.run import attention, fused
 
 if TYPE_CHECKING:  # annotations only
     from launcher.config.recipe import Recipe
@@ -298,7 +298,7 @@ def adapter_for(
     recipe: Recipe, base: torch.nn.Module, *, kbit_upcast: bool, total_steps: int | None = None, kept_layers: int = 0
 ):
     """The recipe's adapter and checkpointing on the base, as every strategy (and the trace) wraps it."""
-    return apply_peft(
+    model = apply_peft(
         base,
         recipe.peft,
         quantized=recipe.quant.mode != "none",
@@ -308,6 +308,11 @@ def adapter_for(
         checkpoint_every=recipe.train.checkpoint_every,
         kept_layers=kept_layers,
     )
+    if recipe.train.fused_ops:
+        fused.install(model)
+    if recipe.train.compile and not fused.compile_layers(model):
+        raise UserError(f"train.compile: found no decoder layers to compile in {recipe.model.name}; set it to false")
+    return model
 
 
 @contextlib.contextmanager

@@ -110,6 +110,8 @@ def placement_problems(recipe: Recipe, strategy: str, machine: Machine, cfg: dic
             f"train.chunked_loss: not under {strategy} yet (the output head's weights are gathered only inside "
             "its own forward there); set it to 0, or use single, ddp or zero2"
         )
+    if recipe.train.compile and strategy not in ("single", "ddp"):
+        problems.append(f"train.compile: not under {strategy} yet (run with single and ddp); set it to false")
     budget = recipe.train.memory_budget_gb
     if isinstance(budget, float) and machine.gpus and machine.gpu_memory_gb and budget > machine.gpu_memory_gb:
         problems.append(
