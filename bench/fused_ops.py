@@ -50,7 +50,7 @@ def _model(src: str, kinds: tuple, keep: bool, compiled: bool = False):
     return model
 
 
-def _saved_mb(model, ids) -> float:
+def saved_mb(model, ids) -> float:
     """MB autograd keeps for backward with nothing recomputed (each storage once)."""
     seen: dict = {}
 
@@ -82,7 +82,7 @@ def main() -> None:
         AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp)
         ids = torch.randint(0, 54, (2, 512), generator=torch.Generator().manual_seed(0))
         # what a kept layer costs: saved bytes with nothing recomputed, one model at a time
-        kept = {name: _saved_mb(_model(tmp, kinds, keep=True), ids) for name, kinds in VARIANTS.items()}
+        kept = {name: saved_mb(_model(tmp, kinds, keep=True), ids) for name, kinds in VARIANTS.items()}
         models = {name: _model(tmp, kinds, args.keep) for name, kinds in VARIANTS.items()}
         if args.compile:
             models["all+compile"] = _model(tmp, fused.KINDS, args.keep, compiled=True)

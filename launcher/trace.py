@@ -405,9 +405,7 @@ def trace(
 def _adapter(recipe: Recipe, base: torch.nn.Module, d: placement.Placement):
     from launcher.run.model import adapter_for
 
-    # the trace runs the eager step (train.compile: AOTAutograd chooses what a compiled layer keeps, not traced)
-    uncompiled = recipe.model_copy(update={"train": recipe.train.model_copy(update={"compile": False})})
-    model = adapter_for(uncompiled, base, kbit_upcast=d.kbit_upcast, total_steps=STEPS, kept_layers=d.kept_layers)
+    model = adapter_for(recipe, base, kbit_upcast=d.kbit_upcast, total_steps=STEPS, kept_layers=d.kept_layers)
     if d.chunked_loss:
         from launcher.run import chunked_loss
 

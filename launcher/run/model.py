@@ -310,8 +310,6 @@ def adapter_for(
     )
     if recipe.train.fused_ops:
         fused.install(model)
-    if recipe.train.compile and not fused.compile_layers(model):
-        raise UserError(f"train.compile: found no decoder layers to compile in {recipe.model.name}; set it to false")
     return model
 
 

@@ -29,6 +29,7 @@ from launcher.run import (
     chunked_loss,
     console,
     data,
+    fused,
     launch_configs,
     loop,
     metrics,
@@ -290,6 +291,9 @@ def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerato
             raise UserError(f"train.chunked_loss: not for {recipe.model.name}: {why}; set it to 0")
         else:
             chunked_loss.install(model, pl.chunked_loss)
+    # Compiled for the run only: the trace runs the eager step (AOTAutograd picks what a compiled layer keeps).
+    if recipe.train.compile and not fused.compile_layers(model):
+        raise UserError(f"train.compile: found no decoder layers to compile in {recipe.model.name}; set it to false")
     trainable, total = count_parameters(model)
     console.say(
         f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%), "
