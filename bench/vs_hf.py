@@ -77,6 +77,23 @@ MODELS = {  # Llama-architecture configs with random weights, built locally
         tie_word_embeddings=False,
     ),
 }
+RUN_TIMEOUT_S = 3600  # one side's run: a hang ends the benchmark with a line naming it, not a stuck CI
+
+
+def run(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
+    """One process tree (its own session, so a hung rank dies with the launcher); SystemExit on a hang."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw
+    )
+    try:
+        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        raise SystemExit(f"{what} did not exit within {RUN_TIMEOUT_S} s (hung); its last output:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
 
 
@@ -169,7 +186,7 @@ def common(model: str, args, data_path: str | None) -> list[str]:
 def run_launcher(overrides: list[str], packing: bool, long: bool, out: Path, nproc: int = 1) -> dict:
     extra = ["train.micro_batch_size=2"] if long else []
     start = time.perf_counter()
-    res = subprocess.run(
+    res = run(
         [
             sys.executable,
             "-m",
@@ -181,8 +198,7 @@ def run_launcher(overrides: list[str], packing: bool, long: bool, out: Path, npr
             f"dist.nproc={nproc}",
             f"data.packing={'true' if packing else 'false'}",
         ],
-        capture_output=True,
-        text=True,
+        "the launcher's run",
     )
     wall = time.perf_counter() - start
     if res.returncode:
@@ -366,8 +382,8 @@ def heldout(overrides: list[str], adapter_dir: Path) -> dict:
     """The common held-out loss of a saved adapter (EVAL_SCRIPT, a fresh process, not timed)."""
     script = adapter_dir.with_name("eval.py")
     script.write_text(EVAL_SCRIPT)
-    res = subprocess.run(
-        [sys.executable, str(script), json.dumps(overrides), str(adapter_dir)], capture_output=True, text=True, cwd=ROOT
+    res = run(
+        [sys.executable, str(script), json.dumps(overrides), str(adapter_dir)], "the held-out evaluation", cwd=ROOT
     )
     if res.returncode:
         raise SystemExit(f"held-out evaluation of {adapter_dir} failed:\n{res.stderr[-3000:]}")
@@ -391,10 +407,9 @@ def run_hf(
         else [sys.executable]
     )
     start = time.perf_counter()
-    res = subprocess.run(
+    res = run(
         [*cmd, str(script), json.dumps(overrides), str(out), mb, "1" if group_by_length else "0"],
-        capture_output=True,
-        text=True,
+        "the TRL run" if trl else "the Trainer run",
         cwd=ROOT,
     )
     wall = time.perf_counter() - start

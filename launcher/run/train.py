@@ -176,7 +176,7 @@ def _train(recipe: Recipe, resume: bool) -> tuple[dict, torch.nn.Module]:
         if accelerator.is_main_process:
             preempt.mark(run_dir, step, stop.signum)
         accelerator.print(f"stopped at step {step} on a stop signal; checkpoint saved, resume continues from it")
-        accelerator.end_training()
+        end_training(accelerator)
         return {"steps": step, "interrupted": True, "restarts": ctx.progress.restarts}, sharding.unwrap(ctx.model)
     return finish(ctx, run, loaded, base_dl, evals)
 
@@ -456,8 +456,19 @@ def finish(
         console.say(
             "\n".join(console.final_report(summary, run_dir, len(evals.prompts) if evals else 0)), console.QUIET
         )
-    accelerator.end_training()
+    end_training(accelerator)
     return summary, unwrapped
+
+
+def end_training(accelerator: Accelerator) -> None:
+    """accelerate's end_training, less its destroy_process_group. That one left DDP's reducer the last
+    holder of the gloo group, so the group's destructor ran when `_train` returned: on the main thread,
+    holding the GIL, joining gloo's workers, one of which was still freeing the last all_gather and
+    waiting for the GIL. Rank 0 hung there after writing summary.json (py-spy: ~ProcessGroupGloo in
+    std::thread::join): once in CI, once in 9 2-rank runs here, both under bench/live_peak's dispatch
+    mode. The group now lives until the rank's os._exit (`leave`), so that destructor never runs."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 # What gloo and NCCL say when the other end of a collective has died (seen: gloo's "Connection
@@ -509,8 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()  # a clean exit: gloo threads left running can abort the process
+        # One process (leave() is not called): a clean exit, gloo threads left running can abort it.
+        # Several: the group ends with os._exit (see end_training).
+        if int(os.environ.get("WORLD_SIZE", 1)) == 1 and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
