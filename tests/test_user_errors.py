@@ -106,6 +106,12 @@ CASES = [
         {},
         ["train.chunked_loss", "zero3"],
     ),
+    (
+        "configs_compile_under_fsdp",
+        ["configs", "dist.strategy=fsdp", "dist.nproc=2", "train.compile=true", "--out", "{d}/c"],
+        {},
+        ["train.compile", "fsdp", "false"],
+    ),
     ("validate_checkpoint_every_zero", ["validate", "train.checkpoint_every=0"], {}, ["train.checkpoint_every"]),
     (
         "validate_budget_without_checkpointing",
