@@ -77,7 +77,7 @@ MODELS = {  # Llama-architecture configs with random weights, built locally
         tie_word_embeddings=False,
     ),
 }
-RUN_TIMEOUT_S = 3600  # one side's run: a hang ends the benchmark with a line naming it, not a stuck CI
+RUN_TIMEOUT_S = 3600  # one side's run (--run-timeout): a hang ends the benchmark with a line naming it
 
 
 def run(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
@@ -490,6 +490,7 @@ def cpu_utilisation(model: str, seq_len: int, peak: float) -> float:
 
 
 def main() -> None:
+    global RUN_TIMEOUT_S
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200, help="CPU: optimizer steps")
     ap.add_argument("--repeats", type=int, default=2)
@@ -520,11 +521,15 @@ def main() -> None:
     )
     ap.add_argument("--json-out", help="also write the summary here")
     ap.add_argument(
+        "--run-timeout", type=int, default=RUN_TIMEOUT_S, help="seconds one run may take before it counts as hung"
+    )
+    ap.add_argument(
         "--hf-group-by-length",
         action="store_true",
         help="a stronger baseline: the Trainer batches samples of similar length (less padding)",
     )
     args = ap.parse_args()
+    RUN_TIMEOUT_S = args.run_timeout
     if args.gpu or args.baseline == "trl":
         args.data = "long"
     args.seq_len = args.seq_len or (2048 if args.gpu else 512)

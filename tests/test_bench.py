@@ -14,7 +14,19 @@ pytestmark = pytest.mark.slow
 def _vs_hf(*args: str) -> dict:
     """bench/vs_hf.py on 96 long samples of up to 128 tokens, one repeat: its final JSON."""
     res = subprocess.run(
-        [sys.executable, str(ROOT / "bench/vs_hf.py"), "--samples", "96", "--seq-len", "128", "--repeats", "1", *args],
+        [
+            sys.executable,
+            str(ROOT / "bench/vs_hf.py"),
+            "--samples",
+            "96",
+            "--seq-len",
+            "128",
+            "--repeats",
+            "1",
+            "--run-timeout",
+            "400",
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=900,
@@ -65,6 +77,32 @@ def test_live_peak_counts_the_tensors_a_step_holds(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     # at its peak: weights 4 + input 8 + output 8 + out*out 8 (+ its gradient 8, the weight's 4) MiB
     assert 28 / 1024 <= live["live_peak_gb"] <= 48 / 1024, live
+
+
+HUNG_TREE = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # a rank that never ends
+print(child.pid, flush=True)
+print("rank 0: waiting", file=sys.stderr, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_hung_run_is_one_line_naming_it_and_its_whole_tree_is_killed(tmp_path, monkeypatch):
+    """bench/vs_hf.run: a side that never exits ends the benchmark in one line, its ranks killed with it."""
+    import psutil
+
+    sys.path.insert(0, str(ROOT))
+    from bench import vs_hf
+
+    monkeypatch.setattr(vs_hf, "RUN_TIMEOUT_S", 3)
+    with pytest.raises(SystemExit) as e:
+        vs_hf.run([sys.executable, "-c", HUNG_TREE], "the launcher's run")
+    assert str(e.value).startswith("the launcher's run did not exit within 3 s (hung)") and "rank 0: waiting" in str(
+        e.value
+    )
+    ranks = [p for p in psutil.process_iter(["cmdline"]) if "time.sleep(600)" in " ".join(p.info["cmdline"] or [])]
+    assert not [p for p in ranks if p.status() != psutil.STATUS_ZOMBIE], ranks
 
 
 def _data_scale(*args: str) -> str:
