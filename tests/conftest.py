@@ -57,7 +57,7 @@ def pytest_collection_modifyitems(config, items):
     """Files with the most `slow` tests first (a stable sort, the same in every xdist worker): pyproject
     runs the suite as `-n 2 --dist loadfile`, and a long file collected last (test_bench.py) left one
     worker running it alone for the last 5 of 21.5 minutes."""
-    slow: dict[str, int] = {}
+    slow: dict[Path, int] = {}
     for item in items:
-        slow[item.fspath.strpath] = slow.get(item.fspath.strpath, 0) + bool(item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.fspath.strpath])
+        slow[item.path] = slow.get(item.path, 0) + bool(item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])

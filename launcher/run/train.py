@@ -465,8 +465,9 @@ def end_training(accelerator: Accelerator) -> None:
     holder of the gloo group, so the group's destructor ran when `_train` returned: on the main thread,
     holding the GIL, joining gloo's workers, one of which was still freeing the last all_gather and
     waiting for the GIL. Rank 0 hung there after writing summary.json (py-spy: ~ProcessGroupGloo in
-    std::thread::join): once in CI, once in 9 2-rank runs here before the fix, both under bench/live_peak's dispatch
-    mode. The group now lives until the rank's os._exit (`leave`), so that destructor never runs."""
+    std::thread::join): once in CI, once in 9 2-rank runs here before the fix, both under
+    bench/live_peak's dispatch mode. The group now lives until the rank's os._exit (`leave`), so that
+    destructor never runs."""
     for tracker in accelerator.trackers:
         tracker.finish()
 
