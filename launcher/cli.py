@@ -118,7 +118,9 @@ def _dead_rank(failure, recipe: Recipe, args: argparse.Namespace) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from launcher.run import console
+    from launcher.run import console, hostmem
+
+    hostmem.prefer_huge_pages()  # before torch is imported here, and for every rank this starts
 
     if args.quiet or args.verbose:  # the ranks a run starts inherit it
         console.set_level(console.QUIET if args.quiet else console.VERBOSE)

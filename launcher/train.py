@@ -6,7 +6,10 @@ The name users, the generated accelerate configs and the sbatch scripts launch; 
 
 import os
 
-from launcher.run.train import leave, main
+from launcher.run import hostmem
+
+hostmem.prefer_huge_pages()  # before torch is imported: c10 reads it once
+from launcher.run.train import leave, main  # noqa: E402
 
 if __name__ == "__main__":
     status = main()

@@ -15,6 +15,10 @@ def launcher_cache(tmp_path_factory):
     os.environ["LAUNCHER_CACHE"] = str(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # What `launcher train` sets for itself (launcher/run/hostmem.py), set for the whole session: a
+    # test that calls the CLI in this process would otherwise change what the processes of later
+    # tests inherit.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     return path
 
 
