@@ -428,14 +428,14 @@ def run_hf(
 
 
 @contextlib.contextmanager
-def live_peak(where: Path):
-    """Runs started inside count their live tensor memory (bench/live_peak/sitecustomize.py); yields a
-    dict that gets "live_peak_gb", rank 0's peak, when they are done."""
+def instrumented(where: Path, tool: str, env: str):
+    """Runs started inside import bench/<tool>/sitecustomize.py (it acts when `env` names a folder, and
+    every rank inherits both); yields a list that gets what rank 0 wrote there, when they are done."""
     where.mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in ("LIVE_PEAK_DIR", "PYTHONPATH")}
-    path = [str(ROOT / "bench" / "live_peak"), saved["PYTHONPATH"] or ""]
-    os.environ.update(LIVE_PEAK_DIR=str(where), PYTHONPATH=os.pathsep.join(filter(None, path)))
-    out: dict = {}
+    saved = {k: os.environ.get(k) for k in (env, "PYTHONPATH")}
+    path = [str(ROOT / "bench" / tool), saved["PYTHONPATH"] or ""]
+    os.environ.update({env: str(where), "PYTHONPATH": os.pathsep.join(filter(None, path))})
+    out: list = []
     try:
         yield out
     finally:
@@ -444,7 +444,16 @@ def live_peak(where: Path):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    peaks = [json.loads(f.read_text()) for f in where.glob("*.json")]
+    out.extend(json.loads(f.read_text()) for f in sorted(where.glob("*.json")))
+
+
+@contextlib.contextmanager
+def live_peak(where: Path):
+    """Runs started inside count their live tensor memory (bench/live_peak/sitecustomize.py); yields a
+    dict that gets "live_peak_gb", rank 0's peak, when they are done."""
+    out: dict = {}
+    with instrumented(where, "live_peak", "LIVE_PEAK_DIR") as peaks:
+        yield out
     out["live_peak_gb"] = max((r["live_peak_gb"] for r in peaks if r["rank"] == 0), default=None)
 
 
@@ -519,6 +528,11 @@ def main() -> None:
         action="store_true",
         help="CPU: one more, untimed run per side counting live tensor memory (the GPU's allocated memory)",
     )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="CPU: one more, untimed run per side under torch.profiler: seconds per step by kind of work",
+    )
     ap.add_argument("--json-out", help="also write the summary here")
     ap.add_argument(
         "--run-timeout", type=int, default=RUN_TIMEOUT_S, help="seconds one run may take before it counts as hung"
@@ -561,6 +575,13 @@ def main() -> None:
             with live_peak(Path(tmp) / "live_h") as live:
                 run_hf(overrides, long, Path(tmp) / "hl", args.hf_group_by_length, args.nproc, args.baseline == "trl")
             med["hf"]["live_peak_gb"] = live["live_peak_gb"]
+        if args.profile and not args.gpu:  # where each side's step goes (bench/step_profile)
+            with instrumented(Path(tmp) / "prof_l", "step_profile", "STEP_PROFILE_DIR") as prof:
+                run_launcher(overrides + args.launcher_set, args.packing or long, long, Path(tmp) / "pl", args.nproc)
+            med["launcher"]["profile"] = prof[0] if prof else None
+            with instrumented(Path(tmp) / "prof_h", "step_profile", "STEP_PROFILE_DIR") as prof:
+                run_hf(overrides, long, Path(tmp) / "ph", args.hf_group_by_length, args.nproc, args.baseline == "trl")
+            med["hf"]["profile"] = prof[0] if prof else None
         if args.gpu:
             import torch
 
@@ -572,7 +593,11 @@ def main() -> None:
             per_token = cpu_utilisation(model, args.seq_len if long else 16, max(ceiling.peaks))
             for m in med.values():
                 m["mfu"] = round(m["tokens_per_s"] * per_token, 4)
-    ratio = {k: round(med["launcher"][k] / med["hf"][k], 3) for k in med["hf"] if med["hf"][k] and med["launcher"][k]}
+    ratio = {
+        k: round(med["launcher"][k] / med["hf"][k], 3)
+        for k in med["hf"]
+        if isinstance(med["hf"][k], float | int) and med["hf"][k] and med["launcher"].get(k)
+    }
     shape = {"samples": args.samples, "seq_len": args.seq_len} if long else {"steps": args.steps}
     summary = {
         "model": args.model,

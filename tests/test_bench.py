@@ -79,6 +79,37 @@ def test_live_peak_counts_the_tensors_a_step_holds(tmp_path):
     assert 28 / 1024 <= live["live_peak_gb"] <= 48 / 1024, live
 
 
+PROFILE_PROBE = """
+import torch
+from torch.utils.checkpoint import checkpoint
+layer = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024))
+opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
+x = torch.randn(1024, 1024)
+for _ in range(7):  # 2 skipped, 1 warm-up, 3 recorded, then the report
+    checkpoint(layer, x, use_reentrant=False).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+"""
+
+
+def test_step_profile_splits_a_step_by_kind_and_phase(tmp_path):
+    """bench/step_profile: what `--profile` reads, on a checkpointed step of two matmuls a pass."""
+    sys.path.insert(0, str(ROOT))
+    from bench.vs_hf import instrumented
+
+    with instrumented(tmp_path / "prof", "step_profile", "STEP_PROFILE_DIR") as prof:
+        res = subprocess.run([sys.executable, "-c", PROFILE_PROBE], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    [p] = prof
+    kinds, phases = p["kinds_s"], p["phases_s"]
+    assert max((k for k in kinds if k != "between ops"), key=kinds.get) == "matmul", p
+    assert abs(sum(kinds.values()) - p["step_s"]) <= 0.01 * p["step_s"] + 0.002, p  # every second placed once
+    assert abs(sum(phases.values()) - p["ops_s_per_step"]) <= 0.002, p
+    # forward, its recompute (the same two matmuls) and backward (four: input and weight gradients)
+    assert phases["recompute"] > 0.3 * phases["forward"] and phases["backward"] > phases["recompute"], p
+    assert phases["optimizer"] > 0, p
+
+
 HUNG_TREE = """
 import subprocess, sys, time
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # a rank that never ends
