@@ -135,6 +135,16 @@ def test_compile_under_a_strategy_it_has_not_run_under_is_refused_naming_the_fie
     assert problem.startswith("train.compile: not under zero2") and "set it to false" in problem
 
 
+def test_compile_finds_no_layers_in_a_model_without_decoder_layers():
+    """What makes `train.compile` refuse a model ("found no decoder layers to compile"): nothing to
+    compile is a count of 0, and nothing is compiled."""
+    from launcher.run import fused as fused_ops
+
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    assert fused_ops.compile_layers(plain) == 0
+    assert all(m._compiled_call_impl is None for m in plain.modules())
+
+
 def test_a_compiled_run_trains_and_its_adapter_loads(tmp_path):
     """`launcher train train.compile=true` end to end on the built-in model: the run finishes and saves
     an adapter with the usual names (Module.compile keeps them)."""
