@@ -1,7 +1,7 @@
 """Host memory: how torch's CPU allocator is set up for a training process.
 
 Imports nothing heavy: the entry points call `prefer_huge_pages` before torch is imported,
-because c10 reads its setting once, at the first allocation.
+because c10 reads its setting once (torch 2.13: at its first block of 2 MB or more).
 """
 
 from __future__ import annotations
