@@ -13,10 +13,14 @@ OFFSETS = "import torch; ts = [torch.empty(3 << 20, dtype=torch.uint8) for _ in 
 )
 
 
-def _offsets(prelude: str, env_value: str | None = None) -> list[int]:
+def _env(value: str | None = None) -> dict:
+    """This environment with THP_MEM_ALLOC_ENABLE unset (conftest sets it), or set to `value`."""
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if env_value is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = env_value
+    return env if value is None else {**env, "THP_MEM_ALLOC_ENABLE": value}
+
+
+def _offsets(prelude: str, env_value: str | None = None) -> list[int]:
+    env = _env(env_value)
     res = subprocess.run(
         [sys.executable, "-c", prelude + OFFSETS], capture_output=True, text=True, env=env, timeout=300
     )
@@ -45,6 +49,5 @@ def test_launcher_train_sets_it_before_anything_imports_torch(tmp_path):
         f"code = cli.main(['train', 'train.output_dir={tmp_path}', 'train.lr=-1'])\n"
         "print(code, os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)"
     )
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
     assert res.stdout.split() == ["2", "1", "False"], (res.stdout, res.stderr[-2000:])
