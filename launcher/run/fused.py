@@ -90,9 +90,11 @@ def _lora(module):
         name = names[0]
         if name not in module.lora_A or name in module.lora_variant or module.lora_B[name].bias is not None:
             return original(x, *args, **kwargs)
-        result = module.base_layer(x)
         a = module.lora_A[name]
         out = module.lora_B[name](a(module.lora_dropout[name](module._cast_input_dtype(x, a.weight.dtype))))
+        # The frozen matmul last: it saves nothing for backward, so a checkpointed layer's recompute
+        # (which stops at its last saved tensor) skips the layer's last one (down_proj's).
+        result = module.base_layer(x)
         scaling = module.scaling[name]
         if out.dtype == result.dtype:
             return torch.add(result, out, alpha=scaling)

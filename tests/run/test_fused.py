@@ -32,7 +32,7 @@ def _model(src, fused: bool, dtype=torch.float32, checkpointing: bool = True, dr
         enable_checkpointing(model)  # non-reentrant, every layer, as the run does
         model.enable_input_require_grads()
     counts = fused_ops.install(model) if fused else {}
-    return model, counts
+    return model.train(), counts  # training mode: checkpointing and dropout act
 
 
 def _step(model, ids, seed: int = 0):
@@ -94,6 +94,27 @@ def test_disabled_or_merged_adapters_take_peft_forward(arch_dirs):
     with torch.no_grad(), base.disable_adapter():
         assert torch.allclose(off, base(input_ids=ids).logits, atol=1e-6)
     assert not torch.allclose(on, off)  # the adapter is applied when it is enabled
+
+
+def test_recompute_skips_the_frozen_matmul_that_ends_a_layer(arch_dirs):
+    """The adapter path runs before the frozen matmul, so a checkpointed layer's recompute (which stops
+    once its last saved tensor is back) never runs down_proj's 4-bit matmul again; peft's order runs it
+    in forward and in the recompute. The other linears' outputs feed later ops and are recomputed."""
+    src = arch_dirs["llama"]
+    ids = torch.randint(3, 40, (2, 48), generator=torch.Generator().manual_seed(0))
+
+    def runs(fused: bool) -> dict[str, int]:
+        model = _model(src, fused, dropout=0.1)[0]
+        counts: dict[str, int] = {}
+        for name, module in model.named_modules():
+            if name.endswith(("layers.0.mlp.down_proj.base_layer", "layers.0.self_attn.q_proj.base_layer")):
+                key = name.split(".")[-2]
+                module.register_forward_hook(lambda *_, key=key: counts.__setitem__(key, counts.get(key, 0) + 1))
+        _step(model, ids)
+        return counts
+
+    assert runs(False) == {"q_proj": 2, "down_proj": 2}
+    assert runs(True) == {"q_proj": 2, "down_proj": 1}
 
 
 def test_fused_layers_keep_less_for_backward(arch_dirs):
