@@ -281,7 +281,7 @@ def apply_peft(
     config = peft_config(cfg, total_steps)
     try:
         with quiet_peft():
-            return get_peft_model(model, config, autocast_adapter_dtype=kbit_upcast)
+            peft_model = get_peft_model(model, config, autocast_adapter_dtype=kbit_upcast)
     except (ValueError, TypeError, NotImplementedError) as e:
         hint = ""
         if "lora_dropout" in str(
@@ -292,6 +292,9 @@ def apply_peft(
             f"peft.method: {cfg.method} cannot wrap this model "
             f"(quant.mode={'4/8-bit' if quantized else 'none'}): {first_line(e)}{hint}"
         ) from None
+    if gradient_checkpointing:
+        model.disable_input_require_grads()  # peft's, for an unquantized base (see enable_checkpointing)
+    return peft_model
 
 
 def adapter_for(
@@ -335,6 +338,10 @@ def enable_checkpointing(model: torch.nn.Module, every: int = 1, kept: int = 0) 
         layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         for layer in layers[len(layers) - kept :] if kept else []:
             layer.gradient_checkpointing = False
+        # transformers makes the embeddings' output require grad, which reentrant checkpointing needs;
+        # non-reentrant does not, and with it backward would run the first layer's input gradients
+        # (q/k/v, its norm) into the frozen embeddings for nothing.
+        model.disable_input_require_grads()
         return
     if every != 1 or kept:
         raise UserError(

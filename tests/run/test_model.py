@@ -111,3 +111,26 @@ def test_checkpoint_every_recomputes_every_nth_layer_with_the_same_gradients():
     for name in ("half", "kept3", "none"):
         for n, g in grads["all"].items():
             torch.testing.assert_close(grads[name][n], g, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_checkpointed_backward_stops_at_the_first_layer(quant):
+    """transformers (and peft, on an unquantized base) hook the embeddings so their output requires
+    grad, which only reentrant checkpointing needs: the launcher removes the hooks, so backward does not
+    run the first layer's input gradients into frozen embeddings; every adapter tensor still gets one."""
+    from launcher.config.recipe import load_recipe
+    from launcher.run.model import apply_peft, load_base_model, resolve_source
+
+    r = load_recipe(None, [f"quant.mode={quant}"])
+    base = load_base_model(resolve_source(r.model), r.model, r.quant)
+    model = apply_peft(base, r.peft, quantized=quant != "none", kbit_upcast=True, gradient_checkpointing=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda m, i, out: seen.append(out.requires_grad))
+    x = torch.randint(4, 40, (2, 12))
+    model.train()(input_ids=x, labels=x).loss.backward()
+    assert seen == [False]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
