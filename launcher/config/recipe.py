@@ -218,7 +218,8 @@ class TrainCfg(Section):
         description="With gradient_checkpointing: device memory per GPU (per process on CPU) the step may use. The "
         "memory planner keeps the activations of as many of the last decoder layers as fit in it and recomputes the "
         "others: speed for memory that would sit idle. null: recompute as checkpoint_every says. auto: 85% of the "
-        "GPU's memory on GPUs (the planner is within 15% of published reserved figures), off on CPU.",
+        "GPU's memory on GPUs (the planner is within 15% of published reserved figures); on CPU what recomputing "
+        "every layer needs, which keeps the last layer where that costs nothing (backward frees it first).",
     )
     log_every: int = Field(10, gt=0, description="Optimizer steps between metric lines.")
     eval_every: int = Field(100, gt=0, description="Optimizer steps between evals (and one at the end).")

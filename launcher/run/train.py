@@ -234,12 +234,14 @@ def setup_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, world: int) -
     return Data(p.train, p.eval, p.stats, total, prompts)
 
 
-def memory_lines(recipe: Recipe, pl: placement.Placement) -> list[str]:
+def memory_lines(recipe: Recipe, pl: placement.Placement, gpu: bool) -> list[str]:
     """One line for each memory setting the planner decided (a budget's kept layers; an auto choice and why)."""
     t, lines = recipe.train, []
     if pl.memory_budget_gb:
         kept = f"the last {pl.kept_layers} decoder layer(s) keep" if pl.kept_layers else "no decoder layer keeps"
-        how = " (auto: 85% of this GPU's memory)" if t.memory_budget_gb == "auto" else ""
+        how = ""
+        if t.memory_budget_gb == "auto":
+            how = " (auto: 85% of this GPU's memory)" if gpu else " (auto on CPU: what recomputing every layer needs)"
         lines.append(
             f"checkpointing: {kept} their activations, the others recompute (what the planner fits in "
             f"train.memory_budget_gb={pl.memory_budget_gb:.1f}{how})"
@@ -262,7 +264,7 @@ def setup_model(recipe: Recipe, source: str, pl: placement.Placement, accelerato
         f"loading {recipe.model.name} ({quant}) with a {recipe.peft.method} adapter, "
         f"strategy {pl.strategy} on {pl.world} process(es)"
     )
-    for line in memory_lines(recipe, pl):
+    for line in memory_lines(recipe, pl, accelerator.device.type == "cuda"):
         console.say(line)
 
     def load(device_map):

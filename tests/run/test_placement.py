@@ -197,7 +197,7 @@ def test_memory_budget_decides_the_kept_layers_once():
         return placement.memory_choices(r, "fsdp", LLAMA_70B, machine)["kept_layers"]
 
     assert kept("train.memory_budget_gb=null") == 0  # no budget: checkpoint_every decides
-    assert kept() > 0 and kept(gpu=False) == 0  # auto: 85% of a GPU's memory; off on CPU
+    assert kept() > 0 and kept(gpu=False) == 1  # auto: 85% of a GPU's memory; on CPU the free last layer
     arch = planner.Arch.from_config(LLAMA_70B)
     s = planner.Setup(micro_batch=4, seq_len=2048, lora_r=16, gpus_per_node=1)
     low = planner.estimate(arch, "fsdp", s).device_total
@@ -234,8 +234,9 @@ def test_a_budget_beyond_the_gpu_is_refused():
 
 def test_auto_memory_settings_are_decided_once_and_a_set_value_is_kept():
     """train.memory_budget_gb and train.chunked_loss default to auto: on a GPU the budget is 85% of its
-    memory (off on CPU), and the loss is chunked where the planner finds the logits a large share of the
-    peak and the strategy allows it; a value the user sets is taken as it is, null and 0 included."""
+    memory (on CPU what recomputing every layer needs), and the loss is chunked where the planner finds
+    the logits a large share of the peak and the strategy allows it; a value the user sets is taken as it
+    is, null and 0 included."""
     from launcher.plan import random_model
     from launcher.plan.source import model_config
     from launcher.run.train import memory_lines
@@ -251,7 +252,10 @@ def test_auto_memory_settings_are_decided_once_and_a_set_value_is_kept():
     assert on_gpu["memory_budget_gb"] == pytest.approx(0.85 * 79.1) and 0 < on_gpu["kept_layers"] < 32
     assert on_gpu["chunked_loss"] == 4096 // 8
     assert choose("fsdp", gpu)["chunked_loss"] == 0  # refused where parameters are sharded
-    assert choose("single", cpu) == {"kept_layers": 0, "chunked_loss": 512, "memory_budget_gb": None}
+    on_cpu = choose("single", cpu)  # auto: what recomputing every layer needs, which the last layer fits in
+    whole = choose("single", cpu, "train.memory_budget_gb=null")
+    assert whole == {"kept_layers": 0, "chunked_loss": 512, "memory_budget_gb": None}
+    assert on_cpu["kept_layers"] == 1 and on_cpu["chunked_loss"] == 512 and on_cpu["memory_budget_gb"] > 0
     assert choose("single", gpu, "train.memory_budget_gb=null", "train.chunked_loss=0") == {
         "kept_layers": 0, "chunked_loss": 0, "memory_budget_gb": None,
     }  # fmt: skip
@@ -262,7 +266,7 @@ def test_auto_memory_settings_are_decided_once_and_a_set_value_is_kept():
     # what the run says it chose, one line each
     recipe = load_recipe(None, base)
     pl = placement.Placement("single", 0, 1, 0, 0, False, False, None, None, None, True, "adamw_torch", **on_gpu)
-    lines = memory_lines(recipe, pl)
+    lines = memory_lines(recipe, pl, gpu=True)
     assert len(lines) == 2 and "auto: 85% of this GPU's memory" in lines[0] and "auto: 512 tokens a chunk" in lines[1]
 
 
