@@ -568,20 +568,21 @@ def main() -> None:
             print(json.dumps({"repeat": i, **{k: v[-1] for k, v in runs.items()}}), flush=True)
         med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
         machine: dict = {}  # the GPU's name, or this CPU's measured matmul FLOP/s
-        if args.live_memory and not args.gpu:
-            with live_peak(Path(tmp) / "live_l") as live:
-                run_launcher(overrides + args.launcher_set, args.packing or long, long, Path(tmp) / "ll", args.nproc)
-            med["launcher"]["live_peak_gb"] = live["live_peak_gb"]
-            with live_peak(Path(tmp) / "live_h") as live:
-                run_hf(overrides, long, Path(tmp) / "hl", args.hf_group_by_length, args.nproc, args.baseline == "trl")
-            med["hf"]["live_peak_gb"] = live["live_peak_gb"]
-        if args.profile and not args.gpu:  # where each side's step goes (bench/step_profile)
-            with instrumented(Path(tmp) / "prof_l", "step_profile", "STEP_PROFILE_DIR") as prof:
-                run_launcher(overrides + args.launcher_set, args.packing or long, long, Path(tmp) / "pl", args.nproc)
-            med["launcher"]["profile"] = prof[0] if prof else None
-            with instrumented(Path(tmp) / "prof_h", "step_profile", "STEP_PROFILE_DIR") as prof:
-                run_hf(overrides, long, Path(tmp) / "ph", args.hf_group_by_length, args.nproc, args.baseline == "trl")
-            med["hf"]["profile"] = prof[0] if prof else None
+
+        def side(name: str, out: Path) -> dict:
+            if name == "launcher":
+                return run_launcher(overrides + args.launcher_set, args.packing or long, long, out, args.nproc)
+            return run_hf(overrides, long, out, args.hf_group_by_length, args.nproc, args.baseline == "trl")
+
+        tools = [("live_peak", "LIVE_PEAK_DIR", "live_peak_gb")] if args.live_memory else []
+        if args.profile:  # where each side's step goes (bench/step_profile)
+            tools.append(("step_profile", "STEP_PROFILE_DIR", "profile"))
+        for tool, env, key in tools if not args.gpu else []:  # one more untimed run per side each
+            for name in ("launcher", "hf"):
+                with instrumented(Path(tmp) / f"{tool}_{name}", tool, env) as found:
+                    side(name, Path(tmp) / f"{tool}_{name}_run")
+                rank0 = [r for r in found if r.get("rank", 0) == 0]  # step_profile: only rank 0 writes
+                med[name][key] = (rank0[0][key] if key in rank0[0] else rank0[0]) if rank0 else None
         if args.gpu:
             import torch
 

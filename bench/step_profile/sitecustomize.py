@@ -80,8 +80,9 @@ if os.environ.get("STEP_PROFILE_DIR"):
             if s <= 0 or e.name == RECOMPUTE or e.name.startswith(("ProfilerStep", "Optimizer.step", "autograd::")):
                 continue
             total += s
-            kinds[kind(e.name)] = kinds.get(kind(e.name), 0.0) + s
-            phases[phase(e)] = phases.get(phase(e), 0.0) + s
+            k, ph = kind(e.name), phase(e)
+            kinds[k] = kinds.get(k, 0.0) + s
+            phases[ph] = phases.get(ph, 0.0) + s
         # the step's wall time less its ops' own time: Python, the data loader, waits
         kinds["between ops"] = max(step - total, 0.0)
         out = {
