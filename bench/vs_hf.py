@@ -574,15 +574,18 @@ def main() -> None:
                 return run_launcher(overrides + args.launcher_set, args.packing or long, long, out, args.nproc)
             return run_hf(overrides, long, out, args.hf_group_by_length, args.nproc, args.baseline == "trl")
 
-        tools = [("live_peak", "LIVE_PEAK_DIR", "live_peak_gb")] if args.live_memory else []
-        if args.profile:  # where each side's step goes (bench/step_profile)
-            tools.append(("step_profile", "STEP_PROFILE_DIR", "profile"))
-        for tool, env, key in tools if not args.gpu else []:  # one more untimed run per side each
+        # (tool, its switch, the summary key, what to take from what rank 0 wrote)
+        tools = []
+        if args.live_memory:
+            tools.append(("live_peak", "LIVE_PEAK_DIR", "live_peak_gb", lambda rs: max(r["live_peak_gb"] for r in rs)))
+        if args.profile:  # where each side's step goes (bench/step_profile: only rank 0 writes)
+            tools.append(("step_profile", "STEP_PROFILE_DIR", "profile", lambda rs: rs[0]))
+        for tool, env, key, pick in tools if not args.gpu else []:  # one more untimed run per side each
             for name in ("launcher", "hf"):
                 with instrumented(Path(tmp) / f"{tool}_{name}", tool, env) as found:
                     side(name, Path(tmp) / f"{tool}_{name}_run")
-                rank0 = [r for r in found if r.get("rank", 0) == 0]  # step_profile: only rank 0 writes
-                med[name][key] = (rank0[0][key] if key in rank0[0] else rank0[0]) if rank0 else None
+                rank0 = [r for r in found if r.get("rank", 0) == 0]
+                med[name][key] = pick(rank0) if rank0 else None
         if args.gpu:
             import torch
 

@@ -275,7 +275,7 @@ def resolve(arch: Arch, strategy: str, s: Setup) -> Setup:
     budget, chunk = s.memory_budget_gb, s.chunked_loss
     if budget == "auto":
         budget = None
-        if s.gradient_checkpointing and s.checkpoint_every == 1 and s.kept_layers is None:
+        if s.gradient_checkpointing and s.checkpoint_every == 1:
             if s.gpu and s.gpu_memory_gb:
                 budget = AUTO_BUDGET * s.gpu_memory_gb
             elif not s.gpu:

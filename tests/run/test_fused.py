@@ -30,7 +30,6 @@ def _model(src, fused: bool, dtype=torch.float32, checkpointing: bool = True, dr
     model = get_peft_model(model, cfg)
     if checkpointing:
         enable_checkpointing(model)  # non-reentrant, every layer, as the run does
-        model.enable_input_require_grads()
     counts = fused_ops.install(model) if fused else {}
     return model.train(), counts  # training mode: checkpointing and dropout act
 
