@@ -1,8 +1,10 @@
 """train.chunked_loss: the same loss and gradients as transformers' full-logits loss, real logits in
-eval mode, less memory at a large vocabulary, and refused where it cannot work."""
+eval mode, less memory at a large vocabulary, the head's matmuls only where they are needed, and
+refused where it cannot work."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from launcher.config.recipe import load_recipe
 from launcher.demo import builtin
@@ -69,6 +71,46 @@ def test_the_same_loss_and_gradients_as_the_full_logits(big_vocab, items):
     torch.testing.assert_close(out[7][0], out[0][0], atol=1e-6, rtol=1e-5)
     for n, g in out[0][1].items():
         torch.testing.assert_close(out[7][1][n], g, atol=1e-6, rtol=1e-4)
+
+
+class _HeadRows(TorchDispatchMode):
+    """Rows multiplied by the output head's 8000 x 64 weight, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            a, b = args[-2:]
+            if 8000 in a.shape or 8000 in b.shape:
+                self.rows += a.shape[0]
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_head_runs_forward_and_input_gradient_over_labelled_tokens_only(big_vocab):
+    ids, labels = _batch()
+    labelled = int((labels[:, 1:] != -100).sum())  # the tokens that predict a label: 56 of 80
+    rows = {}
+    for chunk in (0, 16):
+        model = _model(big_vocab, chunk)
+        with _HeadRows() as counted:
+            model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
+        rows[chunk] = counted.rows
+    assert rows[0] == 2 * 80  # the full loss: every token, forward and input gradient
+    assert rows[16] == 2 * labelled  # no recompute, and never a masked token
+
+
+def test_a_head_that_trains_gets_the_full_losss_gradient(big_vocab):
+    ids, labels = _batch()
+    grads = {}
+    for chunk in (0, 16):
+        model = _model(big_vocab, chunk)
+        head = model.get_base_model().get_output_embeddings()
+        head.weight.requires_grad_(True)
+        model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
+        grads[chunk] = head.weight.grad.clone()
+    torch.testing.assert_close(grads[16], grads[0], atol=1e-6, rtol=1e-4)
 
 
 def test_eval_mode_has_real_logits(big_vocab):
