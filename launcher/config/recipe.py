@@ -192,7 +192,8 @@ class TrainCfg(Section):
     chunked_loss: int | Literal["auto"] = Field(
         "auto",
         description="Compute the loss this many tokens at a time, never holding the full logits (less memory at "
-        "large vocabularies); 0: off. single, ddp and zero2. auto: on, micro batch tokens / 8 (at least 128) a "
+        "large vocabularies; the head runs over labelled tokens only and is never recomputed); 0: off. single, ddp and "
+        "zero2. auto: on, micro batch tokens / 8 (at least 128) a "
         "chunk, where the memory planner finds the logits the step's largest transient and the strategy allows it.",
     )
     fused_ops: bool = Field(

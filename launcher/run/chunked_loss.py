@@ -46,6 +46,7 @@ class _FrozenHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk: int, grad: bool):
+        """`chunk` rows at a time; `grad`: also d(sum)/d(hidden) (False under no_grad, where backward never comes)."""
         total = hidden.new_zeros((), dtype=torch.float32)
         dhidden = torch.empty_like(hidden) if grad else None
         for start in range(0, hidden.shape[0], chunk):
