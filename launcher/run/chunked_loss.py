@@ -69,9 +69,8 @@ class _FrozenHeadLoss(torch.autograd.Function):
         return dhidden * dtotal.to(dhidden.dtype), None, None, None, None, None
 
 
-def _labelled_sum(hidden, head, targets, chunk: int) -> torch.Tensor:
-    """The loss's sum over the rows that have a label."""
-    rows = (targets != IGNORE).nonzero().squeeze(1)  # one host sync a step, for the rows' count
+def _labelled_sum(hidden, head, targets, rows, chunk: int) -> torch.Tensor:
+    """The loss's sum over `rows`, the rows that have a label."""
     hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
     trains = head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)
     if not trains:
@@ -103,8 +102,9 @@ def install(model: torch.nn.Module, chunk: int) -> None:
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
         targets = shift_labels.reshape(-1).to(hidden.device)
-        total = _labelled_sum(hidden, head, targets, chunk)
-        denominator = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE).sum()
+        rows = (targets != IGNORE).nonzero().squeeze(1)  # one host sync a step, for the rows' count
+        total = _labelled_sum(hidden, head, targets, rows, chunk)
+        denominator = num_items_in_batch if num_items_in_batch is not None else rows.numel()
         if torch.is_tensor(denominator):
             denominator = denominator.to(total.device)
         return total / denominator

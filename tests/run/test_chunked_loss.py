@@ -101,7 +101,7 @@ def test_the_head_runs_forward_and_input_gradient_over_labelled_tokens_only(big_
     assert rows[16] == 2 * labelled  # no recompute, and never a masked token
 
 
-def test_a_head_that_trains_gets_the_full_losss_gradient(big_vocab):
+def test_a_head_that_trains_gets_the_gradient_of_the_full_loss(big_vocab):
     ids, labels = _batch()
     grads = {}
     for chunk in (0, 16):
